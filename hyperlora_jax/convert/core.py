@@ -145,3 +145,28 @@ def flax_to_torch(params: Any) -> dict[str, np.ndarray]:
     key = flax_path_to_torch_key(module) + '.' + torch_leaf
     out[key] = np.ascontiguousarray(_to_torch_leaf(np.asarray(value, np.float32), leaf))
   return out
+
+
+def load_flax_model(folder: str, build, ignore: Iterable[str] = (),
+                    allow_pickle: bool = False, prefix: str = ''):
+  """Builds a Flax module from a model folder's config.json and loads its weights.
+
+  Args:
+    folder: a diffusers/transformers model folder (config.json + weights).
+    build: config dict -> Flax module; the module's ``dummy_inputs()`` gives the
+      arguments ``init`` needs to trace its parameter shapes.
+    ignore: regexes of torch keys that are buffers, not parameters.
+    allow_pickle: read ``.bin`` pickles (weights-only) when no safetensors exist.
+    prefix: keep only torch keys under this prefix (stripped), e.g. 'text_model.'.
+
+  Returns:
+    (module, params, config).
+  """
+  import jax
+  config, state = read_model_folder(folder, allow_pickle=allow_pickle)
+  module = build(config)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
+  if prefix:
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+  params = torch_to_flax(state, shapes['params'], ignore=ignore)
+  return module, params, config
