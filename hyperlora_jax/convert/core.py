@@ -18,7 +18,7 @@ from flax import traverse_util
 # Module lists in diffusers and transformers whose entries are addressed by index.
 LIST_NAMES = ('down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers',
               'upsamplers', 'transformer_blocks', 'to_out', 'net', 'layers')
-_TO_FLAX = re.compile(r'(?<![^.])(' + '|'.join(LIST_NAMES) + r')\.(\d+)(?=\.)')
+_TO_FLAX = re.compile(r'(?<![^.])(' + '|'.join(LIST_NAMES) + r')\.(\d+)(?=\.|$)')
 _TO_TORCH = re.compile(r'^(' + '|'.join(LIST_NAMES) + r')_(\d+)$')
 
 

@@ -1,0 +1,401 @@
+"""UNet2DConditionModel (SD 1.x / 2.x / tiny) in Flax linen, NHWC.
+
+Module names mirror diffusers' so `convert.core.torch_to_flax` loads a diffusers
+``unet/`` folder without per-model renaming. Every Dense can carry LoRA factors: the
+``lora`` tree (see `hyperlora_jax.lora`) is threaded through as an argument, never
+stored in the module.
+"""
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hyperlora_jax import lora as lora_lib
+
+Dtype = Any
+CROSS_ATTN_DOWN, DOWN = 'CrossAttnDownBlock2D', 'DownBlock2D'
+CROSS_ATTN_UP, UP = 'CrossAttnUpBlock2D', 'UpBlock2D'
+MID = 'UNetMidBlock2DCrossAttn'
+
+# diffusers config keys with the only value we implement. Anything else is refused.
+_FIXED = {
+    'act_fn': 'silu', 'center_input_sample': False, 'class_embed_type': None,
+    'addition_embed_type': None, 'encoder_hid_dim': None, 'encoder_hid_dim_type': None,
+    'time_cond_proj_dim': None, 'conv_in_kernel': 3, 'conv_out_kernel': 3,
+    'resnet_time_scale_shift': 'default', 'time_embedding_type': 'positional',
+    'timestep_post_act': None, 'dual_cross_attention': False, 'num_class_embeds': None,
+    'class_embeddings_concat': False, 'mid_block_type': MID, 'attention_type': 'default',
+    'cross_attention_norm': None, 'addition_time_embed_dim': None,
+    'projection_class_embeddings_input_dim': None, 'time_embedding_dim': None,
+    'time_embedding_act_fn': None, 'mid_block_only_cross_attention': None,
+    'reverse_transformer_layers_per_block': None, 'resnet_skip_time_act': False,
+    'resnet_out_scale_factor': 1.0, 'mid_block_scale_factor': 1, 'dropout': 0.0,
+    'only_cross_attention': False, 'addition_embed_type_num_heads': 64,
+}
+_IGNORED = {'_class_name', '_diffusers_version', '_name_or_path', 'sample_size'}
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, flip_sin_to_cos: bool,
+                       freq_shift: float) -> jnp.ndarray:
+  """Sinusoidal embedding exactly as diffusers' get_timestep_embedding."""
+  half = dim // 2
+  exponent = -math.log(10000) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  emb = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  return emb
+
+
+def _conv(features, name, dtype, kernel=3, stride=1, padding=1):
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding,
+                 dtype=dtype, name=name)
+
+
+def _group_norm(groups, eps, name, dtype):
+  return nn.GroupNorm(groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class ResnetBlock(nn.Module):
+  out_channels: int
+  groups: int
+  eps: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, temb, lora=None):
+    h = nn.silu(_group_norm(self.groups, self.eps, 'norm1', self.dtype)(x))
+    h = _conv(self.out_channels, 'conv1', self.dtype)(h)
+    temb = lora_lib.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(
+        nn.silu(temb), lora)
+    h = h + temb[:, None, None, :]
+    h = nn.silu(_group_norm(self.groups, self.eps, 'norm2', self.dtype)(h))
+    h = _conv(self.out_channels, 'conv2', self.dtype)(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 'conv_shortcut', self.dtype, kernel=1, padding=0)(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Multi-head attention with LoRA-able to_q/to_k/to_v/to_out.0."""
+  heads: int
+  head_dim: int
+  upcast: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, context=None, lora=None):
+    context = x if context is None else context
+    inner = self.heads * self.head_dim
+    dense = lambda n, f, b: lora_lib.Dense(f, use_bias=b, dtype=self.dtype, name=n)
+    split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))
+    q = split(dense('to_q', inner, False)(x, lora))
+    k = split(dense('to_k', inner, False)(context, lora))
+    v = split(dense('to_v', inner, False)(context, lora))
+    if self.upcast:  # SD2.1 overflows in fp16/bf16 logits otherwise.
+      q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+      v = v.astype(jnp.float32)
+    out = jax.nn.dot_product_attention(q, k, v).astype(self.dtype)
+    out = out.reshape(out.shape[:2] + (inner,))
+    return dense('to_out_0', x.shape[-1], True)(out, lora)
+
+
+class GEGLU(nn.Module):
+  """diffusers' GEGLU: one projection to twice the width, half of it gates the rest."""
+  features: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, lora=None):
+    h = lora_lib.Dense(2 * self.features, dtype=self.dtype, name='proj')(x, lora)
+    hidden, gate = jnp.split(h, 2, axis=-1)
+    return hidden * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """ff.net.0 (GEGLU to 4x width) -> ff.net.2 (back to the model width)."""
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, lora=None):
+    h = GEGLU(4 * x.shape[-1], self.dtype, name='net_0')(x, lora)
+    return lora_lib.Dense(x.shape[-1], dtype=self.dtype, name='net_2')(h, lora)
+
+
+class TransformerBlock(nn.Module):
+  heads: int
+  head_dim: int
+  upcast: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, context, lora=None):
+    norm = lambda n: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=n)
+    attn = lambda n: Attention(self.heads, self.head_dim, self.upcast, self.dtype, name=n)
+    x = attn('attn1')(norm('norm1')(x), None, lora) + x
+    x = attn('attn2')(norm('norm2')(x), context, lora) + x
+    return FeedForward(self.dtype, name='ff')(norm('norm3')(x), lora) + x
+
+
+class Transformer2D(nn.Module):
+  heads: int
+  layers: int
+  groups: int
+  linear_projection: bool
+  upcast: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, context, lora=None):
+    b, hgt, wid, c = x.shape
+    head_dim = c // self.heads
+    residual = x
+    x = _group_norm(self.groups, 1e-6, 'norm', self.dtype)(x)
+    if self.linear_projection:
+      x = lora_lib.Dense(c, dtype=self.dtype, name='proj_in')(x.reshape(b, -1, c), lora)
+    else:
+      x = _conv(c, 'proj_in', self.dtype, kernel=1, padding=0)(x).reshape(b, -1, c)
+    for i in range(self.layers):
+      x = TransformerBlock(self.heads, head_dim, self.upcast, self.dtype,
+                           name=f'transformer_blocks_{i}')(x, context, lora)
+    if self.linear_projection:
+      x = lora_lib.Dense(c, dtype=self.dtype, name='proj_out')(x, lora).reshape(b, hgt, wid, c)
+    else:
+      x = _conv(c, 'proj_out', self.dtype, kernel=1, padding=0)(x.reshape(b, hgt, wid, c))
+    return x + residual
+
+
+class DownBlock(nn.Module):
+  """DownBlock2D, or CrossAttnDownBlock2D when ``heads`` is set."""
+  out_channels: int
+  num_layers: int
+  groups: int
+  eps: float
+  add_downsample: bool
+  heads: Optional[int]
+  transformer_layers: int
+  linear_projection: bool
+  upcast: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, temb, context, lora=None):
+    skips = []
+    for i in range(self.num_layers):
+      x = ResnetBlock(self.out_channels, self.groups, self.eps, self.dtype,
+                      name=f'resnets_{i}')(x, temb, lora)
+      if self.heads:
+        x = Transformer2D(self.heads, self.transformer_layers, self.groups,
+                          self.linear_projection, self.upcast, self.dtype,
+                          name=f'attentions_{i}')(x, context, lora)
+      skips.append(x)
+    if self.add_downsample:
+      x = Downsample(self.out_channels, self.dtype, name='downsamplers_0')(x)
+      skips.append(x)
+    return x, skips
+
+
+class Downsample(nn.Module):
+  channels: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    return _conv(self.channels, 'conv', self.dtype, stride=2)(x)
+
+
+class Upsample(nn.Module):
+  channels: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='nearest')
+    return _conv(self.channels, 'conv', self.dtype)(x)
+
+
+class UpBlock(nn.Module):
+  """UpBlock2D, or CrossAttnUpBlock2D when ``heads`` is set."""
+  out_channels: int
+  num_layers: int
+  groups: int
+  eps: float
+  add_upsample: bool
+  heads: Optional[int]
+  transformer_layers: int
+  linear_projection: bool
+  upcast: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, skips, temb, context, lora=None):
+    for i in range(self.num_layers):
+      x = jnp.concatenate([x, skips.pop()], axis=-1)
+      x = ResnetBlock(self.out_channels, self.groups, self.eps, self.dtype,
+                      name=f'resnets_{i}')(x, temb, lora)
+      if self.heads:
+        x = Transformer2D(self.heads, self.transformer_layers, self.groups,
+                          self.linear_projection, self.upcast, self.dtype,
+                          name=f'attentions_{i}')(x, context, lora)
+    if self.add_upsample:
+      x = Upsample(self.out_channels, self.dtype, name='upsamplers_0')(x)
+    return x
+
+
+class MidBlock(nn.Module):
+  """UNetMidBlock2DCrossAttn: resnet, then (attention, resnet) per transformer stack."""
+  groups: int
+  eps: float
+  heads: int
+  transformer_layers: int
+  linear_projection: bool
+  upcast: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, temb, context, lora=None):
+    c = x.shape[-1]
+    x = ResnetBlock(c, self.groups, self.eps, self.dtype, name='resnets_0')(x, temb, lora)
+    x = Transformer2D(self.heads, self.transformer_layers, self.groups,
+                      self.linear_projection, self.upcast, self.dtype,
+                      name='attentions_0')(x, context, lora)
+    return ResnetBlock(c, self.groups, self.eps, self.dtype, name='resnets_1')(x, temb, lora)
+
+
+class UNet(nn.Module):
+  """UNet2DConditionModel. Use `from_config` to build it from a diffusers config."""
+  in_channels: int = 4
+  out_channels: int = 4
+  down_block_types: Sequence[str] = (CROSS_ATTN_DOWN,) * 3 + (DOWN,)
+  up_block_types: Sequence[str] = (UP,) + (CROSS_ATTN_UP,) * 3
+  block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
+  layers_per_block: Sequence[int] = (2, 2, 2, 2)
+  heads: Sequence[int] = (8, 8, 8, 8)
+  transformer_layers: Sequence[int] = (1, 1, 1, 1)
+  cross_attention_dim: int = 768
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0
+  use_linear_projection: bool = False
+  upcast_attention: bool = False
+  dtype: Dtype = jnp.float32
+
+  def dummy_inputs(self):
+    size = 2 ** (len(self.block_out_channels) - 1)
+    return (jnp.zeros((1, size, size, self.in_channels)), jnp.zeros((1,)),
+            jnp.zeros((1, 2, self.cross_attention_dim)))
+
+  @nn.compact
+  def __call__(self, sample, timesteps, context, lora: Optional[lora_lib.LoRATree] = None):
+    """Predicts the model output (eps or v) for NHWC latents.
+
+    Args:
+      sample: [B, H, W, in_channels] noisy latents.
+      timesteps: [B] or scalar diffusion timesteps.
+      context: [B, L, cross_attention_dim] text encoder states.
+      lora: optional LoRA tree keyed by Dense paths (shared or per-sample factors).
+    """
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+    ch0 = self.block_out_channels[0]
+    temb = timestep_embedding(timesteps, ch0, self.flip_sin_to_cos, self.freq_shift)
+    temb = temb.astype(self.dtype)
+    temb = TimestepEmbedding(4 * ch0, self.dtype, name='time_embedding')(temb, lora)
+    x = _conv(ch0, 'conv_in', self.dtype)(sample.astype(self.dtype))
+    context = context.astype(self.dtype)
+    common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
+                  linear_projection=self.use_linear_projection,
+                  upcast=self.upcast_attention, dtype=self.dtype)
+
+    skips = [x]
+    n = len(self.block_out_channels)
+    for i, kind in enumerate(self.down_block_types):
+      x, block_skips = DownBlock(
+          self.block_out_channels[i], self.layers_per_block[i],
+          add_downsample=i < n - 1, heads=self.heads[i] if kind == CROSS_ATTN_DOWN else None,
+          transformer_layers=self.transformer_layers[i], name=f'down_blocks_{i}',
+          **common)(x, temb, context, lora)
+      skips += block_skips
+    x = MidBlock(heads=self.heads[-1], transformer_layers=self.transformer_layers[-1],
+                 name='mid_block', **common)(x, temb, context, lora)
+    for i, kind in enumerate(self.up_block_types):
+      j = n - 1 - i  # up block i mirrors down block j
+      x = UpBlock(
+          self.block_out_channels[j], self.layers_per_block[j] + 1,
+          add_upsample=i < n - 1, heads=self.heads[j] if kind == CROSS_ATTN_UP else None,
+          transformer_layers=self.transformer_layers[j], name=f'up_blocks_{i}',
+          **common)(x, skips, temb, context, lora)
+    x = nn.silu(_group_norm(self.norm_num_groups, self.norm_eps, 'conv_norm_out',
+                            self.dtype)(x))
+    return _conv(self.out_channels, 'conv_out', self.dtype)(x)
+
+
+class TimestepEmbedding(nn.Module):
+  features: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, lora=None):
+    x = lora_lib.Dense(self.features, dtype=self.dtype, name='linear_1')(x, lora)
+    return lora_lib.Dense(self.features, dtype=self.dtype, name='linear_2')(nn.silu(x), lora)
+
+
+def _per_block(value, n, name):
+  if isinstance(value, (list, tuple)):
+    if len(value) != n:
+      raise ValueError(f'UNet config {name} has {len(value)} entries for {n} blocks.')
+    return tuple(value)
+  return (value,) * n
+
+
+def from_config(config: dict, dtype: Dtype = jnp.float32) -> UNet:
+  """Builds the UNet from a diffusers ``unet/config.json`` dict.
+
+  Refuses keys it does not know and settings it does not implement, naming them, so a
+  checkpoint never runs through a silently different architecture.
+  """
+  known = set(_FIXED) | _IGNORED | {
+      'in_channels', 'out_channels', 'down_block_types', 'up_block_types',
+      'block_out_channels', 'layers_per_block', 'attention_head_dim', 'num_attention_heads',
+      'transformer_layers_per_block', 'cross_attention_dim', 'norm_num_groups', 'norm_eps',
+      'flip_sin_to_cos', 'freq_shift', 'use_linear_projection', 'upcast_attention',
+      'downsample_padding'}
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise ValueError(f'Unknown UNet config keys: {unknown}')
+  for key, value in _FIXED.items():
+    got = config.get(key, value)
+    if isinstance(got, list) and not any(got) and value is False:
+      got = False  # a per-block list of False is the same as False
+    if got != value:
+      raise ValueError(f'UNet config {key}={got!r} is not supported (only {value!r}).')
+  if config.get('downsample_padding', 1) != 1:
+    raise ValueError('UNet config downsample_padding must be 1.')
+  down, up = tuple(config['down_block_types']), tuple(config['up_block_types'])
+  for kind in down + up:
+    if kind not in (CROSS_ATTN_DOWN, DOWN, CROSS_ATTN_UP, UP):
+      raise ValueError(f'UNet block type {kind} is not supported.')
+  channels = tuple(config['block_out_channels'])
+  n = len(channels)
+  # diffusers quirk: SD configs name the head count `attention_head_dim`.
+  heads = config.get('num_attention_heads') or config.get('attention_head_dim', 8)
+  cross = config.get('cross_attention_dim', 1280)
+  if isinstance(cross, (list, tuple)):
+    if len(set(cross)) != 1:
+      raise ValueError(f'Per-block cross_attention_dim {cross} is not supported.')
+    cross = cross[0]
+  return UNet(
+      in_channels=config.get('in_channels', 4), out_channels=config.get('out_channels', 4),
+      down_block_types=down, up_block_types=up, block_out_channels=channels,
+      layers_per_block=_per_block(config.get('layers_per_block', 2), n, 'layers_per_block'),
+      heads=_per_block(heads, n, 'num_attention_heads'),
+      transformer_layers=_per_block(config.get('transformer_layers_per_block', 1), n,
+                                    'transformer_layers_per_block'),
+      cross_attention_dim=cross, norm_num_groups=config.get('norm_num_groups', 32),
+      norm_eps=config.get('norm_eps', 1e-5), flip_sin_to_cos=config.get('flip_sin_to_cos', True),
+      freq_shift=config.get('freq_shift', 0),
+      use_linear_projection=config.get('use_linear_projection', False),
+      upcast_attention=config.get('upcast_attention', False), dtype=dtype)
