@@ -1,0 +1,411 @@
+"""CLIP text and vision towers (transformers' CLIPTextModel, CLIPVisionModelWithProjection).
+
+Submodule names mirror transformers' modules, so ``convert.torch_to_flax`` maps their
+state dicts unchanged: ``text_model.encoder.layers.3.self_attn.q_proj.weight`` is the
+Flax path ``text_model/encoder/layers_3/self_attn/q_proj/kernel``. The roots keep the
+``text_model`` / ``vision_model`` level that diffusers pipelines and transformers 4.x
+checkpoints carry; ``load_text_model`` / ``load_vision_model`` also read transformers 5
+saves, which drop it. Attention and MLP projections are ``lora.Dense``, so both towers
+take an optional LoRA tree keyed by paths such as
+``text_model/encoder/layers_0/self_attn/q_proj``.
+
+Images are NHWC, already normalized (see ``preprocess_images``).
+"""
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax.convert import core
+from hyperlora_jax.lora import Dense, LoRATree
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_ACTIVATIONS = {
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),  # torch's erf form
+}
+
+
+def _activation(name: str):
+  if name not in _ACTIVATIONS:
+    raise ValueError(f'Unsupported CLIP hidden_act {name!r}; supported: {sorted(_ACTIVATIONS)}')
+  return _ACTIVATIONS[name]
+
+
+def _layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
+  # The two-pass variance matches torch; CLIP's large activation outliers make the fast
+  # E[x^2] - E[x]^2 form lose digits.
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+@flax.struct.dataclass
+class CLIPTextOutput:
+  """``hidden_states`` as transformers' output_hidden_states: the embeddings, then each
+  layer's output (no final layer norm). diffusers' ``clip_skip=k`` is
+  ``final_layer_norm(hidden_states[-(k + 1)])``, with the params under
+  ``text_model/final_layer_norm`` (SD2 checkpoints instead drop their last layer)."""
+  last_hidden_state: jax.Array  # after final_layer_norm
+  pooler_output: jax.Array  # last_hidden_state at the EOS token
+  hidden_states: tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
+class CLIPVisionOutput:
+  """``hidden_states`` as transformers': pre_layrnorm'd embeddings, then each layer."""
+  last_hidden_state: jax.Array
+  pooler_output: jax.Array  # post_layernorm of the CLS token
+  hidden_states: tuple[jax.Array, ...]
+  image_embeds: Optional[jax.Array] = None  # visual_projection(pooler_output)
+
+
+class CLIPAttention(nn.Module):
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
+    width = x.shape[-1]
+    heads = x.shape[:-1] + (self.num_heads, width // self.num_heads)
+    proj = lambda name, y: Dense(width, dtype=self.dtype, name=name)(y, lora)
+    q = proj('q_proj', x).reshape(heads)
+    k = proj('k_proj', x).reshape(heads)
+    v = proj('v_proj', x).reshape(heads)
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    return proj('out_proj', y.reshape(x.shape))
+
+
+class CLIPMLP(nn.Module):
+  intermediate_size: int
+  hidden_act: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, lora: Optional[LoRATree] = None):
+    y = Dense(self.intermediate_size, dtype=self.dtype, name='fc1')(x, lora)
+    y = _activation(self.hidden_act)(y)
+    return Dense(x.shape[-1], dtype=self.dtype, name='fc2')(y, lora)
+
+
+class CLIPEncoderLayer(nn.Module):
+  num_attention_heads: int
+  intermediate_size: int
+  hidden_act: str
+  layer_norm_eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
+    y = _layer_norm(self.layer_norm_eps, self.dtype, 'layer_norm1')(x)
+    x = x + CLIPAttention(self.num_attention_heads, self.dtype, name='self_attn')(
+        y, mask, is_causal, lora)
+    y = _layer_norm(self.layer_norm_eps, self.dtype, 'layer_norm2')(x)
+    return x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name='mlp')(y, lora)
+
+
+class CLIPEncoder(nn.Module):
+  """Returns every hidden state: the input, then each layer's output."""
+  num_hidden_layers: int
+  num_attention_heads: int
+  intermediate_size: int
+  hidden_act: str
+  layer_norm_eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
+    states = [x]
+    for i in range(self.num_hidden_layers):
+      x = CLIPEncoderLayer(self.num_attention_heads, self.intermediate_size, self.hidden_act,
+                           self.layer_norm_eps, self.dtype, name=f'layers_{i}')(
+                               x, mask, is_causal, lora)
+      states.append(x)
+    return tuple(states)
+
+
+def _fields(module: nn.Module, cls: type) -> dict:
+  """The dataclass fields of ``cls`` read from ``module`` (an instance of a subclass)."""
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
+          if f.init and f.name not in ('parent', 'name')}
+
+
+class CLIPTextEmbeddings(nn.Module):
+  vocab_size: int
+  hidden_size: int
+  max_position_embeddings: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids):
+    length = input_ids.shape[-1]
+    if length > self.max_position_embeddings:
+      raise ValueError(f'Sequence length {length} exceeds max_position_embeddings '
+                       f'{self.max_position_embeddings}')
+    tokens = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
+                      name='token_embedding')(input_ids)
+    positions = nn.Embed(self.max_position_embeddings, self.hidden_size, dtype=self.dtype,
+                         name='position_embedding')(jnp.arange(length))
+    return tokens + positions
+
+
+class CLIPTextTransformer(nn.Module):
+  """embeddings -> causal encoder -> final_layer_norm, pooled at the EOS token."""
+  vocab_size: int = 49408
+  hidden_size: int = 512
+  intermediate_size: int = 2048
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 8
+  max_position_embeddings: int = 77
+  hidden_act: str = 'quick_gelu'
+  layer_norm_eps: float = 1e-5
+  eos_token_id: int = 49407
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None,
+               lora: Optional[LoRATree] = None) -> CLIPTextOutput:
+    x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
+                           self.dtype, name='embeddings')(input_ids)
+    # Padding hides keys only; the causal mask is applied on top of it.
+    mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+    states = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads,
+                         self.intermediate_size, self.hidden_act, self.layer_norm_eps,
+                         self.dtype, name='encoder')(x, mask, True, lora)
+    last = _layer_norm(self.layer_norm_eps, self.dtype, 'final_layer_norm')(states[-1])
+    if self.eos_token_id == 2:
+      # Configs from before transformers PR #24773 say eos_token_id=2; transformers then
+      # pools at the largest id (CLIP's EOS ends the vocabulary), so we do too.
+      eos = jnp.argmax(input_ids, axis=-1)
+    else:  # the first EOS: the pad token may equal EOS
+      eos = jnp.argmax((input_ids == self.eos_token_id).astype(jnp.int32), axis=-1)
+    pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
+    return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=states)
+
+
+class CLIPTextModel(CLIPTextTransformer):
+  """transformers' CLIPTextModel: the transformer under ``text_model``.
+
+  ``apply({'params': p}, input_ids [b, t] int, attention_mask=None [b, t], lora=None)``
+  returns a ``CLIPTextOutput``.
+  """
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None,
+               lora: Optional[LoRATree] = None) -> CLIPTextOutput:
+    return CLIPTextTransformer(**_fields(self, CLIPTextTransformer), name='text_model')(
+        input_ids, attention_mask, lora)
+
+  def dummy_inputs(self) -> tuple:
+    return (jnp.zeros((1, self.max_position_embeddings), jnp.int32),)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+  hidden_size: int
+  image_size: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values):
+    batch, height, width, _ = pixel_values.shape
+    if (height, width) != (self.image_size, self.image_size):
+      raise ValueError(f'Image size {height}x{width} does not match the model\'s '
+                       f'{self.image_size}x{self.image_size}')
+    p = self.patch_size
+    patches = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
+                      use_bias=False, dtype=self.dtype, name='patch_embedding')(pixel_values)
+    patches = patches.reshape(batch, -1, self.hidden_size)  # row-major, as torch's flatten
+    cls = self.param('class_embedding', nn.initializers.normal(self.hidden_size ** -0.5),
+                     (self.hidden_size,))
+    cls = jnp.broadcast_to(cls.astype(patches.dtype), (batch, 1, self.hidden_size))
+    x = jnp.concatenate([cls, patches], axis=1)
+    positions = nn.Embed(x.shape[1], self.hidden_size, dtype=self.dtype,
+                         name='position_embedding')(jnp.arange(x.shape[1]))
+    return x + positions
+
+
+class CLIPVisionTransformer(nn.Module):
+  """embeddings -> pre_layrnorm -> encoder; pooled = post_layernorm(CLS)."""
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  image_size: int = 224
+  patch_size: int = 32
+  hidden_act: str = 'quick_gelu'
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values, lora: Optional[LoRATree] = None) -> CLIPVisionOutput:
+    x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, self.dtype,
+                             name='embeddings')(pixel_values)
+    x = _layer_norm(self.layer_norm_eps, self.dtype, 'pre_layrnorm')(x)  # sic, transformers
+    states = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads,
+                         self.intermediate_size, self.hidden_act, self.layer_norm_eps,
+                         self.dtype, name='encoder')(x, lora=lora)
+    pooled = _layer_norm(self.layer_norm_eps, self.dtype, 'post_layernorm')(states[-1][:, 0])
+    return CLIPVisionOutput(last_hidden_state=states[-1], pooler_output=pooled,
+                            hidden_states=states)
+
+
+class CLIPVisionModelWithProjection(CLIPVisionTransformer):
+  """transformers' CLIPVisionModelWithProjection: ``vision_model`` + ``visual_projection``.
+
+  With ``projection_dim=None`` it is a CLIPVisionModel (no projection, no image_embeds).
+  ``apply({'params': p}, pixel_values [b, h, w, c] normalized, lora=None)`` returns a
+  ``CLIPVisionOutput``.
+  """
+  num_channels: int = 3
+  projection_dim: Optional[int] = 512
+
+  @nn.compact
+  def __call__(self, pixel_values, lora: Optional[LoRATree] = None) -> CLIPVisionOutput:
+    out = CLIPVisionTransformer(**_fields(self, CLIPVisionTransformer), name='vision_model')(
+        pixel_values, lora)
+    if self.projection_dim is None:
+      return out
+    embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                      name='visual_projection')(out.pooler_output)
+    return out.replace(image_embeds=embeds)
+
+  def dummy_inputs(self) -> tuple:
+    return (jnp.zeros((1, self.image_size, self.image_size, self.num_channels), jnp.float32),)
+
+
+def _tower_config(config: Mapping[str, Any], tower: str) -> dict:
+  """The ``text``/``vision`` config inside a full CLIPConfig, or the config itself."""
+  sub = config.get(f'{tower}_config') or config
+  model_type = sub.get('model_type', f'clip_{tower}_model')
+  if model_type != f'clip_{tower}_model':
+    raise ValueError(f'Expected a CLIPConfig or a clip_{tower}_model config, got model_type '
+                     f'{model_type!r}')
+  return dict(sub)
+
+
+def _build(cls: type, config: Mapping[str, Any], dtype: Any, **overrides) -> nn.Module:
+  # Only the fields that shape the computation are read; the rest of a transformers
+  # config (dropout, init ranges, token ids for generation, versions) does not matter here.
+  kwargs = {f.name: config[f.name] for f in dataclasses.fields(cls)
+            if f.init and f.name in config and f.name not in ('parent', 'name', 'dtype')}
+  module = cls(**{**kwargs, **overrides}, dtype=dtype)
+  _activation(module.hidden_act)
+  if module.hidden_size % module.num_attention_heads:
+    raise ValueError(f'hidden_size {module.hidden_size} is not a multiple of '
+                     f'num_attention_heads {module.num_attention_heads}')
+  return module
+
+
+def text_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> CLIPTextModel:
+  """A CLIPTextModel from a transformers CLIPConfig or CLIPTextConfig dict."""
+  return _build(CLIPTextModel, _tower_config(config, 'text'), dtype)
+
+
+def vision_from_config(config: Mapping[str, Any],
+                       dtype: Any = jnp.float32) -> CLIPVisionModelWithProjection:
+  """A CLIP vision tower from a transformers CLIPConfig or CLIPVisionConfig dict.
+
+  A full CLIPConfig's projection_dim sits at its top level (CLIPModel's visual_projection);
+  a config whose architectures is ['CLIPVisionModel'] gets no projection.
+  """
+  sub = _tower_config(config, 'vision')
+  overrides = {}
+  if config.get('vision_config'):
+    overrides['projection_dim'] = config.get('projection_dim', 512)
+  elif config.get('architectures') == ['CLIPVisionModel']:
+    overrides['projection_dim'] = None
+  return _build(CLIPVisionModelWithProjection, sub, dtype, **overrides)
+
+
+def _load(folder: str, build, prefixes: tuple[str, ...], allow_pickle: bool):
+  config, state = core.read_model_folder(folder, allow_pickle=allow_pickle)
+  module = build(config)
+  if config.get('text_config') or config.get('vision_config'):
+    # A CLIPModel checkpoint holds both towers (and logit_scale); keep this tower's keys.
+    state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+  elif not any(k.startswith(prefixes[0]) for k in state):
+    # transformers >= 5 saves CLIPTextModel / CLIPVisionModel without the tower prefix.
+    state = {prefixes[0] + k: v for k, v in state.items()}
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
+  params = core.torch_to_flax(state, shapes['params'], ignore=[r'position_ids$'])
+  return module, params, config
+
+
+def load_text_model(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = False):
+  """(module, params, config) from a CLIPTextModel folder (a pipeline's text_encoder/) or
+  a CLIPModel folder, saved by transformers 4.x or 5.x."""
+  return _load(folder, functools.partial(text_from_config, dtype=dtype), ('text_model.',),
+               allow_pickle)
+
+
+def load_vision_model(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = False):
+  """(module, params, config) from a CLIPVisionModel[WithProjection] or CLIPModel folder."""
+  return _load(folder, functools.partial(vision_from_config, dtype=dtype),
+               ('vision_model.', 'visual_projection.'), allow_pickle)
+
+
+def preprocess_images(images, image_size: int = 224, mean: Sequence[float] = CLIP_MEAN,
+                      std: Sequence[float] = CLIP_STD) -> jax.Array:
+  """CLIPImageProcessor in jnp: bicubic resize of the shorter side, center crop, normalize.
+
+  Args:
+    images: RGB [h, w, 3] or [n, h, w, 3] (one size), uint8 or float in [0, 1].
+    image_size: the shorter side after resizing and the side of the square crop.
+    mean, std: per-channel normalization (CLIP's by default).
+
+  Returns:
+    float32 [n, image_size, image_size, 3].
+
+  Deviation from CLIPImageProcessor (PIL): ``jax.image.resize``'s antialiased Keys cubic
+  (a=-0.5) is PIL's bicubic filter, but PIL rounds the resized uint8 image to uint8 and
+  treats borders slightly differently, so pixels differ by a few 1/255 at most (see
+  tests/test_clip.py); CLIP features are insensitive to that.
+  """
+  images = jnp.asarray(images)
+  if images.ndim == 3:
+    images = images[None]
+  x = images.astype(jnp.float32)
+  if images.dtype == jnp.uint8:
+    x = x / 255.0
+  n, h, w, c = x.shape
+  # transformers' get_resize_output_image_size: the longer side is floored.
+  long = int(image_size * max(h, w) / min(h, w))
+  new_h, new_w = (long, image_size) if w <= h else (image_size, long)
+  # As PIL: width first, then height, each pass clipping the cubic overshoot and, for
+  # 8-bit images, rounding to 8 bits.
+  for shape in ((n, h, new_w, c), (n, new_h, new_w, c)):
+    x = jnp.clip(jax.image.resize(x, shape, 'bicubic', antialias=True), 0.0, 1.0)
+    if images.dtype == jnp.uint8:
+      x = jnp.round(x * 255.0) / 255.0
+  top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+  x = x[:, top:top + image_size, left:left + image_size]
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def load_tokenizer(folder: str):
+  """transformers' CLIPTokenizer from a local folder, e.g. a diffusers pipeline's tokenizer/."""
+  from transformers import CLIPTokenizer
+  return CLIPTokenizer.from_pretrained(folder)
+
+
+def tokenize(tokenizer, prompts, max_length: Optional[int] = None) -> np.ndarray:
+  """Token ids [len(prompts), max_length] int32, padded and truncated as diffusers does.
+
+  max_length defaults to tokenizer.model_max_length, or 77 where the tokenizer sets none.
+  """
+  from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  if max_length is None:
+    max_length = tokenizer.model_max_length
+    if max_length >= VERY_LARGE_INTEGER:
+      max_length = 77
+  ids = tokenizer(list(prompts), padding='max_length', max_length=max_length,
+                  truncation=True, return_tensors='np').input_ids
+  return ids.astype(np.int32)
