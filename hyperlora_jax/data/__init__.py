@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders), the synthetic task and the input pipeline."""

@@ -1,0 +1,443 @@
+"""TFDS builders: synthetic task, paired folders, single images, triples.
+
+Why TFDS + array_record (read later through grain, see pipeline.py): the
+built data is a versioned, random-access file set with a recorded split size,
+so every host can read exactly its own records in a seeded order and a
+resumed run can jump to any position without replaying the stream. Nothing
+here needs TensorFlow: images are stored as encoded bytes (the file's own
+JPEG/PNG bytes when it is already RGB, else PNG after conversion) in a
+`Tensor(dtype=object)` feature, because `tfds.features.Image` encodes with
+TensorFlow (a ~600 MB install) and re-encoding would change user JPEGs.
+
+Layouts on disk (`root` comes from the builder config):
+
+paired (VITON-HD):
+  root/train_pairs.txt     one '<target image> <context image>' per line
+  root/train/image/<target image>   root/train/cloth/<context image>
+  root/test_pairs.txt, root/test/...   (same; either split may be absent)
+  root/prompts.jsonl       optional, one {"context": name, "target": name,
+                           "prompt": text} per pair (names are base names);
+                           pairs without a line get the static prompt.
+single (HyperDreamBooth, one image per identity):
+  root/train/<id>.<ext>, root/test/<id>.<ext>, or root/<id>.<ext> (= train);
+  the prompt is the static prompt ('a [V] face').
+triples (any paired task):
+  root/<split>/<example id>/context.<ext>, target.<ext>, prompt.txt
+  (prompt.txt optional: falls back to the static prompt).
+
+Every example has 'context' (bytes), 'prompt', 'prompt_static' and 'id'
+(text); all but single have 'target' (bytes). Synthetic adds 'prompt_full',
+the attribute ids and the item's 'box' in the target.
+
+Bad input never becomes a silent wrong sample. An unreadable or missing
+image, a listed pair whose file is absent, a malformed line: with
+on_bad_example='error' the build stops with an error naming the file; with
+'skip' the example is skipped with a warning and counted in
+`builder.info.metadata['skipped'][split]`. A grayscale / RGBA (composited
+on white) / CMYK / palette / 16-bit image is converted to RGB with a logged
+note and counted in `metadata['converted']` if convert_modes, else treated
+as bad; `metadata['static_prompt']` counts prompts that fell back to the
+static one. An empty split is an error, or with 'skip' it is left out with a
+warning; a split whose examples were all bad is always an error.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+import tensorflow_datasets as tfds
+
+from hyperlora_jax.data import synthetic
+
+VERSION = '1.0.0'
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
+# Per-split counts kept in builder.info.metadata: bad examples left out,
+# images converted to RGB, prompts that fell back to the static prompt.
+_COUNTS = ('skipped', 'converted', 'static_prompt')
+
+
+class BadExample(Exception):
+  """An example that cannot be built; the message names the file."""
+
+
+@dataclasses.dataclass
+class SyntheticConfig(tfds.core.BuilderConfig):
+  resolution: int = 32
+  num_train: int = 1000
+  num_test: int = 200
+  seed: int = 0
+  holdout_seed: int = 0
+  test_fraction: float = 0.2
+
+
+@dataclasses.dataclass
+class FolderConfig(tfds.core.BuilderConfig):
+  root: str = ''
+  prompts_file: str = ''  # Paired only; '' -> root/prompts.jsonl if present.
+  static_prompt: str = ''  # '' -> the builder's STATIC_PROMPT.
+  on_bad_example: str = 'error'  # Or 'skip'.
+  convert_modes: bool = True
+
+
+def _config_name(prefix, fields):
+  """Config names encode every build parameter: a changed one rebuilds."""
+  digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode())
+  return f'{prefix}_{digest.hexdigest()[:10]}'
+
+
+def synthetic_config(resolution=32, num_train=1000, num_test=200, seed=0,
+                     holdout_seed=0, test_fraction=0.2):
+  fields = dict(resolution=resolution, num_train=num_train,
+                num_test=num_test, seed=seed, holdout_seed=holdout_seed,
+                test_fraction=test_fraction)
+  return SyntheticConfig(name=_config_name(f'r{resolution}', fields),
+                         version=VERSION, **fields)
+
+
+def folder_config(root, prompts_file='', static_prompt='',
+                  on_bad_example='error', convert_modes=True):
+  if on_bad_example not in ('error', 'skip'):
+    raise ValueError(f"on_bad_example must be 'error' or 'skip', got "
+                     f'{on_bad_example!r}')
+  root = os.path.abspath(os.path.expanduser(root))
+  fields = dict(root=root, prompts_file=prompts_file,
+                static_prompt=static_prompt, on_bad_example=on_bad_example,
+                convert_modes=convert_modes)
+  prefix = ''.join(c if c.isalnum() else '_' for c in os.path.basename(root))
+  return FolderConfig(name=_config_name(prefix or 'root', fields),
+                      version=VERSION, **fields)
+
+
+def _text_features(*names):
+  return {n: tfds.features.Text() for n in names}
+
+
+_BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
+
+
+def _png(array):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def _to_rgb(img):
+  """RGB copy of a non-RGB image: alpha over white, 16-bit scaled to 8."""
+  if img.mode.startswith('I'):
+    # Pillow clips 16-bit values to 255 when converting; scale instead.
+    gray = np.asarray(img, np.float64) / 257.0
+    return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).convert(
+        'RGB')
+  if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
+      img.mode == 'P' and 'transparency' in img.info):
+    rgba = img.convert('RGBA')
+    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert('RGB')
+  if img.mode == 'F':
+    raise ValueError('float images have no known range')
+  return img.convert('RGB')
+
+
+class _FolderBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared reading, conversion and bad-example policy of folder builders."""
+
+  VERSION = tfds.core.Version(VERSION)
+  STATIC_PROMPT = ''
+  HAS_TARGET = True
+
+  def _info(self):
+    features = _text_features('prompt', 'prompt_static', 'id')
+    features['context'] = _BYTES
+    if self.HAS_TARGET:
+      features['target'] = _BYTES
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict({k: {} for k in _COUNTS}))
+
+  @property
+  def _cfg(self):
+    return self.builder_config
+
+  @property
+  def _root(self):
+    root = pathlib.Path(self._cfg.root)
+    if not root.is_dir():
+      raise FileNotFoundError(f'{self.name}: data folder {root} not found '
+                              '(set data.source_dir)')
+    return root
+
+  @property
+  def _static_prompt(self):
+    return self._cfg.static_prompt or self.STATIC_PROMPT
+
+  def _image(self, path, split):
+    """Encoded RGB image bytes of `path`, or BadExample naming it."""
+    try:
+      data = pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+      raise BadExample(f'{path}: file not found') from None
+    try:
+      img = Image.open(path)  # Not from `data`: errors then name the path.
+      img.load()  # Decodes everything: catches truncated files.
+    except (OSError, EOFError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+      raise BadExample(f'{path}: unreadable image ({e})') from None
+    rotated = img.getexif().get(0x0112, 1) not in (1, None)
+    if img.mode == 'RGB' and not rotated:
+      return data
+    if img.mode != 'RGB':
+      if not self._cfg.convert_modes:
+        raise BadExample(f'{path}: mode {img.mode} is not RGB (set '
+                         'convert_modes to convert it)')
+      logging.info('%s: converting %s to RGB', path, img.mode)
+      try:
+        img = _to_rgb(img)
+      except ValueError as e:
+        raise BadExample(f'{path}: cannot convert {img.mode}: {e}') from None
+      self._counts[split]['converted'] += 1
+    # Store pixels as displayed, so that no reader must apply EXIF.
+    return _png(np.asarray(ImageOps.exif_transpose(img)))
+
+  def _generate_examples(self, split, items):
+    """Yields (key, example) of items [(key, make)], applying the policy."""
+    self._counts[split] = collections.Counter()
+    n_ok = 0
+    for key, make in items:
+      try:
+        example = make()
+      except BadExample as e:
+        if self._cfg.on_bad_example == 'error':
+          raise BadExample(f"{self.name} split '{split}': {e} (or set "
+                           "on_bad_example='skip')") from None
+        logging.warning("%s split '%s': skipping: %s", self.name, split, e)
+        self._counts[split]['skipped'] += 1
+        continue
+      n_ok += 1
+      yield key, example
+    counts = self._counts[split]
+    if n_ok == 0:
+      raise BadExample(f"{self.name} split '{split}' under {self._root}: all "
+                       f'{counts["skipped"]} examples are bad')
+    for what in _COUNTS:
+      self.info.metadata[what][split] = counts[what]
+    # A warning when anything was skipped or converted: users must see it.
+    log = logging.warning if counts['skipped'] + counts['converted'] else (
+        logging.info)
+    log("%s split '%s': %d examples; %s", self.name, split, n_ok,
+        ', '.join(f'{counts[k]} {k}' for k in _COUNTS))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    self._counts = {}
+    gens = {}
+    for split, items in self._list_splits().items():
+      if items:
+        gens[split] = self._generate_examples(split, items)
+      elif self._cfg.on_bad_example == 'skip':
+        logging.warning('%s: split %s under %s is empty; left out', self.name,
+                        split, self._root)
+      else:
+        raise BadExample(f"{self.name}: split '{split}' under {self._root} "
+                         "is empty (or set on_bad_example='skip')")
+    if not gens:
+      raise BadExample(f'{self.name}: no examples under {self._root}')
+    return gens
+
+  def _list_splits(self):
+    """{split: [(key, make)]} where make() builds one example."""
+    raise NotImplementedError
+
+
+class PairedFolders(_FolderBuilder):
+  """VITON-HD layout: cloth (context) and image (target), prompts JSONL."""
+
+  name = 'hyperlora_paired'
+  STATIC_PROMPT = 'a person wearing S*'
+
+  def _prompts(self):
+    path = pathlib.Path(self._cfg.prompts_file or self._root / 'prompts.jsonl')
+    if not path.exists():
+      if self._cfg.prompts_file:
+        raise FileNotFoundError(f'prompts file {path} not found')
+      return {}
+    prompts = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        key = (os.path.basename(row['context']),
+               os.path.basename(row['target']))
+        prompts[key] = str(row['prompt'])
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{path}:{i}: expected {{"context", "target", '
+                         f'"prompt"}}: {e!r}') from None
+    return prompts
+
+  def _list_splits(self):
+    prompts = self._prompts()
+    splits = {}
+    for split in ('train', 'test'):
+      pairs = self._root / f'{split}_pairs.txt'
+      if not pairs.exists() and not (self._root / split).is_dir():
+        continue
+      lines = pairs.read_text().splitlines() if pairs.exists() else []
+      splits[split] = [(f'{i}', self._maker(pairs, i, line, split, prompts))
+                       for i, line in enumerate(lines, 1) if line.strip()]
+    return splits
+
+  def _maker(self, pairs, lineno, line, split, prompts):
+    def make():
+      names = line.split()
+      if len(names) != 2:
+        raise BadExample(f'{pairs}:{lineno}: expected "<image> <cloth>", got '
+                         f'{line!r}')
+      target, context = names
+      try:
+        images = {
+            'context': self._image(self._root / split / 'cloth' / context,
+                                   split),
+            'target': self._image(self._root / split / 'image' / target,
+                                  split)}
+      except BadExample as e:
+        raise BadExample(f'{e} (pair listed at {pairs}:{lineno})') from None
+      prompt = prompts.get((context, target))
+      if prompt is None:
+        self._counts[split]['static_prompt'] += 1
+      return {
+          **images,
+          'prompt': prompt or self._static_prompt,
+          'prompt_static': self._static_prompt,
+          'id': f'{target} {context}',
+      }
+    return make
+
+
+class SingleImages(_FolderBuilder):
+  """One image per identity (HyperDreamBooth); context is also the target."""
+
+  name = 'hyperlora_single'
+  STATIC_PROMPT = 'a [V] face'
+  HAS_TARGET = False
+
+  def _list_splits(self):
+    dirs = {s: self._root / s for s in ('train', 'test')
+            if (self._root / s).is_dir()}
+    if not dirs:
+      dirs = {'train': self._root}
+    return {split: [(p.name, self._maker(p, split))
+                    for p in sorted(d.iterdir())
+                    if p.suffix.lower() in IMAGE_SUFFIXES]
+            for split, d in dirs.items()}
+
+  def _maker(self, path, split):
+    def make():
+      return {'context': self._image(path, split), 'id': path.stem,
+              'prompt': self._static_prompt,
+              'prompt_static': self._static_prompt}
+    return make
+
+
+class Triples(_FolderBuilder):
+  """root/<split>/<id>/{context.*, target.*, prompt.txt}."""
+
+  name = 'hyperlora_triples'
+  STATIC_PROMPT = 'a photo of S*'
+
+  def _list_splits(self):
+    return {split: [(d.name, self._maker(d, split))
+                    for d in sorted((self._root / split).iterdir())
+                    if d.is_dir()]
+            for split in ('train', 'test') if (self._root / split).is_dir()}
+
+  def _maker(self, folder, split):
+    def image(stem):
+      found = [p for p in folder.glob(f'{stem}.*')
+               if p.suffix.lower() in IMAGE_SUFFIXES]
+      if len(found) != 1:
+        raise BadExample(f'{folder}: expected one {stem}.<image suffix>, '
+                         f'found {len(found)}')
+      return self._image(found[0], split)
+
+    def make():
+      images = {'context': image('context'), 'target': image('target')}
+      prompt_file = folder / 'prompt.txt'
+      prompt = prompt_file.read_text().strip() if prompt_file.exists() else ''
+      if not prompt:
+        self._counts[split]['static_prompt'] += 1
+      return {**images, 'prompt': prompt or self._static_prompt,
+              'prompt_static': self._static_prompt, 'id': folder.name}
+    return make
+
+
+class Synthetic(tfds.core.GeneratorBasedBuilder):
+  """The synthetic recontextualization task of synthetic.py."""
+
+  name = 'hyperlora_synthetic'
+  VERSION = tfds.core.Version(VERSION)
+  _INTS = ('shape', 'color', 'pattern', 'color2', 'background', 'position')
+
+  def _info(self):
+    features = _text_features('prompt', 'prompt_static', 'prompt_full', 'id')
+    features.update(context=_BYTES, target=_BYTES,
+                    box=tfds.features.Tensor(shape=(4,), dtype=np.int32))
+    features.update({k: np.int32 for k in self._INTS})
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(features))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    return {'train': self._generate_examples('train', cfg.num_train),
+            'test': self._generate_examples('test', cfg.num_test)}
+
+  def _generate_examples(self, split, num):
+    cfg = self.builder_config
+    for i in range(num):
+      ex = synthetic.example(
+          i, split, resolution=cfg.resolution, seed=cfg.seed,
+          holdout_seed=cfg.holdout_seed, test_fraction=cfg.test_fraction)
+      out = {k: ex[k] for k in self._INTS + ('box', 'prompt_static',
+                                             'prompt_full')}
+      out.update(context=_png(ex['context']), target=_png(ex['target']),
+                 prompt=ex['prompt_scene'], id=str(i))
+      yield i, out
+
+
+_FOLDER_BUILDERS = {'paired': PairedFolders, 'single': SingleImages,
+                    'triples': Triples}
+
+
+def make_builder(data):
+  """The TFDS builder (not yet built) for a pipeline data config section."""
+  kwargs = dict(data_dir=data.data_dir or None, file_format='array_record')
+  if data.name == 'synthetic':
+    return Synthetic(config=synthetic_config(
+        data.resolution, data.num_train, data.num_test, data.seed,
+        data.holdout_seed, data.test_fraction), **kwargs)
+  if data.name not in _FOLDER_BUILDERS:
+    raise ValueError(f'unknown data.name {data.name!r}: expected synthetic, '
+                     f'{", ".join(_FOLDER_BUILDERS)}')
+  if not data.source_dir:
+    raise ValueError(f'data.name={data.name!r} needs data.source_dir')
+  return _FOLDER_BUILDERS[data.name](config=folder_config(
+      data.source_dir, data.prompts_file, data.static_prompt,
+      data.on_bad_example, data.convert_modes), **kwargs)
+
+
+def build(data, rebuild=False):
+  """Builds the dataset of `data` once (a no-op when built) and returns it."""
+  builder = make_builder(data)
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if rebuild else
+          tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(download_mode=mode))
+  return builder

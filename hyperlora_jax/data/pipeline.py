@@ -1,0 +1,282 @@
+"""Input pipeline: built TFDS data -> per-host batches of numpy arrays.
+
+  data = default_config()  # The config.data section; fields below.
+  it = create_dataset(data, 'train')  # Endless, shuffled: for training.
+  batch = next(it)
+  state = it.get_state()  # JSON-able dict: save it with the checkpoint.
+  it = create_dataset(data, 'train'); it.set_state(state)  # Resume.
+  for batch in create_dataset(data, 'test', num_epochs=1, shuffle=False): ...
+
+`create_dataset` returns a grain `DatasetIterator` (`next`, `get_state`,
+`set_state`; Orbax saves it with `grain.checkpoint.CheckpointSave`). The
+state is only meaningful for the same config, split and host count.
+
+Why grain over the TFDS array_record data source (not tf.data): random
+access by record index makes the order a pure function of (seed, epoch,
+position), so sharding is exact, shuffling needs no buffer, and the iterator
+state is one integer (`next_index`) instead of a tf.data checkpoint of
+buffers; and nothing needs TensorFlow.
+
+Sharding: host p of P owns records [p*N//P, (p+1)*N//P) of the split and
+reads only those: disjoint, and together complete. Each host shuffles its
+own block (a new order each epoch) and batches data.batch_size // P of them.
+Endless iteration (num_epochs=None) drops nothing and needs no padding.
+With a finite num_epochs every host yields the same number of full batches
+(so multi-host eval steps stay in lockstep): blocks are padded to the
+largest block, and the last batch is padded, with 'valid' False there.
+
+Batch (numpy, leading dim B = per-host batch size):
+  'context', 'target'  float32 [B, R, R, 3] in [-1, 1]: resized (shorter
+                       side to R) and center-cropped; single-image data has
+                       target = context.
+  'prompt'             str [B], the prompt chosen by data.prompt.
+  'prompt_static'      str [B]; synthetic also 'prompt_scene', 'prompt_full'.
+  'id'                 str [B] (file names / synthetic index).
+  'index'              int64 [B], record index in the split.
+  'valid'              bool [B], False for padding.
+  synthetic only: 'shape', 'color', 'pattern', 'color2', 'background',
+                  'position' int32 [B]; 'box' int32 [B, 4] (x0, y0, x1, y1,
+                  end-exclusive) of the item in the target.
+  data.use_cache: 'latents' [B, ...] of the target and 'prompt_emb'
+                  [B, ...] of the chosen prompt (see cache.py).
+
+Config fields (default_config()):
+  name            'synthetic' | 'paired' | 'single' | 'triples' (builders.py
+                  documents the folder layouts).
+  data_dir        where TFDS data is built ('' -> TFDS default,
+                  ~/tensorflow_datasets).
+  source_dir      the user's folder (paired / single / triples).
+  prompts_file    paired: prompts JSONL ('' -> source_dir/prompts.jsonl).
+  static_prompt   '' -> the builder's ('a person wearing S*', 'a [V] face',
+                  'a photo of S*'; synthetic: 'a figure wearing S*').
+  on_bad_example  'error' | 'skip' (see builders.py).
+  convert_modes   convert grayscale / RGBA / CMYK... to RGB (logged), else
+                  such images are bad examples.
+  resolution      R of the batches (and of the synthetic images; keep the
+                  two equal there: the scorer reads exact pixels).
+  prompt          'scene' (the example's own prompt; synthetic: the scene
+                  without the item) | 'static' | 'full' (synthetic only).
+  seed            shuffle seed and synthetic data seed.
+  num_train, num_test, holdout_seed, test_fraction   synthetic sizes and
+                  held-out identities (synthetic.py).
+  batch_size      global batch size, divided among hosts (create_dataset's
+                  batch_size argument overrides it).
+  num_threads     reader threads; prefetch: batches read ahead (>=
+                  num_threads, or threads idle).
+  use_cache, cache_name   read latents / prompt embeddings written by
+                  cache.py under <dataset dir>/cache/<cache_name>.
+
+`python -m hyperlora_jax.data.pipeline --data.name=paired
+--data.source_dir=DIR --data.data_dir=OUT` builds a dataset once (do this
+before a multi-host run) and prints its splits, counts and one batch.
+"""
+
+import functools
+import io
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+import grain
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+from PIL import Image
+
+from hyperlora_jax.data import builders
+
+_PROMPT_KEYS = {'scene': 'prompt', 'static': 'prompt_static',
+                'full': 'prompt_full'}
+
+
+def default_config():
+  """The data config section; the module docstring documents the fields."""
+  c = ml_collections.ConfigDict()
+  c.name = 'synthetic'
+  c.data_dir = ''
+  c.source_dir = ''
+  c.prompts_file = ''
+  c.static_prompt = ''
+  c.on_bad_example = 'error'
+  c.convert_modes = True
+  c.resolution = 32
+  c.prompt = 'scene'
+  c.seed = 0
+  c.num_train = 1000
+  c.num_test = 200
+  c.holdout_seed = 0
+  c.test_fraction = 0.2
+  c.batch_size = 8
+  c.num_threads = 4
+  c.prefetch = 4
+  c.use_cache = False
+  c.cache_name = 'default'
+  return c
+
+
+def cache_dir(builder, cache_name, split):
+  """Where cache.py writes, and the pipeline reads, one split's cache."""
+  return pathlib.Path(builder.data_path) / 'cache' / cache_name / split
+
+
+def _fit(encoded, resolution):
+  """Decodes image bytes to [R, R, 3] uint8: shorter side to R, center crop.
+
+  Synthetic images are built at R already, so their pixels (and boxes) pass
+  through unchanged.
+  """
+  img = Image.open(io.BytesIO(encoded))
+  img.draft('RGB', (resolution, resolution))  # JPEG: decode at <= 1/8 size.
+  w, h = img.size
+  img = img.convert('RGB')
+  scale = resolution / min(w, h)
+  if (w, h) != (resolution, resolution):
+    size = [max(resolution, round(x * scale)) for x in (w, h)]
+    img = img.resize(size, Image.BICUBIC)
+  ox = (img.size[0] - resolution) // 2
+  oy = (img.size[1] - resolution) // 2
+  img = img.crop((ox, oy, ox + resolution, oy + resolution))
+  return np.asarray(img)
+
+
+def _normalize(pixels):
+  return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+def _field(value):
+  """TFDS gives text as bytes and int32 scalars as Python ints."""
+  if isinstance(value, bytes):
+    return value.decode()
+  return np.int32(value) if isinstance(value, int) else value
+
+
+def _load(source, stop, pad_index, data, cache, index):
+  """Example `index` of the split; from `stop` on: padding, `pad_index`."""
+  valid = index < stop
+  index = index if valid else pad_index
+  ex = source[index]
+  out = {k: _field(v) for k, v in ex.items() if k not in ('context', 'target')}
+  context = _fit(ex['context'], data.resolution)
+  target = _fit(ex['target'], data.resolution) if 'target' in ex else context
+  out.update(context=_normalize(context), target=_normalize(target),
+             index=np.int64(index), valid=valid)
+  if 'prompt_full' in out:  # Synthetic: keep the scene prompt by name.
+    out['prompt_scene'] = out['prompt']
+  key = _PROMPT_KEYS[data.prompt]
+  if key not in out:
+    raise ValueError(f'data.prompt={data.prompt!r} but {data.name} has no '
+                     f'{key}')
+  out['prompt'] = out[key]
+  if cache is not None:
+    latents, emb, prompt_ids = cache
+    out['latents'] = np.asarray(latents[out['index']])
+    out['prompt_emb'] = np.asarray(emb[prompt_ids[out['index']]])
+  return out
+
+
+def _pad_batch(batch_size, batch):
+  """Pads a short final batch with copies of its last row, valid=False."""
+  n = len(batch['valid'])
+  if n == batch_size:
+    return batch
+  pad = {k: np.repeat(v[-1:], batch_size - n, axis=0) for k, v in batch.items()}
+  pad['valid'][:] = False
+  return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
+
+
+def _open_cache(builder, data, split, num):
+  """(latents, prompt embeddings, prompt id per record) written by cache.py."""
+  path = cache_dir(builder, data.cache_name, split)
+  meta_file = path / 'meta.json'
+  if not meta_file.exists():
+    raise FileNotFoundError(f'no cache at {path}: run python -m '
+                            'hyperlora_jax.data.cache first')
+  meta = json.loads(meta_file.read_text())
+  if (meta['resolution'], meta['num_examples']) != (data.resolution, num):
+    raise ValueError(f'cache {path} was written for resolution '
+                     f'{meta["resolution"]}, {meta["num_examples"]} examples; '
+                     f'the data has {data.resolution}, {num}')
+  ids = np.asarray(meta['prompt_ids'][_PROMPT_KEYS[data.prompt]])
+  return (np.load(path / 'latents.npy', mmap_mode='r'),
+          np.load(path / 'prompt_emb.npy', mmap_mode='r'), ids)
+
+
+def create_dataset(data, split, *, process_index=None, process_count=None,
+                   num_epochs=None, shuffle=True, batch_size=None):
+  """This host's batches of `split`, as a resumable grain iterator.
+
+  Args:
+    data: the data config section (`default_config()`).
+    split: 'train' or 'test'.
+    process_index: this host's index (default: jax.process_index()).
+    process_count: number of hosts (default: jax.process_count()).
+    num_epochs: None for endless iteration, else that many epochs with every
+      host yielding the same number of full batches ('valid' marks padding).
+    shuffle: shuffle each epoch (seeded by data.seed) within the host's block.
+    batch_size: global batch size (default data.batch_size), divided among
+      the hosts.
+
+  Returns:
+    A grain DatasetIterator of batch dicts (module docstring).
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  batch_size = batch_size or data.batch_size
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not divisible by '
+                     f'{process_count} hosts')
+  batch_size //= process_count
+  builder = builders.build(data)
+  if split not in builder.info.splits:
+    raise ValueError(f'{builder.data_path} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits)}')
+  source = builder.as_data_source(split=split)
+  num = len(source)
+  if not num:
+    raise ValueError(f'split {split!r} of {builder.data_path} is empty')
+  start = process_index * num // process_count
+  stop = (process_index + 1) * num // process_count
+  if num_epochs is None:
+    if start == stop:
+      raise ValueError(f'split {split!r} has {num} examples, fewer than '
+                       f'{process_count} hosts')
+    length = stop - start
+  else:
+    length = -(-num // process_count)  # Every host: the largest block.
+  cache = _open_cache(builder, data, split, num) if data.use_cache else None
+  ds = grain.MapDataset.range(start, start + length)
+  if shuffle:
+    ds = ds.shuffle(seed=data.seed)
+  ds = ds.repeat(num_epochs).map(
+      # Padding repeats a record of the host's own block, if it has one.
+      functools.partial(_load, source, stop, start if start < stop else 0,
+                        data, cache))
+  ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
+  if num_epochs is not None:
+    ds = ds.map(functools.partial(_pad_batch, batch_size))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=data.num_threads, prefetch_buffer_size=data.prefetch)))
+
+
+def main(argv):
+  del argv
+  builder = builders.build(_DATA.value, rebuild=_REBUILD.value)
+  print(builder.data_path)
+  for name, split in builder.info.splits.items():
+    print(f'{name}: {split.num_examples} examples')
+  if builder.info.metadata:
+    print(dict(builder.info.metadata))
+  first = sorted(builder.info.splits)[0]
+  batch = next(create_dataset(_DATA.value, first, process_index=0,
+                              process_count=1, num_epochs=1, shuffle=False))
+  for k, v in batch.items():
+    print(k, v.shape, v.dtype, v[0] if v.ndim == 1 else '')
+
+
+if __name__ == '__main__':
+  # Flags only here: importing the module must not define global flags.
+  _DATA = config_flags.DEFINE_config_dict('data', default_config())
+  _REBUILD = flags.DEFINE_bool('rebuild', False, 'Rebuild even if built.')
+  app.run(main)

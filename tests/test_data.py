@@ -1,0 +1,282 @@
+"""Builders and pipeline: broken inputs, host sharding, resuming, the cache."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from hyperlora_jax.data import builders
+from hyperlora_jax.data import cache
+from hyperlora_jax.data import pipeline
+from hyperlora_jax.data import synthetic
+
+RED, BLUE = (200, 30, 30), (30, 30, 200)
+
+
+def _config(tmp_path, **kw):
+  data = pipeline.default_config()
+  data.data_dir = str(tmp_path / 'tfds')
+  data.num_threads = 2
+  data.update(kw)
+  return data
+
+
+def _save(path, mode='RGB', color=RED, size=(24, 16), fmt=None):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.new(mode, size, color).save(path, format=fmt)
+
+
+def _paired_folder(root, bad=()):
+  """Two good pairs, plus the bad cases named in `bad`; test split empty."""
+  lines = []
+
+  def pair(name, cloth_writer=None):
+    cloth = root / 'train' / 'cloth' / f'{name}.jpg'
+    (cloth_writer or (lambda p: _save(p, color=BLUE)))(cloth)
+    _save(root / 'train' / 'image' / f'{name}.png', color=RED)
+    lines.append(f'{name}.png {name}.jpg')
+
+  pair('good0')
+  pair('good1')
+  if 'corrupt' in bad:
+    pair('corrupt', lambda p: p.write_bytes(b'not an image'))
+  if 'truncated' in bad:
+    def truncated(p):
+      _save(p, size=(64, 64))
+      p.write_bytes(p.read_bytes()[:200])
+    pair('truncated', truncated)
+  if 'gray' in bad:
+    pair('gray', lambda p: _save(p, 'L', 100, fmt='JPEG'))
+  if 'rgba' in bad:
+    def rgba(p):  # Left half transparent red, right half opaque blue.
+      a = np.zeros((16, 24, 4), np.uint8)
+      a[:, :12] = (*RED, 0)
+      a[:, 12:] = (*BLUE, 255)
+      Image.fromarray(a, 'RGBA').save(p, format='PNG')
+    pair('rgba', rgba)
+  if 'cmyk' in bad:
+    pair('cmyk', lambda p: _save(p, 'CMYK', (0, 255, 255, 0), fmt='JPEG'))
+  if 'missing' in bad:
+    lines.append('missing.png missing.jpg')
+  (root / 'train_pairs.txt').write_text('\n'.join(lines) + '\n')
+  (root / 'test').mkdir()
+  (root / 'test_pairs.txt').write_text('')
+  (root / 'prompts.jsonl').write_text(json.dumps(
+      {'context': 'good0.jpg', 'target': 'good0.png',
+       'prompt': 'a woman in a park wearing S*'}) + '\n')
+  return root
+
+
+@pytest.mark.parametrize('bad,name', [
+    ('corrupt', 'corrupt.jpg'), ('truncated', 'truncated.jpg'),
+    ('missing', r'missing.jpg: file not found \(pair listed at .*pairs.txt:3'),
+    ('gray', 'gray.jpg: mode L')])
+def test_bad_example_is_an_error_naming_the_file(tmp_path, bad, name):
+  root = _paired_folder(tmp_path / 'viton', bad=(bad,))
+  (root / 'test_pairs.txt').write_text('good0.png good0.jpg\n')
+  data = _config(tmp_path, name='paired', source_dir=str(root),
+                 convert_modes=False)
+  with pytest.raises(builders.BadExample, match=name):
+    builders.build(data)
+
+
+def test_empty_split_is_an_error(tmp_path):
+  root = _paired_folder(tmp_path / 'viton')
+  data = _config(tmp_path, name='paired', source_dir=str(root))
+  with pytest.raises(builders.BadExample, match="split 'test'.*empty"):
+    builders.build(data)
+
+
+def test_skip_counts_bad_examples_and_converts_modes(tmp_path):
+  bad = ('corrupt', 'truncated', 'missing', 'gray', 'rgba', 'cmyk')
+  root = _paired_folder(tmp_path / 'viton', bad=bad)
+  data = _config(tmp_path, name='paired', source_dir=str(root),
+                 on_bad_example='skip', resolution=16, batch_size=2)
+  builder = builders.build(data)
+  assert set(builder.info.splits) == {'train'}  # The empty test split: out.
+  meta = builder.info.metadata
+  assert meta['skipped'] == {'train': 3}
+  assert meta['converted'] == {'train': 3}
+  assert meta['static_prompt'] == {'train': 4}
+  with pytest.raises(ValueError, match='no split'):
+    pipeline.create_dataset(data, 'test', process_index=0, process_count=1)
+
+  batches = list(pipeline.create_dataset(
+      data, 'train', process_index=0, process_count=1, num_epochs=1,
+      shuffle=False))
+  ex = {i: (b['context'][k], b['target'][k], b['prompt'][k])
+        for b in batches for k, i in enumerate(b['id']) if b['valid'][k]}
+  assert sorted(ex) == sorted(f'{n}.png {n}.jpg' for n in (
+      'good0', 'good1', 'gray', 'rgba', 'cmyk'))
+  to_pixels = lambda x: np.round((x + 1) * 127.5)
+  context, target, prompt = ex['good0.png good0.jpg']
+  assert context.shape == target.shape == (16, 16, 3)
+  assert context.dtype == np.float32
+  np.testing.assert_allclose(to_pixels(target),
+                             np.broadcast_to(RED, target.shape))
+  assert prompt == 'a woman in a park wearing S*'
+  assert ex['good1.png good1.jpg'][2] == 'a person wearing S*'
+  gray = to_pixels(ex['gray.png gray.jpg'][0])
+  assert np.abs(gray - 100).max() <= 2  # JPEG.
+  rgba = to_pixels(ex['rgba.png rgba.jpg'][0])
+  # 24x16 -> 24x16 kept, center crop 16x16 = columns 4..19 of the original.
+  np.testing.assert_allclose(rgba[:, :6], 255)  # Transparent -> white.
+  np.testing.assert_allclose(rgba[:, 10:], np.broadcast_to(BLUE, (16, 6, 3)))
+  cmyk = to_pixels(ex['cmyk.png cmyk.jpg'][0]).mean((0, 1))
+  assert cmyk[0] > 200 and cmyk[1:].max() < 60  # C=0, M=Y=255: red.
+
+  data.convert_modes = False
+  data.data_dir = str(tmp_path / 'tfds2')
+  meta = builders.build(data).info.metadata
+  assert meta['skipped'] == {'train': 6} and meta['converted'] == {'train': 0}
+
+
+def test_single_and_triples(tmp_path):
+  single = tmp_path / 'faces'
+  for split, n in (('train', 3), ('test', 2)):
+    for i in range(n):
+      _save(single / split / f'person{i}.png', color=(10 * i, 50, 50))
+  data = _config(tmp_path, name='single', source_dir=str(single),
+                 resolution=8, batch_size=4)
+  (b,) = list(pipeline.create_dataset(
+      data, 'test', process_index=0, process_count=1, num_epochs=1,
+      shuffle=False))
+  assert b['valid'].tolist() == [True, True, False, False]
+  np.testing.assert_array_equal(b['context'], b['target'])
+  assert set(b['prompt']) == {'a [V] face'}
+  assert sorted(b['id'][:2]) == ['person0', 'person1']
+
+  triples = tmp_path / 'triples'
+  for i in range(3):
+    _save(triples / 'train' / f'ex{i}' / 'context.png', color=RED)
+    _save(triples / 'train' / f'ex{i}' / 'target.jpg', color=BLUE)
+  (triples / 'train' / 'ex0' / 'prompt.txt').write_text('a blue thing\n')
+  (triples / 'train' / 'ex1' / 'target.jpg').unlink()
+  data = _config(tmp_path, name='triples', source_dir=str(triples),
+                 resolution=8, batch_size=2)
+  with pytest.raises(builders.BadExample, match='ex1.*target'):
+    builders.build(data)
+  data.on_bad_example = 'skip'
+  (b,) = list(pipeline.create_dataset(
+      data, 'train', process_index=0, process_count=1, num_epochs=1,
+      shuffle=False))
+  prompts = dict(zip(b['id'], b['prompt']))
+  assert prompts == {'ex0': 'a blue thing', 'ex2': 'a photo of S*'}
+
+
+@pytest.fixture(scope='module')
+def synthetic_data(tmp_path_factory):
+  data = _config(tmp_path_factory.mktemp('syn'), num_train=37, num_test=11,
+                 batch_size=4)
+  builders.build(data)
+  return data
+
+
+@pytest.mark.parametrize('hosts', [1, 2])
+def test_hosts_are_disjoint_and_complete(synthetic_data, hosts):
+  seen, counts = [], []
+  for p in range(hosts):
+    batches = list(pipeline.create_dataset(
+        synthetic_data, 'train', process_index=p, process_count=hosts,
+        num_epochs=1))
+    counts.append(len(batches))
+    for b in batches:
+      assert b['context'].shape == (4 // hosts, 32, 32, 3)
+      seen.append(b['index'][b['valid']])
+  seen = np.concatenate(seen)
+  assert len(set(counts)) == 1  # Hosts step in lockstep.
+  assert sorted(seen.tolist()) == list(range(37))  # Disjoint and complete.
+
+
+def test_endless_host_reads_only_its_block(synthetic_data):
+  it = pipeline.create_dataset(synthetic_data, 'train', process_index=1,
+                               process_count=2)
+  first = np.concatenate([next(it)['index'] for _ in range(20)])
+  # Host 1 of 2 owns records 18..36: every epoch is a permutation of them.
+  assert sorted(first[:19].tolist()) == list(range(18, 37))
+  assert sorted(first[19:38].tolist()) == list(range(18, 37))
+  assert first[:19].tolist() != first[19:38].tolist()  # Reshuffled.
+
+
+def test_resume_mid_epoch(synthetic_data):
+  it = pipeline.create_dataset(synthetic_data, 'train', process_index=0,
+                               process_count=1)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(8)]  # Crosses the epoch boundary.
+  resumed = pipeline.create_dataset(synthetic_data, 'train', process_index=0,
+                                    process_count=1)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  fresh = next(pipeline.create_dataset(synthetic_data, 'train',
+                                       process_index=0, process_count=1))
+  assert not np.array_equal(fresh['index'], expected[0]['index'])
+
+
+def test_syntheticlist(synthetic_data):
+  data = synthetic_data.copy_and_resolve_references()
+  data.prompt = 'full'
+  (*_, last) = batches = list(pipeline.create_dataset(
+      data, 'test', process_index=0, process_count=1, num_epochs=1,
+      shuffle=False))
+  assert len(batches) == 3 and last['valid'].sum() == 3
+  train_ids = set(synthetic.split_identities()[0])
+  for b in batches:
+    assert b['prompt'].tolist() == b['prompt_full'].tolist()
+    assert all(p.endswith('wearing S*') for p in b['prompt_scene'])
+    for i in range(4):
+      ident = tuple(int(b[k][i]) for k in ('shape', 'color', 'pattern',
+                                            'color2'))
+      assert ident not in train_ids
+      assert synthetic.color_and_pattern_of(b['target'][i], b['box'][i]) == (
+          b['color'][i], b['pattern'][i])
+      # Same pixels as the generator: PNG and normalization are lossless.
+      ex = synthetic.example(int(b['id'][i]), 'test')
+      np.testing.assert_array_equal(
+          np.round((b['context'][i] + 1) * 127.5), ex['context'])
+
+
+def test_cache_roundtrip(synthetic_data):
+  data = synthetic_data.copy_and_resolve_references()
+  data.cache_name = 'fake'
+  encode_images = lambda x: x.reshape(len(x), 8, 4, 8, 4, 3).mean((2, 4))
+  encode_prompts = lambda ps: np.array([[len(p), p.count('a')] for p in ps],
+                                       np.float32)
+  out = cache.write_cache(data, 'test', encode_images, encode_prompts,
+                          batch_size=3)
+  data.use_cache = True
+  for prompt in ('scene', 'full'):
+    data.prompt = prompt
+    for b in list(pipeline.create_dataset(
+        data, 'test', process_index=0, process_count=1, num_epochs=1)):
+      np.testing.assert_allclose(b['latents'], encode_images(b['target']),
+                                 rtol=1e-6)
+      np.testing.assert_array_equal(b['prompt_emb'],
+                                    encode_prompts(list(b['prompt'])))
+  meta = json.loads((out / 'meta.json').read_text())
+  (out / 'meta.json').write_text(json.dumps({**meta, 'resolution': 64}))
+  with pytest.raises(ValueError, match='written for resolution 64'):
+    pipeline.create_dataset(data, 'test', process_index=0, process_count=1)
+  data.cache_name = 'other'
+  with pytest.raises(FileNotFoundError, match='no cache'):
+    pipeline.create_dataset(data, 'test', process_index=0, process_count=1)
+
+
+def test_build_cli(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'hyperlora_jax.data.pipeline',
+       f'--data.data_dir={tmp_path}', '--data.num_train=6',
+       '--data.num_test=2', '--data.batch_size=2'],
+      capture_output=True, text=True, check=True, timeout=120,
+      cwd=pathlib.Path(__file__).parents[1])
+  assert 'train: 6 examples' in out.stdout
+  assert 'context (2, 32, 32, 3) float32' in out.stdout

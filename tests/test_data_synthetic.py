@@ -1,0 +1,91 @@
+"""The synthetic task: ground truth agrees with pixels, held-out identities."""
+
+import time
+
+import numpy as np
+import pytest
+
+from hyperlora_jax.data import synthetic
+
+
+@pytest.mark.parametrize('resolution', [32, 64])
+def test_scorer_reads_ground_truth(resolution):
+  for split in synthetic.SPLITS:
+    g = synthetic.generate(300, split, resolution=resolution)
+    for image, box in (('target', 'box'), ('context', 'context_box')):
+      read = np.array([synthetic.color_and_pattern_of(g[image][i], g[box][i])
+                       for i in range(300)])
+      assert np.mean(read[:, 0] == g['color']) >= 0.99, (split, image)
+      assert np.mean(read[:, 1] == g['pattern']) >= 0.99, (split, image)
+      # Every pattern occurs, so the check above covers each rule.
+      assert set(g['pattern'].tolist()) == set(range(len(synthetic.PATTERNS)))
+
+
+def test_scorer_detects_wrong_items():
+  g = synthetic.generate(40, 'train', resolution=32)
+  for i in range(40):
+    img, mask = g['target'][i].copy(), g['mask'][i]
+    color = int(g['color'][i])
+    other = (color + 1) % len(synthetic.COLORS)
+    img[mask] = synthetic.COLOR_RGB[other]  # Right place, wrong solid item.
+    assert synthetic.color_and_pattern_of(img, g['box'][i]) == (other, 0)
+    empty = synthetic._scene(32, int(g['background'][i]),
+                             int(g['position'][i]))
+    assert synthetic.color_and_pattern_of(empty, g['box'][i]) == (-1, -1)
+  # Float input in [-1, 1] reads like uint8.
+  target = g['target'][0].astype(np.float32) / 127.5 - 1
+  assert synthetic.color_and_pattern_of(target, g['box'][0]) == (
+      g['color'][0], g['pattern'][0])
+
+
+def test_held_out_identities():
+  train, test = synthetic.split_identities()
+  assert not set(train) & set(test)
+  assert len(train) + len(test) == len(synthetic.identities())
+  assert 0.15 < len(test) / len(synthetic.identities()) < 0.25
+  for k, names in enumerate((synthetic.SHAPES, synthetic.COLORS,
+                             synthetic.PATTERNS)):
+    assert {x[k] for x in train} == set(range(len(names)))
+  keys = ('shape', 'color', 'pattern', 'color2')
+  for split, pool in (('train', train), ('test', test)):
+    g = synthetic.generate(500, split)
+    seen = set(zip(*(g[k].tolist() for k in keys)))
+    assert seen <= set(pool), split
+  assert set(synthetic.split_identities(holdout_seed=1)[1]) != set(test)
+
+
+def test_deterministic_and_random_access():
+  a = synthetic.generate(5, 'train', start=10, seed=3)
+  b = synthetic.example(12, 'train', seed=3)
+  np.testing.assert_array_equal(a['target'][2], b['target'])
+  assert a['prompt_full'][2] == b['prompt_full']
+  c = synthetic.generate(5, 'train', start=10, seed=4)
+  assert not np.array_equal(a['context'], c['context'])
+
+
+def test_ground_truth_mask_box_and_prompts():
+  g = synthetic.generate(100, 'test', resolution=32)
+  vocab = set(synthetic.vocabulary())
+  item_words = set(synthetic.SHAPES) | set(synthetic.PATTERNS[1:])
+  for i in range(100):
+    x0, y0, x1, y1 = g['box'][i]
+    ys, xs = np.nonzero(g['mask'][i])
+    assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+    assert g['mask'][i].sum() == (g['mask'][i][y0:y1, x0:x1]).sum()
+    item = synthetic.COLOR_RGB[[g['color'][i], max(g['color2'][i], 0)]]
+    pixels = g['target'][i][g['mask'][i]]
+    assert (pixels[:, None] == item[None]).all(-1).any(-1).all()
+    scene, full = g['prompt_scene'][i], g['prompt_full'][i]
+    assert scene.endswith('wearing S*') and not set(scene.split()) & item_words
+    assert full.startswith(scene[:-2])
+    assert synthetic.item_phrase(*(int(g[k][i]) for k in (
+        'shape', 'color', 'pattern', 'color2'))) in full
+    for p in (scene, full, g['prompt_static'][i]):
+      assert set(synthetic.words(p)) <= vocab
+
+
+def test_fast_enough():
+  synthetic.generate(50, 'train')  # Warm the caches.
+  t = time.perf_counter()
+  synthetic.generate(1000, 'train', start=50)
+  assert time.perf_counter() - t < 1.0  # ~5k/s on one CI core.
