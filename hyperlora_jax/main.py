@@ -1,0 +1,69 @@
+r"""Trains a config: the same command on a laptop, a GPU node or every TPU host.
+
+  python -m hyperlora_jax.main --config=configs/tiny_test.py --workdir=/tmp/run \
+      --config.train.batch_size=8
+
+Overrides are checked against the config file: an unknown key or a value of
+the wrong type stops the run before anything is built. Multi-host runs add
+--distributed; jax.distributed.initialize then finds the coordinator from the
+cluster (TPU pod, SLURM, ...) or from --coordinator_address/--num_processes/
+--process_id (or the JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS
+environment variables).
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from hyperlora_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (configs/*.py[:arg]).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Checkpoints, TensorBoard logs and the resolved config; '
+    'a local or gs:// path. A run resumes from the checkpoints found here.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0; default: detected '
+    'from the cluster environment.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Process count; default: detected.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process; default: detected.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv):
+  """absl's parsing, plus a one-line error for an unknown config key."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # config_flags raises these when an override names a missing key.
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    while e.args and isinstance(e.args[0], Exception):  # Wrapped KeyError.
+      e = e.args[0]
+    sys.stderr.write(f'FATAL Flags parsing error: unknown config key in '
+                     f'{" ".join(overrides)}: {e.args[0] if e.args else e}\n')
+    sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  logging.info('Process %d of %d, %d local / %d global devices (%s).',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.default_backend())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

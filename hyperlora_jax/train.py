@@ -1,0 +1,452 @@
+"""The training loop: mesh, state, jit'd step with shardings, checkpoints, logs.
+
+`train_and_evaluate(config, workdir)` trains whatever `objectives.build`
+returns (an Objective: trainable/frozen params, a pure `loss_fn` and a host
+`prepare`) on the data pipeline's batches.
+
+Config sections defined here (`add_train_defaults` fills the missing keys):
+
+config.train
+  num_steps         optimizer updates to run (1000)
+  batch_size        global examples per update, over all hosts (8); must be a
+                    multiple of devices x grad_accum_steps and of the
+                    process count
+  grad_accum_steps  split each batch into this many sequential micro-batches
+                    and sum their gradients, to trade time for memory (1)
+  log_every         console + TensorBoard scalars every N steps (50)
+  eval_every        call the evaluation hook every N steps and at the end;
+                    0 = only at the end (1000)
+  checkpoint_every  save every N steps, at the end and on SIGTERM (1000)
+  keep_checkpoints  newest checkpoints kept (3)
+  nan_policy        'stop': a non-finite loss or gradient raises
+                    FloatingPointError naming the step; 'skip': that update
+                    is dropped and training goes on ('stop'); either way the
+                    state is never updated with non-finite values
+  remat             jax.checkpoint around the loss: 'none', 'full' or a
+                    jax.checkpoint_policies name, e.g. 'dots_saveable'
+                    ('none'); per-block remat belongs to the models
+  ema_decay         EMA of the trainable params (None = off); evaluation
+                    gets the EMA params when it is on
+  compute_dtype     activation dtype the objective builds its models with
+                    ('bfloat16'); params stay float32 (master weights)
+
+config.optim   AdamW: lr (1e-4), b1 (0.9), b2 (0.999), eps (1e-8),
+  weight_decay (0.01, only on params with ndim >= 2: biases, norms and
+  gamma are not pulled to zero), warmup_steps (0, linear from 0),
+  schedule ('cosine' to 0 at num_steps | 'constant'), grad_clip_norm
+  (1.0; 0 = off).
+
+config.mesh    data (-1), fsdp (1): mesh axis sizes, -1 = the remaining
+  devices; shard_min_size (2**18): params with at least this many elements
+  are split over 'fsdp'; rules (()): (path regex, axes) pairs that override
+  the size rule, see sharding.py.
+
+Other sections: config.seed, config.data (data/pipeline.py), and the
+objective's own (config.objective, config.model, config.hypernet).
+"""
+import functools
+import json
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from hyperlora_jax import checkpoint
+from hyperlora_jax import sharding
+
+# evaluate_fn(config, objective, params, step, writer) -> scalars or None.
+EvaluateFn = Callable[..., Optional[Mapping[str, float]]]
+
+
+def _defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.train = dict(
+      num_steps=1000, batch_size=8, grad_accum_steps=1, log_every=50,
+      eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
+      nan_policy='stop', remat='none',
+      ema_decay=ml_collections.config_dict.placeholder(float),
+      compute_dtype='bfloat16')
+  c.optim = dict(
+      lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+      warmup_steps=0, schedule='cosine', grad_clip_norm=1.0)
+  c.mesh = dict(data=-1, fsdp=1, shard_min_size=2**18, rules=())
+  return c
+
+
+def add_train_defaults(config: ml_collections.ConfigDict
+                       ) -> ml_collections.ConfigDict:
+  """Adds the train/optim/mesh keys a config does not set; returns config."""
+  with config.unlocked():
+    if 'seed' not in config:
+      config.seed = 0
+    for name, section in _defaults().items():
+      if name not in config:
+        config[name] = ml_collections.ConfigDict()
+      for key in section.keys():
+        if key not in config[name]:
+          # Copies the FieldReference so the type of None fields survives
+          # (command-line overrides of ema_decay parse as float).
+          config[name][key] = section.get_ref(key)
+  return config
+
+
+def check_config(config, num_devices: int, process_count: int) -> None:
+  """Fails before anything is built, naming the key that is wrong."""
+  t, o = config.train, config.optim
+  if t.nan_policy not in ('stop', 'skip'):
+    raise ValueError(f"train.nan_policy must be 'stop' or 'skip', "
+                     f'not {t.nan_policy!r}.')
+  if o.schedule not in ('cosine', 'constant'):
+    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', "
+                     f'not {o.schedule!r}.')
+  remat_policy(t.remat)
+  if t.grad_accum_steps < 1 or t.num_steps < 1:
+    raise ValueError('train.grad_accum_steps and train.num_steps must be '
+                     '>= 1.')
+  data, fsdp = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp,
+                                   num_devices)
+  multiple = data * fsdp * t.grad_accum_steps
+  if t.batch_size % multiple or t.batch_size % process_count:
+    raise ValueError(
+        f'train.batch_size={t.batch_size} must be a multiple of devices '
+        f'({data * fsdp}) x grad_accum_steps ({t.grad_accum_steps}) and of '
+        f'the process count ({process_count}).')
+
+
+def remat_policy(name: str):
+  """None (no remat), or the policy jax.checkpoint is given ('full': None)."""
+  if name in ('none', 'full'):
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f'Unknown train.remat {name!r}: use none, full or a '
+                     'jax.checkpoint_policies name.')
+  return policy
+
+
+def make_optimizer(optim, num_steps: int):
+  """AdamW with warmup and cosine/constant decay; returns (tx, schedule)."""
+  if optim.schedule == 'cosine':
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, optim.lr, optim.warmup_steps,
+        max(num_steps, optim.warmup_steps + 1))
+  else:
+    schedule = optax.warmup_constant_schedule(0.0, optim.lr,
+                                              optim.warmup_steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule, optim.b1, optim.b2, optim.eps,
+                      weight_decay=optim.weight_decay, mask=decay_mask)
+  if optim.grad_clip_norm:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm),
+                       adamw), schedule
+  return adamw, schedule
+
+
+def init_state(params, tx, ema: bool) -> dict:
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+           'opt_state': tx.init(params)}
+  if ema:
+    state['ema'] = params
+  return state
+
+
+def _grads(loss_fn, params, frozen, batch, rng, accum: int, mesh):
+  """Mean loss, metrics and gradients over `accum` sequential micro-batches."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    (loss, metrics), grads = grad_fn(params, frozen, batch, rng)
+    return loss, metrics, grads
+
+  # Row j of micro-batch i is example j * accum + i: every micro-batch keeps
+  # rows on every device, so no data moves between devices.
+  micro_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+  def split(x):
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def body(carry, xs):
+    i, micro = xs
+    (loss, metrics), grads = grad_fn(params, frozen, micro,
+                                     jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+  micro = jax.tree.map(split, batch)
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(
+      jnp.zeros_like,
+      jax.eval_shape(lambda: grad_fn(params, frozen, first, rng)))
+  (loss, metrics), grads = zeros
+  total, _ = jax.lax.scan(body, (loss, metrics, grads),
+                          (jnp.arange(accum), micro))
+  return jax.tree.map(lambda x: x / accum, total)
+
+
+def make_train_step(loss_fn, tx, schedule, config, mesh):
+  """The un-jitted step: (state, frozen, batch, key data) -> (state, metrics)."""
+  policy_name = config.train.remat
+  if policy_name != 'none':
+    loss_fn = jax.checkpoint(loss_fn, policy=remat_policy(policy_name))
+  ema_decay = config.train.ema_decay
+
+  def train_step(state, frozen, batch, rng_data):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data),
+                             state['step'])
+    params = state['params']
+    loss, metrics, grads = _grads(loss_fn, params, frozen, batch, rng,
+                                  config.train.grad_accum_steps, mesh)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new = {'params': optax.apply_updates(params, updates),
+           'opt_state': opt_state}
+    if ema_decay:
+      new['ema'] = jax.tree.map(
+          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+          state['ema'], new['params'])
+    # A non-finite loss or gradient leaves params, moments and EMA as they
+    # were, so neither policy can ever save a poisoned state.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    old = {k: state[k] for k in new}
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new['step'] = state['step'] + 1
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   lr=schedule(state['step']), finite=finite)
+    return new, metrics
+
+  return train_step
+
+
+class MetricWriter:
+  """TensorBoard scalars and image grids (tensorboardX), process 0 only."""
+
+  def __init__(self, logdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      # Imported here: tensorboardX imports torch whenever it is installed
+      # (a second or more), which no other process should pay for.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]):
+    if self._writer:
+      for name, value in scalars.items():
+        self._writer.add_scalar(name, float(value), step)
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]):
+    """name -> [N, H, W, C] (a grid) or [H, W, C], float in [0, 1] or uint8."""
+    if self._writer:
+      for name, image in images.items():
+        image = np.asarray(image)
+        if image.ndim == 4:
+          self._writer.add_images(name, image, step, dataformats='NHWC')
+        else:
+          self._writer.add_image(name, image, step, dataformats='HWC')
+
+  def close(self):
+    if self._writer:
+      self._writer.close()
+
+
+def _default_objective_builder():
+  # Imported here so the loop (and its tests) do not pull in every model.
+  from hyperlora_jax import objectives  # pylint: disable=g-import-not-at-top
+  return objectives.build, getattr(objectives, 'evaluate', None)
+
+
+def _default_dataset(config, split, process_index, process_count):
+  # Imported here: grain and TFDS are slow to import and the loop's tests
+  # bring their own data.
+  from hyperlora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.create_dataset(
+      config.data, split, process_index=process_index,
+      process_count=process_count, batch_size=config.train.batch_size)
+
+
+class _Progress:
+  """Averages host metrics over a log interval; logs rate, ETA and loss."""
+
+  def __init__(self, config, writer: MetricWriter):
+    self.config, self.writer = config, writer
+    self.sums, self.count, self.skipped = {}, 0, 0
+    self.mark = None  # (step, time) the current rate is measured from.
+
+  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    metrics = jax.device_get(metrics)
+    if not metrics.pop('finite'):
+      message = (f'Non-finite loss or gradient at step {step}: '
+                 f'loss={float(metrics["loss"])}, '
+                 f'grad_norm={float(metrics["grad_norm"])}.')
+      if self.config.train.nan_policy == 'stop':
+        raise FloatingPointError(message + ' Stopping (train.nan_policy='
+                                 "'stop'); the last checkpoint is intact.")
+      logging.warning('%s Update skipped.', message)
+      self.skipped += 1
+      return
+    if self.mark is None:  # Rates exclude the first (compile) step.
+      self.mark = (step, time.time())
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += 1
+    if step % self.config.train.log_every == 0:
+      self.flush(step)
+
+  def flush(self, step: int) -> None:
+    scalars = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    scalars['skipped_updates'] = self.skipped
+    now = time.time()
+    mark_step, mark_time = self.mark or (step, now)
+    rate = (step - mark_step) / (now - mark_time) if now > mark_time else 0.0
+    self.mark = (step, now)
+    scalars['steps_per_sec'] = rate
+    scalars['images_per_sec'] = rate * self.config.train.batch_size
+    self.writer.write_scalars(step, scalars)
+    if jax.process_index() == 0:
+      eta = '?'
+      if rate:
+        left = int((self.config.train.num_steps - step) / rate)
+        eta = f'{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}'
+      logging.info('step %d/%d  loss %.5f  %.2f steps/s  %.1f images/s  '
+                   'ETA %s', step, self.config.train.num_steps,
+                   scalars.get('loss', float('nan')), rate,
+                   scalars['images_per_sec'], eta)
+    self.sums, self.count = {}, 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       build_objective: Optional[Callable] = None,
+                       create_dataset: Optional[Callable] = None,
+                       evaluate_fn: Optional[EvaluateFn] = None):
+  """Trains to config.train.num_steps, resuming from workdir's checkpoints.
+
+  Args:
+    config: the experiment config (see the module docstring).
+    workdir: checkpoints/, tensorboard/ and config.json go here (local or
+      a bucket path).
+    build_objective: (config, rng) -> Objective; objectives.build by default.
+    create_dataset: (config, split, process_index, process_count) -> an
+      iterator of per-host numpy batches with get_state()/set_state(); the
+      data pipeline by default.
+    evaluate_fn: (config, objective, params, step, writer) -> scalars or
+      None, called on every process at eval_every and at the end;
+      objectives.evaluate by default when it exists.
+
+  Returns:
+    The final train state (params, opt_state, step[, ema]).
+  """
+  add_train_defaults(config)
+  check_config(config, jax.device_count(), jax.process_count())
+  if build_objective is None:
+    build_objective, default_eval = _default_objective_builder()
+    evaluate_fn = evaluate_fn or default_eval
+  create_dataset = create_dataset or _default_dataset
+  workdir = epath.Path(workdir)
+  config_dict = json.loads(config.to_json_best_effort())
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(json.dumps(config_dict, indent=2))
+
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  shardings_of = functools.partial(
+      sharding.tree_shardings, mesh=mesh, rules=tuple(config.mesh.rules),
+      min_size=config.mesh.shard_min_size)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  objective = build_objective(config, init_rng)
+  frozen_shardings = shardings_of(objective.frozen)
+  # Only the placed copies are kept: the host copies would double memory.
+  objective = objective._replace(
+      frozen=sharding.place(objective.frozen, frozen_shardings),
+      trainable=jax.tree.map(lambda x: np.asarray(x, np.float32),
+                             objective.trainable))
+  tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+  init = functools.partial(init_state, tx=tx,
+                           ema=bool(config.train.ema_decay))
+  state_shapes = jax.eval_shape(init, objective.trainable)
+  state_shardings = shardings_of(state_shapes)
+
+  manager = checkpoint.make_manager(workdir / 'checkpoints',
+                                    config.train.keep_checkpoints)
+  dataset = create_dataset(config, 'train', jax.process_index(),
+                           jax.process_count())
+  restored = checkpoint.restore_latest(manager, jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      state_shapes, state_shardings))
+  if restored is None:
+    params = sharding.place(objective.trainable, state_shardings['params'])
+    state = jax.jit(init, out_shardings=state_shardings)(params)
+  else:
+    _, state, data_state = restored
+    dataset.set_state(data_state)
+    logging.info('Resumed from step %d in %s.', int(state['step']), workdir)
+  objective = objective._replace(trainable=None)
+
+  repl = sharding.replicated(mesh)
+  train_step = jax.jit(
+      make_train_step(objective.loss_fn, tx, schedule, config, mesh),
+      in_shardings=(state_shardings, frozen_shardings,
+                    sharding.batch_sharding(mesh), repl),
+      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  all_finite = jax.jit(
+      lambda tree: jnp.all(jnp.stack(
+          [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])),
+      out_shardings=repl)
+  # As raw key data: host-identical numpy places on any number of hosts.
+  train_rng = sharding.place(jax.random.key_data(train_rng), repl)
+
+  writer = MetricWriter(str(workdir / 'tensorboard'))
+  step = int(state['step'])
+  progress = _Progress(config, writer)
+  t = config.train
+
+  def save(step):
+    if not all_finite(state):  # Belt and braces: never save a bad state.
+      raise FloatingPointError(f'Non-finite train state at step {step}; '
+                               'not saving it.')
+    checkpoint.save(manager, step, state, dataset.get_state(), config_dict)
+
+  def evaluate(step):
+    params = state['ema'] if 'ema' in state else state['params']
+    scalars = evaluate_fn(config, objective, params, step, writer)
+    if scalars:
+      writer.write_scalars(step, scalars)
+
+  try:
+    with checkpoint.preemption_watch() as preempted:
+      pending = None  # (step, metrics) still on device: read one step late.
+      while step < t.num_steps:
+        batch = sharding.host_to_global(objective.prepare(next(dataset)),
+                                        mesh)
+        state, metrics = train_step(state, objective.frozen, batch,
+                                    train_rng)
+        step += 1
+        if pending:  # Waits for the previous step only: the device stays busy.
+          progress.add(*pending)
+        pending = (step, metrics)
+        stop = preempted(step)
+        last = step == t.num_steps
+        is_save = stop or last or step % t.checkpoint_every == 0
+        is_eval = evaluate_fn and (
+            last or (t.eval_every and step % t.eval_every == 0))
+        if is_save or is_eval:
+          progress.add(*pending)  # Raises or skips on non-finite first.
+          pending = None
+        if is_save:
+          save(step)
+        if stop:
+          logging.warning('Preempted: saved step %d, exiting.', step)
+          break
+        if is_eval:
+          evaluate(step)
+      if progress.count:
+        progress.flush(step)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return state

@@ -1,0 +1,46 @@
+"""main.py: config file + overrides; bad overrides fail before any work."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = """
+import ml_collections
+from hyperlora_jax import train
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.data = dict(name='synthetic')
+  return train.add_train_defaults(config)
+"""
+
+
+def main(tmp_path, *overrides):
+  config = tmp_path / 'config.py'
+  config.write_text(CONFIG)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  return subprocess.run(
+      [sys.executable, '-m', 'hyperlora_jax.main', f'--config={config}',
+       f'--workdir={tmp_path / "work"}', *overrides], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.train.bogus=1', 'unknown config key in --config.train.'
+     "grad_accum_steps=8 --config.train.bogus=1: 'bogus'"),
+    ('--config.trian.batch_size=3', 'Did you mean "train"'),
+    ('--config.train.batch_size=abc', "invalid literal for int() with base "
+     "10: 'abc'"),
+    ('--config.train.nan_policy=maybe', "train.nan_policy must be 'stop' or "
+     "'skip', not 'maybe'"),
+    ('--config.train.batch_size=12', 'train.batch_size=12 must be a multiple'
+     ' of devices (1) x grad_accum_steps (8)'),
+])
+def test_bad_overrides_fail_fast(tmp_path, override, message):
+  result = main(tmp_path, '--config.train.grad_accum_steps=8', override)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / 'work').exists()  # Nothing was built or written.
