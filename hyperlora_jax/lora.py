@@ -1,36 +1,68 @@
-"""LoRA: applying factors inside the models.
+"""LoRA: where it goes, how raw hypernetwork outputs become factors, and applying it.
 
 A LoRA tree maps a target layer's path (its Flax param path joined by '/', e.g.
 ``down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_q``) to its factors:
-``down`` [batch?, r, d_in], ``up`` [batch?, d_out, r] and an optional ``scale``
-(a scalar, or [batch] with per-sample factors). With a leading batch axis every sample
-gets its own LoRA. ``up @ down`` is never formed: the delta is
-``((x @ down^T) @ up^T) * scale``.
+
+  ``down`` [batch?, r, d_in]   ``up`` [batch?, d_out, r]
+  ``mid``  [batch?, r]         optional diagonal between them (LoRA basis, VeRA)
+  ``out``  [batch?, d_out]     optional output scaling (VeRA)
+  ``scale``                    a scalar, or [batch]
+
+With a leading batch axis every sample has its own LoRA; ``down``/``up`` may stay shared
+while ``mid``/``out`` are per sample. ``up @ down`` is never formed: the delta is
+``out * (((x @ down^T) * mid) @ up^T) * scale``.
 """
 import dataclasses
 import re
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 LoRATree = Mapping[str, Mapping[str, Any]]
 
 
+def _per_sample(v, ndim):
+  """Broadcasts a per-sample vector [B, n] (or [B]) against [B, ..., n] activations."""
+  return v.reshape(v.shape[:1] + (1,) * (ndim - v.ndim) + v.shape[1:])
+
+
 def lora_delta(x: jnp.ndarray, factors: Mapping[str, Any]) -> jnp.ndarray:
   """The LoRA contribution for inputs x [batch, ..., d_in]."""
   down = factors['down'].astype(x.dtype)
   up = factors['up'].astype(x.dtype)
-  if down.ndim == 2:
-    y = (x @ down.T) @ up.T
-  else:
-    y = jnp.einsum('b...i,bri->b...r', x, down)
-    y = jnp.einsum('b...r,bor->b...o', y, up)
+  h = x @ down.T if down.ndim == 2 else jnp.einsum('b...i,bri->b...r', x, down)
+  if 'mid' in factors:
+    mid = factors['mid'].astype(x.dtype)
+    h = h * (mid if mid.ndim == 1 else _per_sample(mid, h.ndim))
+  y = h @ up.T if up.ndim == 2 else jnp.einsum('b...r,bor->b...o', h, up)
+  if 'out' in factors:
+    out = factors['out'].astype(x.dtype)
+    y = y * (out if out.ndim == 1 else _per_sample(out, y.ndim))
   scale = jnp.asarray(factors.get('scale', 1.0), x.dtype)
-  if scale.ndim == 1:  # per-sample scale
-    scale = scale.reshape((-1,) + (1,) * (x.ndim - 1))
-  return y * scale
+  return y * (scale if scale.ndim == 0 else _per_sample(scale, y.ndim))
+
+
+def to_plain(factors: Mapping[str, Any]) -> dict:
+  """Folds ``mid``, ``out`` and ``scale`` into plain (down, up) factors with scale 1.
+
+  Works for shared or per-sample factors; this is what exporters write (rank = r).
+  """
+  down, up = jnp.asarray(factors['down']), jnp.asarray(factors['up'])
+  batch = max(down.ndim, up.ndim) == 3
+  if batch:
+    n = max(a.shape[0] for a in (down, up) if a.ndim == 3)
+    down = jnp.broadcast_to(down, (n,) + down.shape[-2:])
+    up = jnp.broadcast_to(up, (n,) + up.shape[-2:])
+  scale = jnp.asarray(factors.get('scale', 1.0), jnp.float32)
+  if 'mid' in factors:
+    down = down * jnp.asarray(factors['mid'])[..., :, None]
+  if 'out' in factors:
+    up = up * jnp.asarray(factors['out'])[..., :, None]
+  up = up * (scale.reshape(-1, 1, 1) if batch and scale.ndim == 1 else scale)
+  return {'down': down, 'up': up}
 
 
 class Dense(nn.Dense):
@@ -93,11 +125,152 @@ def merge(params: Any, lora: LoRATree) -> Any:
   """Folds a shared (unbatched) LoRA into the Dense kernels: W += scale * down^T up^T."""
   flat = traverse_util.flatten_dict(params, sep='/')
   for path, f in lora.items():
+    f = to_plain(f)
     if f['down'].ndim != 2:
       raise ValueError(f'Cannot merge a per-sample LoRA (at {path}); pick one sample.')
     key = path + '/kernel'
     if key not in flat:
       raise KeyError(f'LoRA target {path} is not a Dense layer of these params.')
-    delta = (f['down'].T @ f['up'].T) * jnp.asarray(f.get('scale', 1.0))
+    delta = f['down'].T @ f['up'].T
     flat[key] = flat[key] + delta.astype(flat[key].dtype)
   return traverse_util.unflatten_dict(flat, sep='/')
+
+
+# ---------------------------------------------------------------- parameterizations
+# Each maps the raw hypernetwork output for a group of same-shaped targets,
+# raw [B, T, raw_size], to factors with a [B, T, ...] (or shared [T, ...]) layout.
+# Raw outputs are rescaled by the fan-in of each product so that unit-variance raw
+# values give unit-variance activations through the LoRA path.
+def _orthonormal_rows(key, rows: int, cols: int) -> jnp.ndarray:
+  """A [rows, cols] matrix with orthonormal rows (rows <= cols), from a QR."""
+  q, r = jnp.linalg.qr(jax.random.normal(key, (cols, rows)))
+  return (q * jnp.sign(jnp.diagonal(r))).T  # sign fix makes the QR unique
+
+
+class PlainLoRA(nn.Module):
+  """A and B predicted directly (HyperLoRA eq. 6): r * (d_in + d_out) numbers."""
+  rank: int
+
+  def raw_size(self, d_in: int, d_out: int) -> int:
+    return self.rank * (d_in + d_out)
+
+  @nn.compact
+  def __call__(self, raw, d_in, d_out, first_index):
+    r = self.rank
+    down = raw[..., :r * d_in].reshape(raw.shape[:-1] + (r, d_in)) * d_in ** -0.5
+    up = raw[..., r * d_in:].reshape(raw.shape[:-1] + (d_out, r)) * r ** -0.5
+    return {'down': down, 'up': up}
+
+
+class LightweightDreamBooth(nn.Module):
+  """LiDB (HyperDreamBooth 4.1): down = D_train D_aux, up = U_aux U_train.
+
+  D_aux [a, d_in] and U_aux^T [b, d_out] are frozen random matrices with orthonormal
+  rows, drawn from ``seed`` and the target's index: they live in the 'aux' variable
+  collection (not trained) and are rebuilt exactly from the seed saved in the config.
+  Predicted numbers per target: r * (a + b).
+  """
+  rank: int
+  a: int
+  b: int
+  seed: int
+
+  def raw_size(self, d_in: int, d_out: int) -> int:
+    return self.rank * (self.a + self.b)
+
+  @nn.compact
+  def __call__(self, raw, d_in, d_out, first_index):
+    r, a, b = self.rank, self.a, self.b
+    if a > d_in or b > d_out:
+      raise ValueError(f'LiDB aux sizes a={a}, b={b} exceed the layer dims ({d_in}, {d_out}).')
+    count = raw.shape[-2]
+    down_aux, up_aux = self.variable('aux', f'aux_{d_in}x{d_out}_{first_index}', lambda: lidb_aux(
+        self.seed, range(first_index, first_index + count), d_in, d_out, a, b)).value
+    d_train = raw[..., :r * a].reshape(raw.shape[:-1] + (r, a))
+    u_train = raw[..., r * a:].reshape(raw.shape[:-1] + (b, r))
+    down = jnp.einsum('btra,tai->btri', d_train, down_aux) * a ** -0.5
+    up = jnp.einsum('toc,btcr->btor', up_aux, u_train) * (b * r) ** -0.5
+    return {'down': down, 'up': up}
+
+
+def lidb_aux(seed: int, indices, d_in: int, d_out: int, a: int, b: int):
+  """The frozen LiDB matrices for targets ``indices``: ([T, a, d_in], [T, d_out, b])."""
+  downs, ups = [], []
+  for i in indices:
+    key_down, key_up = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))
+    downs.append(_orthonormal_rows(key_down, a, d_in))
+    ups.append(_orthonormal_rows(key_up, b, d_out).T)
+  return jnp.stack(downs), jnp.stack(ups)
+
+
+class LoRABasis(nn.Module):
+  """ByteDance HyperLoRA: learned basis LoRAs per target, predicted coefficients.
+
+  An ID part (``num_id`` bases) and a Base part (``num_base`` bases) have separate
+  coefficients; ``use_id`` / ``use_base`` switch each off (e.g. at inference). The
+  bases stay shared factors; the coefficients become the per-sample ``mid`` diagonal,
+  so no per-sample d_out x d_in matrix is ever formed.
+  """
+  rank: int
+  num_id: int
+  num_base: int
+  use_id: bool = True
+  use_base: bool = True
+
+  def raw_size(self, d_in: int, d_out: int) -> int:
+    return self.num_id + self.num_base
+
+  @nn.compact
+  def __call__(self, raw, d_in, d_out, first_index):
+    r, k = self.rank, self.num_id + self.num_base
+    count = raw.shape[-2]
+    init = lambda fan: nn.initializers.normal(fan ** -0.5)
+    down = self.param(f'down_{d_in}x{d_out}_{first_index}', init(d_in), (count, k * r, d_in))
+    up = self.param(f'up_{d_in}x{d_out}_{first_index}', init(k * r), (count, d_out, k * r))
+    switch = jnp.array([self.use_id] * self.num_id + [self.use_base] * self.num_base, raw.dtype)
+    mid = jnp.repeat(raw * switch, r, axis=-1)  # one coefficient per basis LoRA's r ranks
+    return {'down': down, 'up': up, 'mid': mid}
+
+
+class VeRA(nn.Module):
+  """VeRA (Kopiczko et al.): frozen random A [r, d_in] and B [d_out, r] shared by all
+  targets (sliced to each layer's dims), predicted vectors d (mid, r) and b (out, d_out).
+  """
+  rank: int
+  seed: int
+  max_in: int
+  max_out: int
+
+  def raw_size(self, d_in: int, d_out: int) -> int:
+    return self.rank + d_out
+
+  @nn.compact
+  def __call__(self, raw, d_in, d_out, first_index):
+    r = self.rank
+    shared_a, shared_b = self.variable('aux', 'vera', lambda: vera_aux(
+        self.seed, r, self.max_in, self.max_out)).value
+    count = raw.shape[-2]
+    down = jnp.broadcast_to(shared_a[:, :d_in], (count, r, d_in))
+    up = jnp.broadcast_to(shared_b[:d_out], (count, d_out, r))
+    return {'down': down, 'up': up, 'mid': raw[..., :r], 'out': raw[..., r:]}
+
+
+def vera_aux(seed: int, rank: int, max_in: int, max_out: int):
+  key_a, key_b = jax.random.split(jax.random.key(seed))
+  return (jax.random.normal(key_a, (rank, max_in)) * max_in ** -0.5,
+          jax.random.normal(key_b, (max_out, rank)) * rank ** -0.5)
+
+
+def parameterization(config, targets: Sequence[Target]) -> nn.Module:
+  """Builds the parameterization named by ``config.kind`` from its config section."""
+  kinds = {
+      'plain': lambda: PlainLoRA(config.rank),
+      'lidb': lambda: LightweightDreamBooth(config.rank, config.a, config.b, config.seed),
+      'basis': lambda: LoRABasis(config.rank, config.num_id, config.num_base,
+                                 config.get('use_id', True), config.get('use_base', True)),
+      'vera': lambda: VeRA(config.rank, config.seed, max(t.d_in for t in targets),
+                           max(t.d_out for t in targets)),
+  }
+  if config.kind not in kinds:
+    raise ValueError(f'Unknown LoRA parameterization {config.kind!r}; one of {sorted(kinds)}.')
+  return kinds[config.kind]()

@@ -1,0 +1,265 @@
+"""Hypernetworks: context image -> encoder features -> weight decoder -> LoRA tree.
+
+Three interchangeable parts, each picked by config:
+
+* encoder: a small conv net (tiny configs), a ViT of any size, or the CLIP vision
+  tower (the ViT loaded from a transformers folder); each returns tokens [B, N, D] and
+  a pooled embedding [B, D].
+* decoder: ``transformer`` (HyperDreamBooth: one token per target, K refinement rounds
+  from zero weights), ``heads`` (recontextualization paper: one shallow MLP per target
+  over the pooled embedding), ``perceiver`` (ByteDance: learned queries over tokens).
+* parameterization (`hyperlora_jax.lora`): plain LoRA, LiDB, LoRA basis, VeRA.
+
+Targets of equal (d_in, d_out) form a group; everything per target is vectorized over
+its group, so the traced step has a handful of einsums instead of a loop over layers.
+The decoder sequence orders targets group by group.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax import lora as lora_lib
+from hyperlora_jax.models import clip
+
+
+def group_targets(targets: Sequence[lora_lib.Target]):
+  """((d_in, d_out), target indices) in order of first appearance."""
+  groups = {}
+  for i, t in enumerate(targets):
+    groups.setdefault((t.d_in, t.d_out), []).append(i)
+  return tuple((shape, tuple(idx)) for shape, idx in groups.items())
+
+
+class ConvEncoder(nn.Module):
+  """A small conv net for tiny configs: stride-2 stages, tokens = the last feature map."""
+  channels: Sequence[int] = (32, 64, 128)
+
+  @nn.compact
+  def __call__(self, images):
+    x = images
+    for i, c in enumerate(self.channels):
+      x = nn.Conv(c, (3, 3), (2, 2), padding=1, name=f'conv_{i}')(x)
+      x = nn.silu(nn.GroupNorm(min(8, c), name=f'norm_{i}')(x))
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    return tokens, tokens.mean(axis=1)
+
+
+class CLIPEncoder(nn.Module):
+  """The CLIP vision tower (or a ViT of any size built from a CLIPVisionConfig dict).
+
+  Images arrive in [-1, 1] at any size; they are resized to the tower's resolution and
+  normalized with CLIP's mean and std. Returns the last hidden states and image_embeds.
+  """
+  tower: nn.Module
+
+  @nn.compact
+  def __call__(self, images):
+    size = self.tower.image_size
+    x = (images + 1) / 2
+    if x.shape[1:3] != (size, size):
+      x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), method='bicubic')
+    x = (x - jnp.asarray(clip.CLIP_MEAN)) / jnp.asarray(clip.CLIP_STD)
+    out = self.tower(x)
+    pooled = out.pooler_output if out.image_embeds is None else out.image_embeds
+    return out.last_hidden_state, pooled
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: self-attention, optional cross-attention, MLP."""
+  heads: int
+  cross: bool
+
+  @nn.compact
+  def __call__(self, x, memory=None):
+    attn = lambda n: nn.MultiHeadDotProductAttention(self.heads, name=n)
+    h = nn.LayerNorm(name='norm_self')(x)
+    x = x + attn('self_attn')(h, h)
+    if self.cross:
+      x = x + attn('cross_attn')(nn.LayerNorm(name='norm_cross')(x), memory)
+    h = nn.LayerNorm(name='norm_mlp')(x)
+    h = nn.Dense(4 * x.shape[-1], name='mlp_in')(h)
+    return x + nn.Dense(x.shape[-1], name='mlp_out')(nn.gelu(h))
+
+
+class GroupHeads(nn.Module):
+  """Linear maps from per-target hidden states [B, T, D] to raw outputs per group.
+
+  ``per_target``: one head per target (shallow heads); otherwise one per target shape
+  (transformer and perceiver decoders, whose tokens already tell targets apart).
+  """
+  groups: Any
+  raw_sizes: Sequence[int]
+  per_target: bool
+
+  @nn.compact
+  def __call__(self, hidden):
+    outs, start = [], 0
+    for (shape, idx), size in zip(self.groups, self.raw_sizes):
+      h = hidden[:, start:start + len(idx)]
+      start += len(idx)
+      name = f'head_{shape[0]}x{shape[1]}_{idx[0]}'
+      if self.per_target:
+        w = self.param(name, nn.initializers.lecun_normal(batch_axis=(0,)),
+                       (len(idx), h.shape[-1], size))
+        outs.append(jnp.einsum('btd,tdr->btr', h, w))
+      else:
+        outs.append(nn.Dense(size, use_bias=False, name=name)(h))
+    return outs
+
+
+class TransformerDecoder(nn.Module):
+  """HyperDreamBooth's decoder: K rounds refine the raw weights from zero.
+
+  Round k embeds the current raw weights (zero at round 0), adds learned target
+  position embeddings, attends to the image tokens (encoded once) and adds predicted
+  deltas. The same weights serve every round.
+  """
+  groups: Any
+  raw_sizes: Sequence[int]
+  width: int
+  depth: int
+  heads: int
+  rounds: int
+
+  @nn.compact
+  def __call__(self, tokens, pooled):
+    num = sum(len(idx) for _, idx in self.groups)
+    memory = nn.Dense(self.width, name='memory_proj')(tokens)
+    pos = self.param('pos_embedding', nn.initializers.normal(0.02), (num, self.width))
+    embeds = [nn.Dense(self.width, use_bias=False, name=f'embed_{s[0]}x{s[1]}_{i[0]}')
+              for s, i in self.groups]
+    blocks = [Block(self.heads, cross=True, name=f'blocks_{i}') for i in range(self.depth)]
+    norm_out = nn.LayerNorm(name='norm_out')
+    heads = GroupHeads(self.groups, self.raw_sizes, per_target=False, name='heads')
+    raw = [jnp.zeros((tokens.shape[0], len(i), s), tokens.dtype)
+           for (_, i), s in zip(self.groups, self.raw_sizes)]
+    for _ in range(self.rounds):
+      x = jnp.concatenate([e(r) for e, r in zip(embeds, raw)], axis=1) + pos
+      for block in blocks:
+        x = block(x, memory)
+      x = norm_out(x)
+      raw = [r + d for r, d in zip(raw, heads(x))]
+    return raw
+
+
+class ShallowHeads(nn.Module):
+  """The recontextualization paper's parallel heads: one small MLP per target over the
+  pooled image embedding, all targets in one einsum."""
+  groups: Any
+  raw_sizes: Sequence[int]
+  hidden: int
+
+  @nn.compact
+  def __call__(self, tokens, pooled):
+    num = sum(len(idx) for _, idx in self.groups)
+    w = self.param('hidden_kernel', nn.initializers.lecun_normal(batch_axis=(0,)),
+                   (num, pooled.shape[-1], self.hidden))
+    b = self.param('hidden_bias', nn.initializers.zeros, (num, self.hidden))
+    h = nn.gelu(jnp.einsum('bd,tdh->bth', pooled, w) + b)
+    return GroupHeads(self.groups, self.raw_sizes, per_target=True, name='heads')(h)
+
+
+class PerceiverDecoder(nn.Module):
+  """Perceiver Resampler (ByteDance HyperLoRA): learned queries, one per target,
+  attend to the image tokens together with themselves (as in Flamingo)."""
+  groups: Any
+  raw_sizes: Sequence[int]
+  width: int
+  depth: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, tokens, pooled):
+    num = sum(len(idx) for _, idx in self.groups)
+    memory = nn.Dense(self.width, name='memory_proj')(tokens)
+    x = jnp.broadcast_to(self.param('queries', nn.initializers.normal(0.02),
+                                    (num, self.width)), (tokens.shape[0], num, self.width))
+    for i in range(self.depth):
+      h = nn.LayerNorm(name=f'norm_q_{i}')(x)
+      kv = jnp.concatenate([nn.LayerNorm(name=f'norm_kv_{i}')(memory), h], axis=1)
+      x = x + nn.MultiHeadDotProductAttention(self.heads, name=f'attn_{i}')(h, kv)
+      h = nn.Dense(4 * self.width, name=f'mlp_in_{i}')(nn.LayerNorm(name=f'norm_mlp_{i}')(x))
+      x = x + nn.Dense(self.width, name=f'mlp_out_{i}')(nn.gelu(h))
+    x = nn.LayerNorm(name='norm_out')(x)
+    return GroupHeads(self.groups, self.raw_sizes, per_target=False, name='heads')(x)
+
+
+class HyperNetwork(nn.Module):
+  """images [B, H, W, 3] in [-1, 1] -> a per-sample LoRA tree for ``targets``.
+
+  Every delta is scaled by one trainable ``gamma`` (HyperLoRA eq. 8). It starts at
+  ``gamma_init`` (0 by default, so the adapted UNet starts exactly equal to the base;
+  Adam moves gamma off zero at the first step, after which the rest trains).
+  """
+  targets: Sequence[lora_lib.Target]
+  encoder: nn.Module
+  decoder: nn.Module
+  parameterization: nn.Module
+  gamma_init: float = 0.0
+
+  @nn.compact
+  def __call__(self, images):
+    tokens, pooled = self.encoder(images)
+    raw = self.decoder(tokens, pooled)
+    gamma = self.param('gamma', nn.initializers.constant(self.gamma_init), ())
+    tree = {}
+    for ((d_in, d_out), idx), group_raw in zip(group_targets(self.targets), raw):
+      factors = self.parameterization(group_raw, d_in, d_out, idx[0])
+      for j, i in enumerate(idx):
+        tree[self.targets[i].path] = dict(_take(factors, j), scale=gamma)
+    return tree
+
+
+# Factor rank without target/batch axes: per-sample arrays carry both.
+_BASE_NDIM = {'down': 2, 'up': 2, 'mid': 1, 'out': 1}
+
+
+def _take(factors, j):
+  """Target j of a group's factors: axis 1 for per-sample arrays, 0 for shared."""
+  return {k: v[:, j] if v.ndim == _BASE_NDIM[k] + 2 else v[j] for k, v in factors.items()}
+
+
+def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module = None):
+  """Builds the HyperNetwork from ``config.hypernet``-style ConfigDict.
+
+  Args:
+    config: fields ``encoder`` (kind 'conv'|'vit'|'clip', ...), ``decoder`` (kind
+      'transformer'|'heads'|'perceiver', ...), ``param`` (see lora.parameterization)
+      and ``gamma_init``.
+    targets: from `lora.find_targets` over the UNet params.
+    encoder_tower: for 'vit'/'clip', the CLIP vision tower module (random for 'vit',
+      loaded from a folder for 'clip'); built from ``config.encoder.vit`` if None.
+  """
+  param = lora_lib.parameterization(config.param, targets)
+  groups = group_targets(targets)
+  raw_sizes = tuple(param.raw_size(*shape) for shape, _ in groups)
+  enc = config.encoder
+  if enc.kind == 'conv':
+    encoder = ConvEncoder(tuple(enc.channels))
+  elif enc.kind in ('vit', 'clip'):
+    tower = encoder_tower or clip.vision_from_config(enc.vit.to_dict())
+    encoder = CLIPEncoder(tower)
+  else:
+    raise ValueError(f'Unknown encoder kind {enc.kind!r}; one of conv, vit, clip.')
+  dec = config.decoder
+  if dec.kind == 'transformer':
+    decoder = TransformerDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads, dec.rounds)
+  elif dec.kind == 'heads':
+    decoder = ShallowHeads(groups, raw_sizes, dec.hidden)
+  elif dec.kind == 'perceiver':
+    decoder = PerceiverDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads)
+  else:
+    raise ValueError(f'Unknown decoder kind {dec.kind!r}; one of transformer, heads, perceiver.')
+  return HyperNetwork(tuple(targets), encoder, decoder, param, config.get('gamma_init', 0.0))
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def predicted_size(param: nn.Module, targets: Sequence[lora_lib.Target]) -> int:
+  """How many numbers the hypernetwork predicts per image for these targets."""
+  return sum(param.raw_size(t.d_in, t.d_out) for t in targets)
