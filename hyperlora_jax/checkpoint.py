@@ -1,4 +1,4 @@
-"""Orbax checkpoints (train state + data iterator state + config) and preemption.
+"""Orbax checkpoints (train state, data-iterator state, config); preemption.
 
 One checkpoint step holds three items:
   state   the train state pytree (sharded arrays; every host writes its shards)

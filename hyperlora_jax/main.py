@@ -1,6 +1,6 @@
 r"""Trains a config: the same command on a laptop, a GPU node or every TPU host.
 
-  python -m hyperlora_jax.main --config=configs/tiny_test.py --workdir=/tmp/run \
+  python -m hyperlora_jax.main --config=configs/tiny_test.py --workdir=/tmp/r \
       --config.train.batch_size=8
 
 Overrides are checked against the config file: an unknown key or a value of

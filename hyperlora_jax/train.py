@@ -190,7 +190,7 @@ def _grads(loss_fn, params, frozen, batch, rng, accum: int, mesh):
 
 
 def make_train_step(loss_fn, tx, schedule, config, mesh):
-  """The un-jitted step: (state, frozen, batch, key data) -> (state, metrics)."""
+  """(state, frozen, batch, key data) -> (state, metrics), to be jitted."""
   policy_name = config.train.remat
   if policy_name != 'none':
     loss_fn = jax.checkpoint(loss_fn, policy=remat_policy(policy_name))

@@ -10,6 +10,10 @@ from jax.sharding import PartitionSpec as P
 from hyperlora_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the package from this checkout, and what else the
+# environment already adds.
+PYTHONPATH = os.pathsep.join(
+    filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
 
 
 def test_mesh_shape_fills_minus_one():
@@ -66,7 +70,7 @@ print('OK')
 
 
 def test_global_arrays_on_8_devices():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH,
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
   out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120,

@@ -23,10 +23,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX.proto import event_pb2
 
 from hyperlora_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the package from this checkout, and what else the
+# environment already adds.
+PYTHONPATH = os.pathsep.join(
+    filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
 DIM, HIDDEN = 6, 32
 
 
@@ -125,8 +130,8 @@ class ToyData:
     self.step = state['step']
 
 
-EVAL_BATCH = dict(zip(('x', 'y'), map(np.stack, zip(*map(example,
-                                                         range(10**6, 10**6 + 64))))))
+EVAL_BATCH = dict(zip(('x', 'y'), map(np.stack, zip(
+    *map(example, range(10**6, 10**6 + 64))))))
 
 
 def run(config, workdir):
@@ -154,7 +159,8 @@ def flat_params(state):
 
 
 def run_script(*args, devices=1, env=None, wait=True):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, **(env or {}),
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH,
+             **(env or {}),
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, os.path.abspath(__file__), *map(str, args)]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -187,7 +193,6 @@ def test_loss_goes_down_with_ema_and_accumulation(tmp_path):
 
 def tensorboard_tags(path):
   """Tags in a TensorBoard event file (TFRecord framing, no TensorFlow)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   data, tags, i = path.read_bytes(), set(), 0
   while i < len(data):
     (n,) = struct.unpack('<Q', data[i:i + 8])

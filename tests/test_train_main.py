@@ -6,6 +6,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the package from this checkout, and what else the
+# environment already adds.
+PYTHONPATH = os.pathsep.join(
+    filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
 CONFIG = """
 import ml_collections
 from hyperlora_jax import train
@@ -21,7 +25,7 @@ def get_config():
 def main(tmp_path, *overrides):
   config = tmp_path / 'config.py'
   config.write_text(CONFIG)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
   return subprocess.run(
       [sys.executable, '-m', 'hyperlora_jax.main', f'--config={config}',
        f'--workdir={tmp_path / "work"}', *overrides], env=env, cwd=ROOT,
