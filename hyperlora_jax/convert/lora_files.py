@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import core
+from hyperlora_jax.convert import pipeline
 
 # The Dense layers of models/unet.py and the CLIP text tower (Flax paths). proj_in/proj_out
 # are Dense only with use_linear_projection (SD 2.x).
@@ -271,9 +272,5 @@ def save_merged_unet(unet_params: Any, unet_config: Mapping[str, Any], lora: lor
   text = [p for p in _shared_factors(lora) if _component(p) != 'unet']
   if text:
     raise ValueError(f'Text-tower LoRA layers cannot be merged into a UNet: {text}')
-  state = core.flax_to_torch(lora_lib.merge(unet_params, lora))
-  os.makedirs(folder, exist_ok=True)
-  save_file(state, os.path.join(folder, 'diffusion_pytorch_model.safetensors'),
-            metadata={'format': 'pt'})
-  with open(os.path.join(folder, 'config.json'), 'w') as f:
-    json.dump(dict(unet_config), f, indent=2, sort_keys=True)
+  pipeline.save_model(lora_lib.merge(unet_params, lora), unet_config, folder,
+                      pipeline.UNET_WEIGHTS)

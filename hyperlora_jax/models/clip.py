@@ -409,3 +409,38 @@ def tokenize(tokenizer, prompts, max_length: Optional[int] = None) -> np.ndarray
   ids = tokenizer(list(prompts), padding='max_length', max_length=max_length,
                   truncation=True, return_tensors='np').input_ids
   return ids.astype(np.int32)
+
+
+def write_tokenizer(words: Sequence[str], folder: str, max_length: int = 77) -> None:
+  """Writes a small CLIP BPE tokenizer folder built from ``words``.
+
+  For models trained from scratch on a closed vocabulary (the synthetic task): the
+  folder is an ordinary CLIPTokenizer folder, so our code and diffusers load it alike.
+  Each word gets the merges that spell it left to right; where another word's merge
+  ranks first, BPE stops at a few pieces instead of one, which is still deterministic.
+  Every printable ASCII character is in the vocabulary, so any text tokenizes.
+  """
+  import json
+  import os
+  import string
+  chars = [c for c in string.printable if not c.isspace() and c == c.lower()]
+  vocab = ['<|startoftext|>', '<|endoftext|>'] + chars + [c + '</w>' for c in chars]
+  merges = []
+  for word in sorted({w.lower() for w in words}):
+    pieces = list(word[:-1]) + [word[-1] + '</w>']
+    while len(pieces) > 1:  # merge left to right: the word becomes one token
+      merge = (pieces[0], pieces[1])
+      if merge not in merges:
+        merges.append(merge)
+        vocab.append(pieces[0] + pieces[1])
+      pieces = [pieces[0] + pieces[1]] + pieces[2:]
+  vocab = list(dict.fromkeys(vocab))
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, 'vocab.json'), 'w') as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f)
+  with open(os.path.join(folder, 'merges.txt'), 'w') as f:
+    f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+  with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'model_max_length': max_length, 'bos_token': '<|startoftext|>',
+               'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>',
+               'unk_token': '<|endoftext|>', 'tokenizer_class': 'CLIPTokenizer'}, f)
