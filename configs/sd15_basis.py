@@ -11,7 +11,7 @@ from configs import common
 
 def get_config():
   c = common.base_config('hyperlora')
-  c.model.update(pretrained='', max_length=77, targets='cross_attn,self_attn')
+  c.model.update(pretrained=None, max_length=77, targets='cross_attn,self_attn')
   c.data.update(name='triples', resolution=512, prompt='scene')
   c.hypernet.encoder.update(kind='clip', pretrained='', trainable=False)
   c.hypernet.decoder.update(kind='perceiver', width=768, depth=4, heads=8)

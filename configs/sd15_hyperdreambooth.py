@@ -10,7 +10,7 @@ from configs import common
 
 def get_config():
   c = common.base_config('hyperlora')
-  c.model.update(pretrained='', max_length=77, targets='cross_attn,self_attn')
+  c.model.update(pretrained=None, max_length=77, targets='cross_attn,self_attn')
   c.data.update(name='single', resolution=512, static_prompt='a [V] face', prompt='static')
   c.hypernet.encoder.update(kind='vit', trainable=True)
   c.hypernet.decoder.update(kind='transformer', width=768, depth=4, heads=8, rounds=4)

@@ -15,7 +15,7 @@ from configs import common
 
 def get_config(decoder='heads'):
   c = common.base_config('hyperlora')
-  c.model.update(pretrained='', max_length=77, targets='cross_attn')
+  c.model.update(pretrained=None, max_length=77, targets='cross_attn')
   c.data.update(name='paired', resolution=512, prompt='scene',
                 static_prompt='a model wearing S*')
   c.hypernet.encoder.update(kind='clip', pretrained='', trainable=True)

@@ -15,7 +15,8 @@
 
 config.model
   pretrained      a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/,
-                  vae/): the base model; '' builds ``unet``/``text`` from scratch
+                  vae/): the base model; '' builds ``unet``/``text`` from scratch;
+                  None (the SD1.5 configs) must be set on the command line
   unet, text      diffusers / transformers config dicts for from-scratch models
   max_length      token sequence length for a from-scratch tokenizer (40)
   targets         LoRA targets (`lora.TARGET_SETS` names or regexes) ('cross_attn')
@@ -72,6 +73,9 @@ def _dtype(config):
 def _base(config, rng):
   """(pipeline.Pipeline, tokenizer folder) from a folder or built from scratch."""
   dtype = _dtype(config)
+  if config.model.pretrained is None:
+    raise ValueError('config.model.pretrained is not set: give the path of a local '
+                     'diffusers Stable Diffusion folder (--config.model.pretrained=...).')
   if config.model.pretrained:
     return pipeline.load_pipeline(config.model.pretrained, dtype), \
         f'{config.model.pretrained}/tokenizer'
@@ -202,5 +206,8 @@ def _clip_tower(config):
   enc = config.hypernet.encoder
   if enc.kind != 'clip':
     return None, None
+  if not enc.pretrained:
+    raise ValueError('config.hypernet.encoder.pretrained is not set: the clip encoder '
+                     'needs a local transformers CLIP (vision) folder.')
   module, params, _ = clip.load_vision_model(enc.pretrained, _dtype(config))
   return module, params
