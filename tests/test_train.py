@@ -188,18 +188,20 @@ def test_loss_goes_down_with_ema_and_accumulation(tmp_path):
       'num_steps'] == 30
   (events,) = (tmp_path / 'tensorboard').glob('events.out.tfevents.*')
   assert {'loss', 'lr', 'grad_norm', 'steps_per_sec', 'images_per_sec',
-          'eval_loss', 'samples'} <= tensorboard_tags(events)
+          'eval_loss', 'samples'} <= set(tensorboard_events(events))
 
 
-def tensorboard_tags(path):
-  """Tags in a TensorBoard event file (TFRecord framing, no TensorFlow)."""
-  data, tags, i = path.read_bytes(), set(), 0
-  while i < len(data):
+def tensorboard_events(path):
+  """{tag: [(step, scalar or None)]} of an event file, read without TF."""
+  data, events, i = path.read_bytes(), {}, 0
+  while i < len(data):  # TFRecords: length, its crc, payload, its crc.
     (n,) = struct.unpack('<Q', data[i:i + 8])
     event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-    tags.update(v.tag for v in event.summary.value)
-    i += 12 + n + 4  # length, its crc, payload, its crc
-  return tags
+    for v in event.summary.value:
+      value = v.simple_value if v.HasField('simple_value') else None
+      events.setdefault(v.tag, []).append((event.step, value))
+    i += 12 + n + 4
+  return events
 
 
 def test_grad_accumulation_and_remat_match_plain_step(tmp_path):

@@ -1,9 +1,13 @@
-"""main.py: config file + overrides; bad overrides fail before any work."""
+"""main.py: overrides fail before any work; the tiny config learns end to end."""
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import test_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses import the package from this checkout, and what else the
@@ -48,3 +52,27 @@ def test_bad_overrides_fail_fast(tmp_path, override, message):
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / 'work').exists()  # Nothing was built or written.
+
+
+def test_tiny_config_learns_through_main(tmp_path):
+  """configs/tiny_test.py end to end: real data, models and objective."""
+  workdir = tmp_path / 'work'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
+  result = subprocess.run(
+      [sys.executable, '-m', 'hyperlora_jax.main',
+       '--config=configs/tiny_test.py:unet_full', f'--workdir={workdir}',
+       f'--config.data.data_dir={tmp_path / "tfds"}',
+       '--config.train.num_steps=12', '--config.train.log_every=1',
+       '--config.train.checkpoint_every=100', '--config.optim.lr=3e-3',
+       '--config.model.prompt_dropout=0.0'], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=400, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  (events,) = (workdir / 'tensorboard').glob('events.out.tfevents.*')
+  losses = [v for _, v in sorted(test_train.tensorboard_events(events)['loss'])]
+  assert len(losses) == 12
+  assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2]), losses
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['objective'] == 'unet_full'
+  assert config['train']['num_steps'] == 12
+  assert (workdir / 'checkpoints' / '12' / 'data' /
+          'process_0-of-1.json').exists()
