@@ -1,0 +1,64 @@
+"""The quickstart: the whole method on the synthetic task, from nothing to a results table.
+
+  python -m hyperlora_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python -m hyperlora_jax.main --config=configs/quickstart.py:gpu --workdir=...
+
+Stages run in order, each in <workdir>/<stage>, and are reused when already finished:
+  base         a tiny text-to-image model trained from scratch on full prompts (it
+               names the item), exported as a diffusers folder <workdir>/base/pipeline
+  single_lora  one LoRA on all training pairs with the S* scene prompt (the average)
+  hyperlora_*  hypernetworks on the same data, one per decoder
+  report       held-out items: no-LoRA, single LoRA, HyperLoRA rows, the oracle (base
+               model with the full prompt); results.md, grid.png, one exported LoRA
+"""
+import ml_collections
+
+from configs import common
+
+SIZES = {
+    # resolution, unet channels, text width, base / lora / hypernet steps, batch
+    'cpu': dict(resolution=32, channels=(32, 64), text=64, base=1500, lora=300,
+                hyper=600, batch=32, decoders=('heads',), num_train=4000, seeds=(0,)),
+    'gpu': dict(resolution=64, channels=(64, 128, 256), text=128, base=20000, lora=3000,
+                hyper=10000, batch=128, decoders=('heads', 'transformer', 'perceiver'),
+                num_train=50000, seeds=(0, 1, 2)),
+}
+
+
+def _stage(objective, size, steps, prompt, **model):
+  c = common.base_config(objective)
+  c.model.update(unet=common.tiny_unet(size['channels'], cross_attention_dim=size['text'],
+                                       heads=4),
+                 text=common.tiny_text(size['text'], layers=2, heads=4), **model)
+  c.data.update(resolution=size['resolution'], prompt=prompt, num_train=size['num_train'],
+                num_test=200)
+  c.train.update(num_steps=steps, batch_size=size['batch'], log_every=50, eval_every=0,
+                 checkpoint_every=max(steps // 4, 100), compute_dtype='float32')
+  c.optim.update(lr=1e-3 if objective != 'unet_full' else 5e-4,
+                 warmup_steps=min(100, steps // 10))
+  return c
+
+
+def get_config(size='cpu'):
+  s = SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.stages = ml_collections.ConfigDict()
+  c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
+  c.stages.single_lora = _stage('unet_lora', s, s['lora'], 'scene', pretrained='stage:base',
+                                prompt_dropout=0.0)
+  c.stages.single_lora.lora.update(rank=4, alpha=4.0)
+  decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
+  order = ['base', 'single_lora']
+  for seed in s['seeds']:
+    for decoder in s['decoders']:
+      name = f'hyperlora_{decoder}' + (f'_seed{seed}' if len(s['seeds']) > 1 else '')
+      stage = _stage('hyperlora', s, s['hyper'], 'scene', pretrained='stage:base',
+                     prompt_dropout=0.0)
+      stage.seed = seed
+      stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
+      stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
+      c.stages[name] = stage
+      order.append(name)
+  c.stage_order = tuple(order)
+  c.report = dict(num_examples=200, num_steps=25, guidance=3.0, seeds=s['seeds'])
+  return c

@@ -1,0 +1,57 @@
+"""Multi-stage experiments: several training runs and a report under one workdir.
+
+A config with ``stages`` (name -> a complete training config) and ``stage_order`` is
+run stage by stage, each in <workdir>/<name>; a finished stage is reused, an
+interrupted one resumes. ``model.pretrained = 'stage:<name>'`` points a stage at the
+diffusers folder that a finished ``unet_full`` stage exports to <workdir>/<name>/pipeline,
+so a base model trained here is loaded exactly like a downloaded SD folder. An optional
+``report`` section then compares the stages on held-out data (`evaluate.compare`).
+"""
+import os
+
+import jax
+from absl import logging
+
+from hyperlora_jax import checkpoint
+from hyperlora_jax import train
+from hyperlora_jax.convert import pipeline
+
+PIPELINE = 'pipeline'
+
+
+def _finished(workdir: str, num_steps: int) -> bool:
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return False
+  return checkpoint.make_manager(directory, 1).latest_step() == num_steps
+
+
+def export_pipeline(workdir: str) -> str:
+  """Writes a trained ``unet_full`` run as a diffusers folder; returns its path."""
+  folder = os.path.join(workdir, PIPELINE)
+  if not os.path.exists(os.path.join(folder, 'unet', 'config.json')):
+    _, objective, params = train.restore_run(workdir)
+    m = objective.models
+    if jax.process_index() == 0:
+      pipeline.save_pipeline(folder, params['unet'], m.unet_config, params['text'],
+                             m.text_config, m.tokenizer_folder, m.scheduler_config)
+  return folder
+
+
+def run(config, workdir: str) -> None:
+  for i, name in enumerate(config.stage_order):
+    stage = config.stages[name]
+    pretrained = stage.model.get('pretrained') or ''
+    if pretrained.startswith('stage:'):
+      with stage.unlocked():
+        stage.model.pretrained = os.path.join(workdir, pretrained[len('stage:'):], PIPELINE)
+    stage_dir = os.path.join(workdir, name)
+    logging.info('Stage %d/%d: %s (%s) in %s', i + 1, len(config.stage_order), name,
+                 stage.objective, stage_dir)
+    if not _finished(stage_dir, stage.train.num_steps):
+      train.train_and_evaluate(stage, stage_dir)
+    if stage.objective == 'unet_full':
+      export_pipeline(stage_dir)
+  if 'report' in config:
+    from hyperlora_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.report(config, workdir)
