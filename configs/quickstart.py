@@ -17,11 +17,12 @@ from configs import common
 
 SIZES = {
     # resolution, unet channels, text width, base / lora / hypernet steps, batch
-    'cpu': dict(resolution=32, channels=(32, 64), text=64, base=1500, lora=300,
-                hyper=600, batch=32, decoders=('heads',), num_train=4000, seeds=(0,)),
+    'cpu': dict(resolution=32, channels=(32, 64, 64), text=64, base=400, lora=100,
+                hyper=200, batch=16, decoders=('heads',), num_train=4000, seeds=(0,),
+                eval_examples=48, eval_steps=20),
     'gpu': dict(resolution=64, channels=(64, 128, 256), text=128, base=20000, lora=3000,
                 hyper=10000, batch=128, decoders=('heads', 'transformer', 'perceiver'),
-                num_train=50000, seeds=(0, 1, 2)),
+                num_train=50000, seeds=(0, 1, 2), eval_examples=200, eval_steps=25),
 }
 
 
@@ -60,5 +61,5 @@ def get_config(size='cpu'):
       c.stages[name] = stage
       order.append(name)
   c.stage_order = tuple(order)
-  c.report = dict(num_examples=200, num_steps=25, guidance=3.0, seeds=s['seeds'])
+  c.report = dict(num_examples=s['eval_examples'], num_steps=s['eval_steps'], guidance=3.0)
   return c
