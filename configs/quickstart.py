@@ -19,10 +19,11 @@ SIZES = {
     # resolution, unet channels, text width, base / lora / hypernet steps, batch
     'cpu': dict(resolution=32, channels=(32, 64, 64), text=64, base=400, lora=100,
                 hyper=200, batch=16, decoders=('heads',), num_train=4000, seeds=(0,),
-                eval_examples=48, eval_steps=20),
-    'gpu': dict(resolution=64, channels=(64, 128, 256), text=128, base=20000, lora=3000,
-                hyper=10000, batch=128, decoders=('heads', 'transformer', 'perceiver'),
-                num_train=50000, seeds=(0, 1, 2), eval_examples=200, eval_steps=25),
+                eval_examples=48, eval_steps=20, dtype='float32'),
+    'gpu': dict(resolution=64, channels=(64, 128, 256), text=128, base=5000, lora=1000,
+                hyper=2000, batch=128, decoders=('heads', 'transformer', 'perceiver'),
+                num_train=20000, seeds=(0, 1, 2), eval_examples=200, eval_steps=25,
+                dtype='bfloat16'),
 }
 
 
@@ -34,7 +35,7 @@ def _stage(objective, size, steps, prompt, **model):
   c.data.update(resolution=size['resolution'], prompt=prompt, num_train=size['num_train'],
                 num_test=200)
   c.train.update(num_steps=steps, batch_size=size['batch'], log_every=50, eval_every=0,
-                 checkpoint_every=max(steps // 4, 100), compute_dtype='float32')
+                 checkpoint_every=max(steps // 4, 100), compute_dtype=size['dtype'])
   c.optim.update(lr=1e-3 if objective != 'unet_full' else 5e-4,
                  warmup_steps=min(100, steps // 10))
   return c
@@ -50,16 +51,15 @@ def get_config(size='cpu'):
   c.stages.single_lora.lora.update(rank=4, alpha=4.0)
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
   order = ['base', 'single_lora']
-  for seed in s['seeds']:
-    for decoder in s['decoders']:
-      name = f'hyperlora_{decoder}' + (f'_seed{seed}' if len(s['seeds']) > 1 else '')
-      stage = _stage('hyperlora', s, s['hyper'], 'scene', pretrained='stage:base',
-                     prompt_dropout=0.0)
-      stage.seed = seed
-      stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
-      stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
-      c.stages[name] = stage
-      order.append(name)
+  for decoder in s['decoders']:
+    stage = _stage('hyperlora', s, s['hyper'], 'scene', pretrained='stage:base',
+                   prompt_dropout=0.0)
+    stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
+    stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
+    c.stages[f'hyperlora_{decoder}'] = stage
+    order.append(f'hyperlora_{decoder}')
   c.stage_order = tuple(order)
-  c.report = dict(num_examples=s['eval_examples'], num_steps=s['eval_steps'], guidance=3.0)
+  # Spread over sampling seeds (and examples); each stage trains once.
+  c.report = dict(num_examples=s['eval_examples'], num_steps=s['eval_steps'], guidance=3.0,
+                  seeds=s['seeds'])
   return c

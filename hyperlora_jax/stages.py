@@ -11,6 +11,7 @@ import os
 
 import jax
 from absl import logging
+from PIL import Image
 
 from hyperlora_jax import checkpoint
 from hyperlora_jax import train
@@ -53,5 +54,36 @@ def run(config, workdir: str) -> None:
     if stage.objective == 'unet_full':
       export_pipeline(stage_dir)
   if 'report' in config:
-    from hyperlora_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.report(config, workdir)
+    report(config, workdir)
+
+
+def report(config, workdir: str) -> dict:
+  """Compares the stages on held-out items; writes <workdir>/report/.
+
+  Rows: the base model with the S* prompt and no LoRA, the single shared LoRA, each
+  hypernetwork, and the oracle (the base model given the full prompt). The first
+  hypernetwork's predicted LoRA for one test context is exported in diffusers format.
+  """
+  from hyperlora_jax import evaluate, export, sample  # pylint: disable=g-import-not-at-top
+  stages = {n: os.path.join(workdir, n) for n in config.stage_order}
+  hyper = [n for n in config.stage_order if config.stages[n].objective == 'hyperlora']
+  lora = [n for n in config.stage_order if config.stages[n].objective == 'unet_lora']
+  rows = {'no LoRA (S* prompt)': (stages[hyper[0]], 'no_lora')}
+  rows.update({n: (stages[n], 'single_lora') for n in lora})
+  rows.update({n: (stages[n], 'hyperlora') for n in hyper})
+  rows['oracle (full prompt)'] = (stages[hyper[0]], 'oracle')
+  out_dir = os.path.join(workdir, 'report')
+  r = config.report
+  results = evaluate.compare(rows, out_dir, num_examples=r.num_examples,
+                             num_steps=r.num_steps, guidance=r.guidance,
+                             seeds=tuple(r.get('seeds', (0,))))
+  run_config, objective, params = train.restore_run(stages[hyper[0]])
+  batch, _ = next(evaluate._batches(run_config, 'test', 1, 1))  # pylint: disable=protected-access
+  export.export_lora(run_config, objective, params, 'diffusers',
+                     os.path.join(out_dir, 'predicted_lora.safetensors'),
+                     context=batch['context'][:1])
+  Image.fromarray(sample.to_uint8(batch['context'][0])).save(
+      os.path.join(out_dir, 'predicted_lora_context.png'))
+  with open(os.path.join(out_dir, 'results.md')) as f:
+    logging.info('Results (%s):\n%s', out_dir, f.read())
+  return results
