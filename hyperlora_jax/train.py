@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
@@ -256,8 +257,8 @@ class MetricWriter:
 
 def _default_objective_builder():
   # Imported here so the loop (and its tests) do not pull in every model.
-  from hyperlora_jax import objectives  # pylint: disable=g-import-not-at-top
-  return objectives.build, getattr(objectives, 'evaluate', None)
+  from hyperlora_jax import evaluate, objectives  # pylint: disable=g-import-not-at-top
+  return objectives.build, evaluate.evaluate_fn
 
 
 def _default_dataset(config, split, process_index, process_count):
@@ -335,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       data pipeline by default.
     evaluate_fn: (config, objective, params, step, writer) -> scalars or
       None, called on every process at eval_every and at the end;
-      objectives.evaluate by default when it exists.
+      evaluate.evaluate_fn by default.
 
   Returns:
     The final train state (params, opt_state, step[, ema]).
@@ -450,3 +451,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     manager.close()
     writer.close()
   return state
+
+
+def restore_run(workdir: str, step: Optional[int] = None):
+  """(config, objective, params) of a trained run, for sampling and evaluation.
+
+  Reads workdir/config.json, rebuilds the objective from the training seed (so
+  from-scratch frozen models are the ones the run trained against) and restores
+  only the trainable params of checkpoint `step` (default: the newest), the EMA
+  copy when the run kept one, replicated on the current devices. The optimizer
+  state is never read.
+  """
+  # Imported here like in _default_objective_builder.
+  from hyperlora_jax import objectives  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  config_file = workdir / 'config.json'
+  if not config_file.exists():
+    raise FileNotFoundError(
+        f'No training run at {workdir}: {config_file} does not exist (a run '
+        'of python -m hyperlora_jax.main --workdir=... writes it).')
+  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  directory = workdir / 'checkpoints'
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'data': checkpoint.DataStateHandler(),
+                     'config': ocp.JsonCheckpointHandler()})
+  steps = manager.all_steps() if directory.exists() else []
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {directory}: the run at '
+                            f'{workdir} has not saved one yet.')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; '
+                            f'it has steps {sorted(steps)}.')
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
+  objective = objectives.build(config, init_rng)
+  name = 'ema' if 'ema' in manager.item_metadata(step)['state'] else 'params'
+  repl = sharding.replicated(sharding.make_mesh(-1, 1))
+  abstract = {name: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32, sharding=repl),
+      objective.trainable)}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True)))
+  manager.close()
+  # The objective's own copy is the untrained init: drop it.
+  return config, objective._replace(trainable=None), restored['state'][name]
