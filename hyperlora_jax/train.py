@@ -339,8 +339,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       evaluate.evaluate_fn by default.
 
   Returns:
-    The final train state (params, opt_state, step[, ema]).
+    The final train state (params, opt_state, step[, ema]); None for a
+    multi-stage config (one with `stages`, run by `stages.run`).
   """
+  if 'stages' in config:
+    from hyperlora_jax import stages  # pylint: disable=g-import-not-at-top
+    return stages.run(config, workdir)
   add_train_defaults(config)
   check_config(config, jax.device_count(), jax.process_count())
   if build_objective is None:

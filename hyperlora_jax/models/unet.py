@@ -49,6 +49,17 @@ def timestep_embedding(t: jnp.ndarray, dim: int, flip_sin_to_cos: bool,
   return emb
 
 
+def attention_implementation(dtype, head_dim: int) -> str:
+  """cuDNN's fused attention on GPUs where it applies, XLA's elsewhere.
+
+  jax.nn.dot_product_attention does not pick cuDNN by itself (jax 0.10), and without it
+  the [B, heads, L, L] logits of a 64x64 latent are written to memory.
+  """
+  fused = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if fused else 'xla'
+
+
 def _conv(features, name, dtype, kernel=3, stride=1, padding=1):
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding,
                  dtype=dtype, name=name)
@@ -97,7 +108,9 @@ class Attention(nn.Module):
     if self.upcast:  # SD2.1 overflows in fp16/bf16 logits otherwise.
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
       v = v.astype(jnp.float32)
-    out = jax.nn.dot_product_attention(q, k, v).astype(self.dtype)
+    out = jax.nn.dot_product_attention(
+        q, k, v, implementation=attention_implementation(q.dtype, self.head_dim)
+    ).astype(self.dtype)
     out = out.reshape(out.shape[:2] + (inner,))
     return dense('to_out_0', x.shape[-1], True)(out, lora)
 
