@@ -49,14 +49,16 @@ def timestep_embedding(t: jnp.ndarray, dim: int, flip_sin_to_cos: bool,
   return emb
 
 
-def attention_implementation(dtype, head_dim: int) -> str:
+def attention_implementation(dtype, head_dim: int, q_len: int, kv_len: int) -> str:
   """cuDNN's fused attention on GPUs where it applies, XLA's elsewhere.
 
   jax.nn.dot_product_attention does not pick cuDNN by itself (jax 0.10), and without it
-  the [B, heads, L, L] logits of a 64x64 latent are written to memory.
+  the [B, heads, L, L] self-attention logits of a 64x64 latent are written to memory.
+  cuDNN's backward refuses ragged lengths such as the 77 text tokens of cross-attention
+  (seen on an H100, jax 0.11.2), whose logits are small anyway: those stay on XLA.
   """
   fused = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-           and head_dim % 8 == 0 and head_dim <= 128)
+           and head_dim % 8 == 0 and head_dim <= 128 and q_len % 64 == 0 and kv_len % 64 == 0)
   return 'cudnn' if fused else 'xla'
 
 
@@ -109,7 +111,7 @@ class Attention(nn.Module):
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
       v = v.astype(jnp.float32)
     out = jax.nn.dot_product_attention(
-        q, k, v, implementation=attention_implementation(q.dtype, self.head_dim)
+        q, k, v, implementation=attention_implementation(q.dtype, self.head_dim, q.shape[1], k.shape[1])
     ).astype(self.dtype)
     out = out.reshape(out.shape[:2] + (inner,))
     return dense('to_out_0', x.shape[-1], True)(out, lora)
