@@ -82,7 +82,7 @@ def _prompts(batch, kind: str) -> list:
   return [p.decode() if isinstance(p, bytes) else str(p) for p in batch[key]]
 
 
-def _batches(config, split: str, num_examples: Optional[int], batch_size: int):
+def batches(config, split: str, num_examples: Optional[int], batch_size: int):
   """(batch, rows to use) over the split in order. Batches keep one shape
   (padding included), so the sampler compiles once."""
   left = num_examples or np.inf
@@ -211,7 +211,7 @@ def evaluate_mode(config, objective, params, mode: str, *, split='test',
   per_seed, kept = [], collections.defaultdict(list)
   for i, seed in enumerate(seeds):
     scores = collections.defaultdict(list)
-    for batch, n in _batches(config, split, num_examples,
+    for batch, n in batches(config, split, num_examples,
                              batch_size or config.train.batch_size):
       prompts = _prompts(batch, prompt_kind)
       images = np.asarray(sample.generate(

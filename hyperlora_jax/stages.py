@@ -78,7 +78,7 @@ def report(config, workdir: str) -> dict:
                              num_steps=r.num_steps, guidance=r.guidance,
                              seeds=tuple(r.get('seeds', (0,))))
   run_config, objective, params = train.restore_run(stages[hyper[0]])
-  batch, _ = next(evaluate._batches(run_config, 'test', 1, 1))  # pylint: disable=protected-access
+  batch, _ = next(evaluate.batches(run_config, 'test', 1, 1))
   export.export_lora(run_config, objective, params, 'diffusers',
                      os.path.join(out_dir, 'predicted_lora.safetensors'),
                      context=batch['context'][:1])

@@ -46,6 +46,7 @@ objective's own (config.objective, config.model, config.hypernet).
 """
 import functools
 import json
+import os
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -342,6 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The final train state (params, opt_state, step[, ema]); None for a
     multi-stage config (one with `stages`, run by `stages.run`).
   """
+  if '://' not in str(workdir):  # Orbax wants absolute paths; buckets already are.
+    workdir = os.path.abspath(workdir)
   if 'stages' in config:
     from hyperlora_jax import stages  # pylint: disable=g-import-not-at-top
     return stages.run(config, workdir)

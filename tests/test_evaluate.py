@@ -28,7 +28,7 @@ def test_scorer_reads_ground_truth_targets(runs):
   config = train.restore_run(runs['hyper'])[0]
   found = {'color_acc': [], 'pattern_acc': []}
   wrong = []
-  for batch, n in evaluate._batches(config, 'test', None, 8):
+  for batch, n in evaluate.batches(config, 'test', None, 8):
     for k, v in evaluate.score_synthetic(batch['target'], batch).items():
       found[k].append(v[:n])
     # The same items read from the wrong place: far from perfect.
@@ -64,7 +64,7 @@ def test_compare_writes_table_and_grid(runs, tmp_path):
   cell, pad, top = 96, 2, 14
   assert grid.shape == (top + 3 * (cell + pad) + pad, 6 * (cell + pad) + pad, 3)
   config, objective, params = train.restore_run(runs['hyper'])
-  batch, _ = next(evaluate._batches(config, 'test', 1, 4))
+  batch, _ = next(evaluate.batches(config, 'test', 1, 4))
   image = sample.generate(config, objective, params, batch['context'],
                           list(batch['prompt_scene']), num_steps=2,
                           image_ids=batch['index'])

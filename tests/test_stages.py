@@ -1,0 +1,58 @@
+"""The quickstart's path at the smallest size: base model -> pipeline folder -> single
+LoRA and hypernetwork on it -> report with table, grid and an exported LoRA."""
+import os
+
+import ml_collections
+import pytest
+
+from configs import quickstart, tiny_test
+from hyperlora_jax import train
+from hyperlora_jax.convert import lora_files, pipeline
+
+
+def _tiny_stages():
+  c = ml_collections.ConfigDict()
+  c.stages = ml_collections.ConfigDict()
+  for name, objective in (('base', 'unet_full'), ('single_lora', 'unet_lora'),
+                          ('hyperlora_heads', 'hyperlora')):
+    stage = tiny_test.get_config(objective)
+    stage.train.update(num_steps=2, checkpoint_every=2)
+    stage.data.prompt = 'full' if objective == 'unet_full' else 'scene'
+    if objective != 'unet_full':
+      stage.model.pretrained = 'stage:base'
+    stage.eval = dict(num_examples=0)
+    c.stages[name] = stage
+  c.stage_order = ('base', 'single_lora', 'hyperlora_heads')
+  c.report = dict(num_examples=2, num_steps=2, guidance=2.0, seeds=(0,))
+  return c
+
+
+def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README's command
+  train.train_and_evaluate(_tiny_stages(), 'run')
+  workdir = str(tmp_path / 'run')
+  # The base model is an ordinary diffusers folder the later stages loaded.
+  base = pipeline.load_pipeline(os.path.join(workdir, 'base', 'pipeline'))
+  assert base.unet_config['in_channels'] == 3
+  report = os.path.join(workdir, 'report')
+  with open(os.path.join(report, 'results.md')) as f:
+    table = f.read()
+  for row in ('no LoRA (S* prompt)', 'single_lora', 'hyperlora_heads', 'oracle (full prompt)'):
+    assert row in table
+  assert os.path.getsize(os.path.join(report, 'grid.png')) > 0
+  lora = lora_files.load_lora_file(os.path.join(report, 'predicted_lora.safetensors'))
+  assert lora and all('attn2' in path for path in lora)
+  # A second call finds every stage finished and only reports again.
+  mtime = os.path.getmtime(os.path.join(workdir, 'base', 'pipeline', 'unet', 'config.json'))
+  train.train_and_evaluate(_tiny_stages(), 'run')
+  assert os.path.getmtime(
+      os.path.join(workdir, 'base', 'pipeline', 'unet', 'config.json')) == mtime
+
+
+@pytest.mark.parametrize('size', ['cpu', 'gpu'])
+def test_quickstart_config_is_complete(size):
+  c = quickstart.get_config(size)
+  assert c.stage_order[0] == 'base' and c.stages.base.objective == 'unet_full'
+  for name in c.stage_order[1:]:
+    assert c.stages[name].model.pretrained == 'stage:base'
+    assert c.stages[name].data.prompt == 'scene'
