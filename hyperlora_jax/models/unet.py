@@ -182,31 +182,39 @@ class Transformer2D(nn.Module):
     return x + residual
 
 
-class DownBlock(nn.Module):
-  """DownBlock2D, or CrossAttnDownBlock2D when ``heads`` is set."""
+class _Block(nn.Module):
+  """What down and up blocks share: resnets, each followed by attention when ``heads``."""
   out_channels: int
   num_layers: int
   groups: int
   eps: float
-  add_downsample: bool
+  resample: bool
   heads: Optional[int]
   transformer_layers: int
   linear_projection: bool
   upcast: bool
   dtype: Dtype
 
+  def _layer(self, i, x, temb, context, lora):
+    x = ResnetBlock(self.out_channels, self.groups, self.eps, self.dtype,
+                    name=f'resnets_{i}')(x, temb, lora)
+    if self.heads:
+      x = Transformer2D(self.heads, self.transformer_layers, self.groups,
+                        self.linear_projection, self.upcast, self.dtype,
+                        name=f'attentions_{i}')(x, context, lora)
+    return x
+
+
+class DownBlock(_Block):
+  """DownBlock2D, or CrossAttnDownBlock2D when ``heads`` is set."""
+
   @nn.compact
   def __call__(self, x, temb, context, lora=None):
     skips = []
     for i in range(self.num_layers):
-      x = ResnetBlock(self.out_channels, self.groups, self.eps, self.dtype,
-                      name=f'resnets_{i}')(x, temb, lora)
-      if self.heads:
-        x = Transformer2D(self.heads, self.transformer_layers, self.groups,
-                          self.linear_projection, self.upcast, self.dtype,
-                          name=f'attentions_{i}')(x, context, lora)
+      x = self._layer(i, x, temb, context, lora)
       skips.append(x)
-    if self.add_downsample:
+    if self.resample:
       x = Downsample(self.out_channels, self.dtype, name='downsamplers_0')(x)
       skips.append(x)
     return x, skips
@@ -232,30 +240,14 @@ class Upsample(nn.Module):
     return _conv(self.channels, 'conv', self.dtype)(x)
 
 
-class UpBlock(nn.Module):
+class UpBlock(_Block):
   """UpBlock2D, or CrossAttnUpBlock2D when ``heads`` is set."""
-  out_channels: int
-  num_layers: int
-  groups: int
-  eps: float
-  add_upsample: bool
-  heads: Optional[int]
-  transformer_layers: int
-  linear_projection: bool
-  upcast: bool
-  dtype: Dtype
 
   @nn.compact
   def __call__(self, x, skips, temb, context, lora=None):
     for i in range(self.num_layers):
-      x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = ResnetBlock(self.out_channels, self.groups, self.eps, self.dtype,
-                      name=f'resnets_{i}')(x, temb, lora)
-      if self.heads:
-        x = Transformer2D(self.heads, self.transformer_layers, self.groups,
-                          self.linear_projection, self.upcast, self.dtype,
-                          name=f'attentions_{i}')(x, context, lora)
-    if self.add_upsample:
+      x = self._layer(i, jnp.concatenate([x, skips.pop()], axis=-1), temb, context, lora)
+    if self.resample:
       x = Upsample(self.out_channels, self.dtype, name='upsamplers_0')(x)
     return x
 
@@ -330,7 +322,7 @@ class UNet(nn.Module):
     for i, kind in enumerate(self.down_block_types):
       x, block_skips = DownBlock(
           self.block_out_channels[i], self.layers_per_block[i],
-          add_downsample=i < n - 1, heads=self.heads[i] if kind == CROSS_ATTN_DOWN else None,
+          resample=i < n - 1, heads=self.heads[i] if kind == CROSS_ATTN_DOWN else None,
           transformer_layers=self.transformer_layers[i], name=f'down_blocks_{i}',
           **common)(x, temb, context, lora)
       skips += block_skips
@@ -340,7 +332,7 @@ class UNet(nn.Module):
       j = n - 1 - i  # up block i mirrors down block j
       x = UpBlock(
           self.block_out_channels[j], self.layers_per_block[j] + 1,
-          add_upsample=i < n - 1, heads=self.heads[j] if kind == CROSS_ATTN_UP else None,
+          resample=i < n - 1, heads=self.heads[j] if kind == CROSS_ATTN_UP else None,
           transformer_layers=self.transformer_layers[j], name=f'up_blocks_{i}',
           **common)(x, skips, temb, context, lora)
     x = nn.silu(_group_norm(self.norm_num_groups, self.norm_eps, 'conv_norm_out',
