@@ -15,48 +15,23 @@
 # must be on a file system all nodes share.
 # --dry-run prints the exact commands instead of running them.
 set -euo pipefail
-
-usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
+# SLURM runs its copy of this script from a spool directory, in the repository
+# (--chdir below), where launch/_common.sh is found instead.
+common="$(dirname "$0")/_common.sh"
+[[ -f "$common" ]] || common=launch/_common.sh
+# shellcheck source=_common.sh
+source "$common"
 
 config='' workdir='' nodes=1 gpus=8 per='gpu' time_limit='24:00:00'
-partition='' dry_run=0 python="${PYTHON:-python3}"
-extra=()
-while (($#)); do
-  case "$1" in
-    --config=*) config="${1#*=}" ;;
-    --workdir=*) workdir="${1#*=}" ;;
-    --nodes=*) nodes="${1#*=}" ;;
-    --gpus-per-node=*) gpus="${1#*=}" ;;
-    --per=*) per="${1#*=}" ;;
-    --time=*) time_limit="${1#*=}" ;;
-    --partition=*) partition="${1#*=}" ;;
-    --dry-run) dry_run=1 ;;
-    -h|--help) usage 0 ;;
-    --) shift; extra=("$@"); break ;;
-    *) echo "unknown argument: $1" >&2; usage 2 ;;
-  esac
-  shift
-done
-for required in config workdir; do
-  [[ -n "${!required}" ]] || { echo "--${required}= is required" >&2; usage 2; }
-done
+partition='' python="${PYTHON:-python3}"
+parse_args config= workdir= nodes= gpus-per-node=gpus per= time=time_limit \
+  partition= -- "$@"
+require config workdir
 case "$per" in
   gpu) tasks_per_node="$gpus" ;;
   host) tasks_per_node=1 ;;
   *) echo "--per must be gpu or host" >&2; exit 2 ;;
 esac
-
-# Prints a command as a shell would re-read it: plain words bare, others
-# single-quoted.
-show() {
-  local words=() arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then words+=("$arg")
-    else words+=("${arg@Q}"); fi
-  done
-  echo "${words[*]}"
-}
-run() { if ((dry_run)); then show "$@"; else "$@"; fi; }
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   repo=$(cd "$(dirname "$0")/.." && pwd)

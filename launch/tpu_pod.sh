@@ -12,46 +12,15 @@
 # Re-running the same command resumes from the workdir's last checkpoint.
 # --dry-run prints the exact commands instead of running them.
 set -euo pipefail
+# shellcheck source=_common.sh
+source "$(dirname "$0")/_common.sh"
 
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
-
-tpu='' zone='' project='' config='' workdir='' setup=0 dry_run=0
+tpu='' zone='' project='' config='' workdir='' setup=0
 remote_dir='hyperlora_jax' python='python3'
-extra=()
-while (($#)); do
-  case "$1" in
-    --tpu=*) tpu="${1#*=}" ;;
-    --zone=*) zone="${1#*=}" ;;
-    --project=*) project="${1#*=}" ;;
-    --config=*) config="${1#*=}" ;;
-    --workdir=*) workdir="${1#*=}" ;;
-    --remote-dir=*) remote_dir="${1#*=}" ;;
-    --python=*) python="${1#*=}" ;;
-    --setup) setup=1 ;;
-    --dry-run) dry_run=1 ;;
-    -h|--help) usage 0 ;;
-    --) shift; extra=("$@"); break ;;
-    *) echo "unknown argument: $1" >&2; usage 2 ;;
-  esac
-  shift
-done
-for required in tpu zone config workdir; do
-  [[ -n "${!required}" ]] || { echo "--${required}= is required" >&2; usage 2; }
-done
+parse_args tpu= zone= project= config= workdir= remote-dir= python= setup -- "$@"
+require tpu zone config workdir
 [[ "$workdir" == gs://* ]] || {
   echo "--workdir must be a gs:// path shared by all workers" >&2; exit 2; }
-
-# Prints a command as a shell would re-read it: plain words bare, others
-# single-quoted.
-show() {
-  local words=() arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then words+=("$arg")
-    else words+=("${arg@Q}"); fi
-  done
-  echo "${words[*]}"
-}
-run() { if ((dry_run)); then show "$@"; else "$@"; fi; }
 
 gcloud_flags=(--zone="$zone")
 [[ -z "$project" ]] || gcloud_flags+=(--project="$project")

@@ -109,30 +109,35 @@ class CLIPEncoderLayer(nn.Module):
     return x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name='mlp')(y, lora)
 
 
-class CLIPEncoder(nn.Module):
-  """Returns every hidden state: the input, then each layer's output."""
-  num_hidden_layers: int
-  num_attention_heads: int
-  intermediate_size: int
-  hidden_act: str
-  layer_norm_eps: float
-  dtype: Any = jnp.float32
+class CLIPEncoder(CLIPEncoderLayer):
+  """``num_hidden_layers`` layers of the fields it shares with CLIPEncoderLayer (as
+  transformers builds both from one config). Returns every hidden state: the input, then
+  each layer's output."""
+  num_hidden_layers: int = 12
 
   @nn.compact
   def __call__(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
+    layer = functools.partial(CLIPEncoderLayer, **_fields(self, CLIPEncoderLayer))
     states = [x]
     for i in range(self.num_hidden_layers):
-      x = CLIPEncoderLayer(self.num_attention_heads, self.intermediate_size, self.hidden_act,
-                           self.layer_norm_eps, self.dtype, name=f'layers_{i}')(
-                               x, mask, is_causal, lora)
+      x = layer(name=f'layers_{i}')(x, mask, is_causal, lora)
       states.append(x)
     return tuple(states)
 
 
 def _fields(module: nn.Module, cls: type) -> dict:
-  """The dataclass fields of ``cls`` read from ``module`` (an instance of a subclass)."""
+  """The dataclass fields of ``cls`` read from ``module`` (an instance of a subclass, or
+  any module with fields of those names)."""
   return {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
           if f.init and f.name not in ('parent', 'name')}
+
+
+def _add_positions(x, num_positions: int, dtype: Any):
+  """x [..., n, d] plus rows 0..n-1 of a learned ``position_embedding`` table of
+  ``num_positions``; called inside a compact method, so the table is the caller's."""
+  n, width = x.shape[-2:]
+  return x + nn.Embed(num_positions, width, dtype=dtype, name='position_embedding')(
+      jnp.arange(n))
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -149,23 +154,32 @@ class CLIPTextEmbeddings(nn.Module):
                        f'{self.max_position_embeddings}')
     tokens = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
                       name='token_embedding')(input_ids)
-    positions = nn.Embed(self.max_position_embeddings, self.hidden_size, dtype=self.dtype,
-                         name='position_embedding')(jnp.arange(length))
-    return tokens + positions
+    return _add_positions(tokens, self.max_position_embeddings, self.dtype)
 
 
-class CLIPTextTransformer(nn.Module):
-  """embeddings -> causal encoder -> final_layer_norm, pooled at the EOS token."""
-  vocab_size: int = 49408
+class _Tower(nn.Module):
+  """What the text and vision transformers share: the encoder's fields (the defaults are
+  the text tower's; the vision tower overrides its own) and the encoder and norms."""
   hidden_size: int = 512
   intermediate_size: int = 2048
   num_hidden_layers: int = 12
   num_attention_heads: int = 8
-  max_position_embeddings: int = 77
   hidden_act: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
-  eos_token_id: int = 49407
   dtype: Any = jnp.float32
+
+  def _norm(self, name: str) -> nn.LayerNorm:
+    return _layer_norm(self.layer_norm_eps, self.dtype, name)
+
+  def _encoder(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
+    return CLIPEncoder(**_fields(self, CLIPEncoder), name='encoder')(x, mask, is_causal, lora)
+
+
+class CLIPTextTransformer(_Tower):
+  """embeddings -> causal encoder -> final_layer_norm, pooled at the EOS token."""
+  vocab_size: int = 49408
+  max_position_embeddings: int = 77
+  eos_token_id: int = 49407
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None,
@@ -174,10 +188,8 @@ class CLIPTextTransformer(nn.Module):
                            self.dtype, name='embeddings')(input_ids)
     # Padding hides keys only; the causal mask is applied on top of it.
     mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
-    states = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads,
-                         self.intermediate_size, self.hidden_act, self.layer_norm_eps,
-                         self.dtype, name='encoder')(x, mask, True, lora)
-    last = _layer_norm(self.layer_norm_eps, self.dtype, 'final_layer_norm')(states[-1])
+    states = self._encoder(x, mask, True, lora)
+    last = self._norm('final_layer_norm')(states[-1])
     if self.eos_token_id == 2:
       # Configs from before transformers PR #24773 say eos_token_id=2; transformers then
       # pools at the largest id (CLIP's EOS ends the vocabulary), so we do too.
@@ -225,32 +237,24 @@ class CLIPVisionEmbeddings(nn.Module):
                      (self.hidden_size,))
     cls = jnp.broadcast_to(cls.astype(patches.dtype), (batch, 1, self.hidden_size))
     x = jnp.concatenate([cls, patches], axis=1)
-    positions = nn.Embed(x.shape[1], self.hidden_size, dtype=self.dtype,
-                         name='position_embedding')(jnp.arange(x.shape[1]))
-    return x + positions
+    return _add_positions(x, x.shape[1], self.dtype)
 
 
-class CLIPVisionTransformer(nn.Module):
+class CLIPVisionTransformer(_Tower):
   """embeddings -> pre_layrnorm -> encoder; pooled = post_layernorm(CLS)."""
   hidden_size: int = 768
   intermediate_size: int = 3072
-  num_hidden_layers: int = 12
   num_attention_heads: int = 12
   image_size: int = 224
   patch_size: int = 32
-  hidden_act: str = 'quick_gelu'
-  layer_norm_eps: float = 1e-5
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, pixel_values, lora: Optional[LoRATree] = None) -> CLIPVisionOutput:
     x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, self.dtype,
                              name='embeddings')(pixel_values)
-    x = _layer_norm(self.layer_norm_eps, self.dtype, 'pre_layrnorm')(x)  # sic, transformers
-    states = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads,
-                         self.intermediate_size, self.hidden_act, self.layer_norm_eps,
-                         self.dtype, name='encoder')(x, lora=lora)
-    pooled = _layer_norm(self.layer_norm_eps, self.dtype, 'post_layernorm')(states[-1][:, 0])
+    x = self._norm('pre_layrnorm')(x)  # sic, transformers
+    states = self._encoder(x, lora=lora)
+    pooled = self._norm('post_layernorm')(states[-1][:, 0])
     return CLIPVisionOutput(last_hidden_state=states[-1], pooler_output=pooled,
                             hidden_states=states)
 

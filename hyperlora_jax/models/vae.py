@@ -115,11 +115,13 @@ class Upsample2D(nn.Module):
     return _conv3x3(self.channels, self.dtype, 'conv')(x)
 
 
-class DownEncoderBlock2D(nn.Module):
+class _Block(nn.Module):
+  """What the encoder's and decoder's blocks share: ``num_layers`` resnets, then the
+  block's resampler (``_resample``) when ``resample`` (all blocks but the last)."""
   out_channels: int
   num_layers: int
   groups: int
-  add_downsample: bool
+  resample: bool
   act_fn: str = 'silu'
   dtype: Dtype = jnp.float32
 
@@ -128,31 +130,26 @@ class DownEncoderBlock2D(nn.Module):
     for i in range(self.num_layers):
       x = ResnetBlock2D(self.out_channels, self.groups, self.act_fn, self.dtype,
                         name=f'resnets_{i}')(x)
-    if self.add_downsample:
-      x = Downsample2D(self.out_channels, self.dtype, name='downsamplers_0')(x)
-    return x
+    return self._resample(x) if self.resample else x
 
 
-class UpDecoderBlock2D(nn.Module):
-  out_channels: int
-  num_layers: int
-  groups: int
-  add_upsample: bool
-  act_fn: str = 'silu'
-  dtype: Dtype = jnp.float32
+class DownEncoderBlock2D(_Block):
+  """Resnets, then a stride-2 downsampler unless it is the encoder's last block."""
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, self.groups, self.act_fn, self.dtype,
-                        name=f'resnets_{i}')(x)
-    if self.add_upsample:
-      x = Upsample2D(self.out_channels, self.dtype, name='upsamplers_0')(x)
-    return x
+  def _resample(self, x: jnp.ndarray) -> jnp.ndarray:
+    return Downsample2D(self.out_channels, self.dtype, name='downsamplers_0')(x)
 
 
-class Encoder(nn.Module):
-  """Image [B, H, W, C] -> moments [B, H/2^(n-1), W/2^(n-1), out_channels]."""
+class UpDecoderBlock2D(_Block):
+  """Resnets, then a x2 upsampler unless it is the decoder's last block."""
+
+  def _resample(self, x: jnp.ndarray) -> jnp.ndarray:
+    return Upsample2D(self.out_channels, self.dtype, name='upsamplers_0')(x)
+
+
+class _Coder(nn.Module):
+  """What the encoder and decoder share: fields, the mid block, the blocks and the output
+  head; each puts them in its own order."""
   out_channels: int
   block_out_channels: Sequence[int]
   layers_per_block: int
@@ -160,43 +157,44 @@ class Encoder(nn.Module):
   add_attention: bool = True
   act_fn: str = 'silu'
   dtype: Dtype = jnp.float32
+
+  def _mid_block(self, x: jnp.ndarray, channels: int) -> jnp.ndarray:
+    return UNetMidBlock2D(channels, self.groups, self.add_attention, self.act_fn,
+                          self.dtype, name='mid_block')(x)
+
+  def _blocks(self, x: jnp.ndarray, block: type, channels: Sequence[int], num_layers: int,
+              prefix: str) -> jnp.ndarray:
+    for i, c in enumerate(channels):
+      x = block(c, num_layers, self.groups, resample=i < len(channels) - 1,
+                act_fn=self.act_fn, dtype=self.dtype, name=f'{prefix}_{i}')(x)
+    return x
+
+  def _head(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = _ACTIVATIONS[self.act_fn](_group_norm(self.groups, self.dtype, 'conv_norm_out')(x))
+    return _conv3x3(self.out_channels, self.dtype, 'conv_out')(x)
+
+
+class Encoder(_Coder):
+  """Image [B, H, W, C] -> moments [B, H/2^(n-1), W/2^(n-1), out_channels]."""
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     channels = self.block_out_channels
     x = _conv3x3(channels[0], self.dtype, 'conv_in')(x)
-    for i, c in enumerate(channels):
-      x = DownEncoderBlock2D(c, self.layers_per_block, self.groups,
-                             add_downsample=i < len(channels) - 1, act_fn=self.act_fn,
-                             dtype=self.dtype, name=f'down_blocks_{i}')(x)
-    x = UNetMidBlock2D(channels[-1], self.groups, self.add_attention, self.act_fn,
-                       self.dtype, name='mid_block')(x)
-    x = _ACTIVATIONS[self.act_fn](_group_norm(self.groups, self.dtype, 'conv_norm_out')(x))
-    return _conv3x3(self.out_channels, self.dtype, 'conv_out')(x)
+    x = self._blocks(x, DownEncoderBlock2D, channels, self.layers_per_block, 'down_blocks')
+    return self._head(self._mid_block(x, channels[-1]))
 
 
-class Decoder(nn.Module):
+class Decoder(_Coder):
   """Latents -> image; mirrors the encoder with one extra resnet per block."""
-  out_channels: int
-  block_out_channels: Sequence[int]
-  layers_per_block: int
-  groups: int
-  add_attention: bool = True
-  act_fn: str = 'silu'
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
     channels = tuple(reversed(self.block_out_channels))
     x = _conv3x3(channels[0], self.dtype, 'conv_in')(z)
-    x = UNetMidBlock2D(channels[0], self.groups, self.add_attention, self.act_fn,
-                       self.dtype, name='mid_block')(x)
-    for i, c in enumerate(channels):
-      x = UpDecoderBlock2D(c, self.layers_per_block + 1, self.groups,
-                           add_upsample=i < len(channels) - 1, act_fn=self.act_fn,
-                           dtype=self.dtype, name=f'up_blocks_{i}')(x)
-    x = _ACTIVATIONS[self.act_fn](_group_norm(self.groups, self.dtype, 'conv_norm_out')(x))
-    return _conv3x3(self.out_channels, self.dtype, 'conv_out')(x)
+    x = self._mid_block(x, channels[0])
+    x = self._blocks(x, UpDecoderBlock2D, channels, self.layers_per_block + 1, 'up_blocks')
+    return self._head(x)
 
 
 class AutoencoderKL(nn.Module):
