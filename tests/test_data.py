@@ -222,6 +222,21 @@ def test_resume_mid_epoch(synthetic_data):
   assert not np.array_equal(fresh['index'], expected[0]['index'])
 
 
+def test_worker_processes_give_the_same_batches_and_resume(synthetic_data):
+  data = synthetic_data.copy_and_resolve_references()
+  data.num_workers = 2
+  threads = pipeline.create_dataset(synthetic_data, 'train', process_index=0,
+                                    process_count=1)
+  want = [next(threads)['index'] for _ in range(12)]  # Crosses an epoch.
+  workers = pipeline.create_dataset(data, 'train', process_index=0, process_count=1)
+  got = [next(workers)['index'] for _ in range(5)]
+  state = json.loads(json.dumps(workers.get_state()))
+  resumed = pipeline.create_dataset(data, 'train', process_index=0, process_count=1)
+  resumed.set_state(state)
+  got += [next(resumed)['index'] for _ in range(7)]
+  np.testing.assert_array_equal(np.stack(got), np.stack(want))
+
+
 def test_syntheticlist(synthetic_data):
   data = synthetic_data.copy_and_resolve_references()
   data.prompt = 'full'
