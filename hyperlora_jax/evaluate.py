@@ -194,18 +194,28 @@ def _summary(per_seed: Sequence[Mapping[str, np.ndarray]]) -> dict:
   return out
 
 
-def evaluate_mode(config, objective, params, mode: str, *, split='test',
-                  num_examples: Optional[int] = None, num_steps=25,
-                  guidance=3.0, seeds=(0,), sampler='ddim',
-                  batch_size: Optional[int] = None,
-                  scorer: Optional[CLIPScorer] = None, keep: int = 0):
+def evaluate_mode(config, objective, params, mode: str, **kwargs):
   """Generates the split's first `num_examples` (None: all) in `mode` for
-  every seed and scores them.
+  every seed and scores them (keyword arguments: `score_mode`'s).
 
   Returns:
     (metrics, kept): metrics as `_summary` plus 'num_examples'; kept holds
     'context', 'target', 'generated' [<= keep, H, W, 3] of the first seed.
   """
+  per_seed, kept = score_mode(config, objective, params, mode, **kwargs)
+  return _with_count(_summary(per_seed), per_seed), kept
+
+
+def _with_count(metrics, per_seed):
+  metrics['num_examples'] = len(next(iter(per_seed[0].values()), ()))
+  return metrics
+
+
+def score_mode(config, objective, params, mode: str, *, split='test',
+               num_examples: Optional[int] = None, num_steps=25, guidance=3.0,
+               seeds=(0,), sampler='ddim', batch_size: Optional[int] = None,
+               scorer: Optional[CLIPScorer] = None, keep: int = 0):
+  """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept)."""
   check_mode(config, mode)
   prompt_kind, use_lora, _ = MODES[mode]
   per_seed, kept = [], collections.defaultdict(list)
@@ -232,9 +242,7 @@ def evaluate_mode(config, objective, params, mode: str, *, split='test',
                         ('target', batch['target']), ('generated', images)):
           kept[name].append(np.asarray(x)[:min(n, room)])
     per_seed.append({k: np.concatenate(v) for k, v in scores.items()})
-  metrics = _summary(per_seed)
-  metrics['num_examples'] = len(next(iter(per_seed[0].values()), ()))
-  return metrics, {k: np.concatenate(v) for k, v in kept.items()}
+  return per_seed, {k: np.concatenate(v) for k, v in kept.items() if v}
 
 
 # ---------------------------------------------------------------- compare
@@ -282,7 +290,9 @@ def markdown_table(results: dict) -> str:
   notes = [f'{first["num_examples"]} {s["split"]} examples, {s["num_steps"]} '
            f'{s["sampler"]} steps, guidance {s["guidance"]}, sampling seeds '
            f'{s["seeds"]}. Accuracy ± is the std over '
-           + (f'the {seeds} seeds.' if seeds > 1 else 'examples.')]
+           + (f'the {seeds} seeds (rows of several runs: one run per training '
+              'seed, sampled with its seed; other rows: the sampling seeds).'
+              if seeds > 1 else 'examples.')]
   if clip_cols:
     notes.append('CLIP metrics: mean ± std over examples.')
   if gaps:
@@ -297,31 +307,46 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
             grid_examples=8, clip_folder: Optional[str] = None) -> dict:
   """Evaluates rows {name: (workdir, mode)} on the same examples and seeds.
 
+  A row's workdir may be a list of runs that differ only in their training
+  seed, as many as `seeds`: run k is sampled with seeds[k], and the row's
+  spread is over those runs. A single run is sampled with every seed.
+
   Writes out_dir/results.json, results.md (one table row per entry, in
   order) and grid.png (first `grid_examples` examples; columns: context,
-  ground truth, then each row). Returns the results dict.
+  ground truth, then each row, its first run). Returns the results dict.
   """
   from hyperlora_jax import train  # pylint: disable=g-import-not-at-top
-  for _, mode in rows.values():
+  for name, (workdirs, mode) in rows.items():
     check_mode_name(mode)
+    if isinstance(workdirs, (list, tuple)) and len(workdirs) != len(seeds):
+      raise ValueError(f'Row {name!r} has {len(workdirs)} runs but there are '
+                       f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
   runs, results, columns = {}, {}, []
-  for name, (workdir, mode) in rows.items():
-    if workdir not in runs:
-      runs[workdir] = train.restore_run(workdir)
-    config, objective, params = runs[workdir]
-    logging.info('Evaluating %s: %s in %s.', name, mode, workdir)
-    metrics, kept = evaluate_mode(
-        config, objective, params, mode, split=split, num_examples=num_examples,
-        num_steps=num_steps, guidance=guidance, seeds=tuple(seeds),
-        sampler=sampler, batch_size=batch_size, scorer=scorer, keep=grid_examples)
-    if columns and not np.array_equal(kept['context'], columns[0]):
-      raise ValueError(f'Row {name!r} ({workdir}) sees other {split} examples '
-                       'than the first row: compare runs of one data config.')
-    columns = columns or [kept['context'], kept['target']]
-    columns.append(kept['generated'])
-    results[name] = {'workdir': str(workdir), 'mode': mode,
-                     'objective': config.objective, 'metrics': metrics}
+  for name, (workdirs, mode) in rows.items():
+    pairs = (list(zip(workdirs, [(s,) for s in seeds]))
+             if isinstance(workdirs, (list, tuple)) else [(workdirs, tuple(seeds))])
+    per_seed = []
+    for k, (workdir, run_seeds) in enumerate(pairs):
+      if workdir not in runs:
+        runs[workdir] = train.restore_run(workdir)
+      config, objective, params = runs[workdir]
+      logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, workdir, run_seeds)
+      scores, kept = score_mode(
+          config, objective, params, mode, split=split, num_examples=num_examples,
+          num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
+          batch_size=batch_size, scorer=scorer, keep=grid_examples if k == 0 else 0)
+      per_seed += scores
+      if k == 0:
+        if columns and not np.array_equal(kept['context'], columns[0]):
+          raise ValueError(f'Row {name!r} ({workdir}) sees other {split} examples '
+                           'than the first row: compare runs of one data config.')
+        columns = columns or [kept['context'], kept['target']]
+        columns.append(kept['generated'])
+    results[name] = {'workdir': [str(w) for w, _ in pairs] if len(pairs) > 1
+                                else str(pairs[0][0]),
+                     'mode': mode, 'objective': config.objective,
+                     'metrics': _with_count(_summary(per_seed), per_seed)}
   _gaps(results)
   out = {'settings': dict(split=split, num_examples=num_examples,
                           num_steps=num_steps, guidance=guidance,

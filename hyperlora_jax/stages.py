@@ -61,23 +61,30 @@ def report(config, workdir: str) -> dict:
   """Compares the stages on held-out items; writes <workdir>/report/.
 
   Rows: the base model with the S* prompt and no LoRA, the single shared LoRA, each
-  hypernetwork, and the oracle (the base model given the full prompt). The first
+  hypernetwork, and the oracle (the base model given the full prompt). A row that
+  ``report.runs`` maps to several stages (one per report seed, differing in their
+  training seed) reports the spread over those runs (`evaluate.compare`). The first
   hypernetwork's predicted LoRA for one test context is exported in diffusers format.
   """
   from hyperlora_jax import evaluate, export, sample  # pylint: disable=g-import-not-at-top
-  stages = {n: os.path.join(workdir, n) for n in config.stage_order}
-  hyper = [n for n in config.stage_order if config.stages[n].objective == 'hyperlora']
-  lora = [n for n in config.stage_order if config.stages[n].objective == 'unet_lora']
-  rows = {'no LoRA (S* prompt)': (stages[hyper[0]], 'no_lora')}
-  rows.update({n: (stages[n], 'single_lora') for n in lora})
-  rows.update({n: (stages[n], 'hyperlora') for n in hyper})
-  rows['oracle (full prompt)'] = (stages[hyper[0]], 'oracle')
-  out_dir = os.path.join(workdir, 'report')
   r = config.report
+  seeds = tuple(r.get('seeds', (0,)))
+  # report.runs (optional): row -> the stages that train it, one per seed.
+  runs = dict(r.get('runs') or {n: [n] for n in config.stage_order})
+  def row(name):
+    dirs = [os.path.join(workdir, n) for n in runs[name]]
+    return dirs if len(dirs) > 1 else dirs[0]
+  objective_of = lambda name: config.stages[runs[name][0]].objective
+  hyper = [n for n in runs if objective_of(n) == 'hyperlora']
+  first_hyper = os.path.join(workdir, runs[hyper[0]][0])
+  rows = {'no LoRA (S* prompt)': (first_hyper, 'no_lora')}
+  rows.update({n: (row(n), 'single_lora') for n in runs if objective_of(n) == 'unet_lora'})
+  rows.update({n: (row(n), 'hyperlora') for n in hyper})
+  rows['oracle (full prompt)'] = (first_hyper, 'oracle')
+  out_dir = os.path.join(workdir, 'report')
   results = evaluate.compare(rows, out_dir, num_examples=r.num_examples,
-                             num_steps=r.num_steps, guidance=r.guidance,
-                             seeds=tuple(r.get('seeds', (0,))))
-  run_config, objective, params = train.restore_run(stages[hyper[0]])
+                             num_steps=r.num_steps, guidance=r.guidance, seeds=seeds)
+  run_config, objective, params = train.restore_run(first_hyper)
   batch, _ = next(evaluate.batches(run_config, 'test', 1, 1))
   export.export_lora(run_config, objective, params, 'diffusers',
                      os.path.join(out_dir, 'predicted_lora.safetensors'),

@@ -73,6 +73,21 @@ def test_compare_writes_table_and_grid(runs, tmp_path):
   np.testing.assert_array_equal(cropped, sample.to_uint8(image)[0])
 
 
+def test_row_of_several_runs_pairs_run_k_with_seed_k(runs, tmp_path):
+  # Two copies of one run sampled with seeds 0 and 1 are that run sampled with
+  # both seeds: same means and same spread over seeds.
+  rows = {'one run': (runs['hyper'], 'hyperlora'),
+          'two runs': ([runs['hyper'], runs['hyper']], 'hyperlora')}
+  results = evaluate.compare(rows, str(tmp_path), num_examples=4, num_steps=2,
+                             seeds=(0, 1), batch_size=4, grid_examples=2)
+  one, two = (results['rows'][n] for n in rows)
+  assert two['workdir'] == [str(runs['hyper'])] * 2
+  for k in evaluate.SYNTHETIC:
+    assert two['metrics'][k] == pytest.approx(one['metrics'][k])
+  with pytest.raises(ValueError, match="'two runs' has 2 runs but there are 3 seeds"):
+    evaluate.compare({'two runs': rows['two runs']}, str(tmp_path), seeds=(0, 1, 2))
+
+
 def test_gap_recovered():
   metrics = lambda c, p: {'color_acc': {'mean': c}, 'pattern_acc': {'mean': p}}
   rows = {'a': dict(mode='no_lora', metrics=metrics(0.1, 0.3)),
