@@ -10,6 +10,7 @@ cluster (TPU pod, SLURM, ...) or from --coordinator_address/--num_processes/
 --process_id (or the JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS
 environment variables).
 """
+import os
 import sys
 
 from absl import app
@@ -35,6 +36,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Process count; default: detected.')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process; default: detected.')
+_CACHE = flags.DEFINE_string(
+    'compilation_cache', os.path.expanduser('~/.cache/hyperlora_jax/xla'),
+    'JAX persistent compilation cache: a rerun, a resumed run or another '
+    'stage of the same shapes loads its compiled steps instead of compiling '
+    'again. Empty: off.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -55,6 +61,8 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CACHE.value:
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
