@@ -16,24 +16,30 @@ import ml_collections
 from configs import common
 
 SIZES = {
-    # resolution, unet channels, text width, base / lora / hypernet steps, batch
+    # resolution, unet channels, text width, base / lora / hypernet steps, batch,
+    # decoders, training seeds (each trained row once per seed), data loader processes
     'cpu': dict(resolution=32, channels=(32, 64, 64), text=64, base=400, lora=100,
                 hyper=200, batch=16, decoders=('heads',), num_train=4000, seeds=(0,),
-                eval_examples=48, eval_steps=20, dtype='float32'),
-    'gpu': dict(resolution=64, channels=(64, 128, 256), text=128, base=5000, lora=1000,
-                hyper=2000, batch=128, decoders=('heads', 'transformer', 'perceiver'),
+                eval_examples=48, eval_steps=20, dtype='float32', workers=0),
+    'gpu': dict(resolution=64, channels=(64, 128, 256), text=128, base=4000, lora=500,
+                hyper=1000, batch=128, decoders=('heads', 'transformer', 'perceiver'),
                 num_train=20000, seeds=(0, 1, 2), eval_examples=200, eval_steps=25,
-                dtype='bfloat16'),
+                dtype='bfloat16', workers=-1),
+    # The smallest end-to-end run (the Colab notebook's test): seconds, learns nothing.
+    'smoke': dict(resolution=16, channels=(16, 32), text=32, base=4, lora=2, hyper=2,
+                  batch=4, decoders=('heads',), num_train=64, seeds=(0,), eval_examples=4,
+                  eval_steps=2, dtype='float32', workers=0),
 }
 
 
-def _stage(objective, size, steps, prompt, **model):
+def _stage(objective, size, steps, prompt, seed=0, **model):
   c = common.base_config(objective)
+  c.seed = seed
   c.model.update(unet=common.tiny_unet(size['channels'], cross_attention_dim=size['text'],
                                        heads=4),
                  text=common.tiny_text(size['text'], layers=2, heads=4), **model)
   c.data.update(resolution=size['resolution'], prompt=prompt, num_train=size['num_train'],
-                num_test=200)
+                num_test=200, num_workers=size['workers'])
   c.train.update(num_steps=steps, batch_size=size['batch'], log_every=50, eval_every=0,
                  checkpoint_every=max(steps // 4, 100), compute_dtype=size['dtype'])
   c.optim.update(lr=1e-3 if objective != 'unet_full' else 5e-4,
@@ -41,25 +47,37 @@ def _stage(objective, size, steps, prompt, **model):
   return c
 
 
+def seeded(name, seed):
+  """The stage that trains row `name` with training seed `seed`."""
+  return name if seed == 0 else f'{name}_seed{seed}'
+
+
 def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
   c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
-  c.stages.single_lora = _stage('unet_lora', s, s['lora'], 'scene', pretrained='stage:base',
-                                prompt_dropout=0.0)
-  c.stages.single_lora.lora.update(rank=4, alpha=4.0)
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
-  order = ['base', 'single_lora']
-  for decoder in s['decoders']:
-    stage = _stage('hyperlora', s, s['hyper'], 'scene', pretrained='stage:base',
-                   prompt_dropout=0.0)
-    stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
-    stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
-    c.stages[f'hyperlora_{decoder}'] = stage
-    order.append(f'hyperlora_{decoder}')
+  runs, order = {}, ['base']
+  for seed in s['seeds']:  # Seed 0 of every row first.
+    lora = _stage('unet_lora', s, s['lora'], 'scene', seed, pretrained='stage:base',
+                  prompt_dropout=0.0)
+    lora.lora.update(rank=4, alpha=4.0)
+    c.stages[seeded('single_lora', seed)] = lora
+    runs.setdefault('single_lora', []).append(seeded('single_lora', seed))
+    order.append(seeded('single_lora', seed))
+    for decoder in s['decoders']:
+      stage = _stage('hyperlora', s, s['hyper'], 'scene', seed, pretrained='stage:base',
+                     prompt_dropout=0.0)
+      stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
+      stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
+      name = f'hyperlora_{decoder}'
+      c.stages[seeded(name, seed)] = stage
+      runs.setdefault(name, []).append(seeded(name, seed))
+      order.append(seeded(name, seed))
   c.stage_order = tuple(order)
-  # Spread over sampling seeds (and examples); each stage trains once.
+  # Rows of several runs report the spread over training seeds, run k sampled with
+  # seeds[k]; the no-LoRA and oracle rows (one base model) over the sampling seeds.
   c.report = dict(num_examples=s['eval_examples'], num_steps=s['eval_steps'], guidance=3.0,
-                  seeds=s['seeds'])
+                  seeds=s['seeds'], runs=runs)
   return c
