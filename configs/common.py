@@ -49,7 +49,7 @@ def base_config(objective: str) -> ml_collections.ConfigDict:
   c.lora = dict(rank=4, alpha=4.0)
   c.hypernet = dict(
       encoder=dict(kind='conv', channels=(32, 64, 128), pretrained='', trainable=True,
-                   vit=dict(VIT_L14)),
+                   remat='dots_with_no_batch_dims_saveable', vit=dict(VIT_L14)),
       decoder=dict(kind='heads', hidden=64, width=128, depth=2, heads=4, rounds=2),
       param=dict(kind='plain', rank=2, a=100, b=50, seed=0, num_id=16, num_base=16,
                  use_id=True, use_base=True),

@@ -25,7 +25,15 @@ config.model
 config.lora       rank, alpha: the ``unet_lora`` objective's LoRA
 config.hypernet   encoder, decoder, param, gamma_init: see `models.hypernet.build`;
                   encoder.pretrained: a CLIP vision folder for kind 'clip';
-                  encoder.trainable: False freezes the encoder
+                  encoder.trainable: False freezes the encoder;
+                  encoder.remat: what a trained 'vit'/'clip' encoder keeps per
+                  layer for the backward: 'none', 'full' or a
+                  jax.checkpoint_policies name (default
+                  'dots_with_no_batch_dims_saveable': the projections' outputs;
+                  norms, softmax, activations and the attention logits are
+                  recomputed, ~4% of a ViT-L layer's forward FLOPs, for ~5x less
+                  activation memory); not 'none' also runs the layers as one
+                  lax.scan, see `clip.CLIPEncoder`
 """
 import tempfile
 from typing import Any, Callable, NamedTuple, Optional

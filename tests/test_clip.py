@@ -94,12 +94,14 @@ def test_text_bf16_is_finite_and_close(tmp_path):
   assert max(errors) < 5e-2
 
 
+@pytest.mark.parametrize('remat', ['none', 'dots_with_no_batch_dims_saveable'])
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
-def test_vision_matches_transformers(tmp_path, dtype, tol):
+def test_vision_matches_transformers(tmp_path, dtype, tol, remat):
   torch.manual_seed(0)
   config = transformers.CLIPVisionConfig(**VISION)
   folder = save(transformers.CLIPVisionModelWithProjection(config).eval(), tmp_path / 'vision')
   module, params, _ = clip.load_vision_model(folder, dtype=dtype)
+  module = module.clone(remat=remat)  # the scanned, checkpointed layers: same values
   pixels = np.random.RandomState(1).randn(2, 3, 32, 32).astype(np.float32)
   model = transformers.CLIPVisionModelWithProjection.from_pretrained(folder).eval()
   with torch.no_grad():

@@ -200,3 +200,37 @@ def test_unknown_parts_are_refused(base):
     config[section].kind = kind
     with pytest.raises(ValueError, match=kind):
       hypernet.build(config, targets)
+
+
+VIT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+           image_size=16, patch_size=8, projection_dim=8)
+
+
+def test_vit_encoder_remat_keeps_params_values_and_gradients(base):
+  """encoder.remat (a checkpointed lax.scan over the layers) changes memory, not math."""
+  _, _, targets, images, _ = base
+
+  def build(**encoder):
+    config = _config('transformer', 'plain', gamma_init=0.5)
+    config.encoder = dict(kind='vit', vit=VIT, **encoder)
+    return hypernet.build(config, targets)
+
+  assert build().encoder.tower.remat == hypernet.ENCODER_REMAT  # the default
+  ref = build(remat='none')
+  variables = jax.jit(ref.init)(jax.random.key(5), images)
+
+  def outputs(net):
+    loss = lambda v: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(net.apply(v, images)))
+    return jax.jit(net.apply)(variables, images), jax.jit(jax.grad(loss))(variables)
+
+  ref_tree, ref_grads = outputs(ref)
+  for remat in ('full', 'dots_with_no_batch_dims_saveable'):
+    net = build(remat=remat)
+    shapes = jax.eval_shape(net.init, jax.random.key(5), images)
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables)  # same param paths
+    tree, grads = outputs(net)
+    jax.tree.map(np.testing.assert_array_equal, tree, ref_tree)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * float(np.abs(r).max()) + 1e-12)
+  with pytest.raises(ValueError, match='no_such_policy'):
+    build(remat='no_such_policy').init(jax.random.key(5), images)

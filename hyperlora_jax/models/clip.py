@@ -109,20 +109,69 @@ class CLIPEncoderLayer(nn.Module):
     return x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name='mlp')(y, lora)
 
 
+REMAT_CHOICES = "'none', 'full' or a jax.checkpoint_policies name"
+
+
+def remat_policy(name: str):
+  """(remat?, policy) of a per-layer remat setting: 'none'; 'full' (a layer keeps only
+  its input for the backward); a jax.checkpoint_policies name, e.g.
+  'dots_with_no_batch_dims_saveable' (keeps the projections' outputs, recomputes norms,
+  softmax and activations)."""
+  if name == 'none':
+    return False, None
+  if name == 'full':
+    return True, None
+  policy = None if name.startswith('_') else getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f'Unknown remat {name!r}: use {REMAT_CHOICES}.')
+  return True, policy
+
+
 class CLIPEncoder(CLIPEncoderLayer):
   """``num_hidden_layers`` layers of the fields it shares with CLIPEncoderLayer (as
   transformers builds both from one config). Returns every hidden state: the input, then
-  each layer's output."""
+  each layer's output.
+
+  ``remat`` other than 'none' (see `remat_policy`) runs the layers as one lax.scan whose
+  body is jax.checkpoint'ed: the backward recomputes, one layer at a time, what the policy
+  does not keep. A scan, not a loop of checkpointed layers, because XLA's scheduler is
+  free to hoist the recomputation of every layer of such a loop to before the backward,
+  which keeps all of them alive at once again (seen on CPU: no saving); a loop body can't
+  be hoisted. XLA also compiles one layer instead of ``num_hidden_layers``. Param paths
+  (``layers_<i>``) and values are unchanged: the params are stacked per call. The loop
+  still serves init and LoRA'd towers (a LoRA is keyed by each layer's own path).
+  """
   num_hidden_layers: int = 12
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
-    layer = functools.partial(CLIPEncoderLayer, **_fields(self, CLIPEncoderLayer))
+    remat, policy = remat_policy(self.remat)
+    fields = _fields(self, CLIPEncoderLayer)
+    if remat and not lora and not self.is_initializing():
+      return self._scan(x, mask, is_causal, fields, policy)
     states = [x]
     for i in range(self.num_hidden_layers):
-      x = layer(name=f'layers_{i}')(x, mask, is_causal, lora)
+      x = CLIPEncoderLayer(**fields, name=f'layers_{i}')(x, mask, is_causal, lora)
       states.append(x)
     return tuple(states)
+
+  def _scan(self, x, mask, is_causal, fields, policy):
+    layer = CLIPEncoderLayer(**fields, parent=None)
+    params = self.variables['params']
+    # Kernels stacked in the compute dtype, the dtype each Dense casts them to anyway:
+    # the same values, half the copy. Norm scales and biases stay as stored.
+    cast = lambda a: a.astype(self.dtype) if a.ndim >= 2 else a
+    stacked = jax.tree.map(lambda *a: jnp.stack([cast(b) for b in a]),
+                           *[params[f'layers_{i}'] for i in range(self.num_hidden_layers)])
+
+    def body(h, p):
+      h = layer.apply({'params': p}, h, mask, is_causal)
+      return h, h
+
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    _, states = jax.lax.scan(body, x, stacked)
+    return (x,) + tuple(states)
 
 
 def _fields(module: nn.Module, cls: type) -> dict:
@@ -167,6 +216,7 @@ class _Tower(nn.Module):
   hidden_act: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
+  remat: str = 'none'  # of each encoder layer (CLIPEncoder); no checkpoint field
 
   def _norm(self, name: str) -> nn.LayerNorm:
     return _layer_norm(self.layer_norm_eps, self.dtype, name)

@@ -222,11 +222,18 @@ def _take(factors, j):
   return {k: v[:, j] if v.ndim == _BASE_NDIM[k] + 2 else v[j] for k, v in factors.items()}
 
 
+# What a trained ViT/CLIP encoder keeps per layer for its backward by default (see
+# clip.remat_policy): the projections' outputs, not the f32 norms, softmax and
+# activations that held most of a ViT-L's activation memory (issue 8).
+ENCODER_REMAT = 'dots_with_no_batch_dims_saveable'
+
+
 def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module = None):
   """Builds the HyperNetwork from ``config.hypernet``-style ConfigDict.
 
   Args:
-    config: fields ``encoder`` (kind 'conv'|'vit'|'clip', ...), ``decoder`` (kind
+    config: fields ``encoder`` (kind 'conv'|'vit'|'clip', ...; ``remat`` for 'vit' and
+      'clip': `clip.remat_policy`, default ``ENCODER_REMAT``), ``decoder`` (kind
       'transformer'|'heads'|'perceiver', ...), ``param`` (see lora.parameterization)
       and ``gamma_init``.
     targets: from `lora.find_targets` over the UNet params.
@@ -241,7 +248,7 @@ def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module =
     encoder = ConvEncoder(tuple(enc.channels))
   elif enc.kind in ('vit', 'clip'):
     tower = encoder_tower or clip.vision_from_config(enc.vit.to_dict())
-    encoder = CLIPEncoder(tower)
+    encoder = CLIPEncoder(tower.clone(remat=enc.get('remat', ENCODER_REMAT)))
   else:
     raise ValueError(f'Unknown encoder kind {enc.kind!r}; one of conv, vit, clip.')
   dec = config.decoder
