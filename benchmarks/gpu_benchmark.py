@@ -29,6 +29,11 @@ import os
 # Before JAX starts its backend: take GPU memory as needed, so the torch rows that
 # run in the same process first still find it, and peaks are real.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+# Even without preallocation JAX's pool stops at this fraction of the card (default
+# 0.75, ~59 GiB of an H100 80GB: the ceiling the HyperLoRA row ran into, issue 8).
+_MEM_FRACTION_VARS = ('XLA_CLIENT_MEM_FRACTION', 'XLA_PYTHON_CLIENT_MEM_FRACTION')
+if not any(os.environ.get(v) for v in _MEM_FRACTION_VARS):
+  os.environ['XLA_CLIENT_MEM_FRACTION'] = '0.92'
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
@@ -423,6 +428,11 @@ def _use_attention(implementation: str) -> None:
     implementation = _ATTENTION['implementation']
     if kwargs.get('implementation') is not None or implementation is None:
       return original(query, key, value, *args, **kwargs)
+    if implementation == 'cudnn' and unet_lib.attention_implementation(
+        query.dtype, query.shape[-1], query.shape[-3], key.shape[-3]) != 'cudnn':
+      # cuDNN's backward refuses these lengths (the ViT's 257 tokens, the 77 text
+      # tokens), and it fails under jax.grad/scan where the except below cannot see it.
+      return original(query, key, value, *args, **kwargs)
     try:
       return original(query, key, value, *args, implementation=implementation, **kwargs)
     except (NotImplementedError, ValueError, RuntimeError) as e:
@@ -781,13 +791,18 @@ def run(args):
       f'3x the hypernetwork forward ({tflop(bench.hyper_flops)} per image, XLA count).',
       'Peak memory: torch.cuda.max_memory_allocated per row; ours: device.memory_stats()'
       "['peak_bytes_in_use'], or (~) XLA's plan for the executable where an earlier "
-      'config had set the process peak.',
+      'config had set the process peak. JAX may take up to '
+      f'{_mem_fraction()} of the card (XLA_CLIENT_MEM_FRACTION), without preallocation.',
       f'Compile: ours = trace + lower + XLA compile; torch = first call minus a steady '
       f'one (torch.compile mode {args.torch_compile_mode!r}, dynamic=False). Timed: '
       f'{args.steps} train steps after {args.warmup} warmup, {args.sample_runs} sampling '
       f'runs after 1.',
   ]
   return rows, notes
+
+
+def _mem_fraction() -> str:
+  return next((os.environ[v] for v in _MEM_FRACTION_VARS if os.environ.get(v)), '0.75')
 
 
 def _fallback_note() -> str:
