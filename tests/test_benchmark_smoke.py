@@ -65,3 +65,17 @@ def test_tiny_run_prints_every_row_with_positive_numbers(tmp_path):
   spec.loader.exec_module(benchmark)
   benchmark.main([f'--merge={js}', f'--out={tmp_path / "merged.md"}'])
   assert (tmp_path / 'merged.md').read_text() == out.read_text()
+
+
+def test_memory_plan_prints_xla_plans_of_the_tiny_steps():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH,
+             XLA_FLAGS='--xla_backend_optimization_level=0 '
+                       '--xla_llvm_disable_expensive_passes=true')
+  script = os.path.join(ROOT, 'benchmarks', 'memory_plan.py')
+  result = subprocess.run(
+      [sys.executable, script, '--tiny', '--batch=2', '--steps=lora,hyper',
+       '--set=hypernet.encoder.remat=full'],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  temps = re.findall(r'^(lora|hyper) batch 2 .*temp ([0-9.]+)', result.stdout, re.M)
+  assert [s for s, _ in temps] == ['lora', 'hyper'], result.stdout
