@@ -59,22 +59,24 @@ def get_config(size='cpu'):
   c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
   runs, order = {}, ['base']
+
+  def add(row, seed, stage):
+    name = seeded(row, seed)
+    c.stages[name] = stage
+    runs.setdefault(row, []).append(name)
+    order.append(name)
+
   for seed in s['seeds']:  # Seed 0 of every row first.
     lora = _stage('unet_lora', s, s['lora'], 'scene', seed, pretrained='stage:base',
                   prompt_dropout=0.0)
     lora.lora.update(rank=4, alpha=4.0)
-    c.stages[seeded('single_lora', seed)] = lora
-    runs.setdefault('single_lora', []).append(seeded('single_lora', seed))
-    order.append(seeded('single_lora', seed))
+    add('single_lora', seed, lora)
     for decoder in s['decoders']:
       stage = _stage('hyperlora', s, s['hyper'], 'scene', seed, pretrained='stage:base',
                      prompt_dropout=0.0)
       stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
       stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
-      name = f'hyperlora_{decoder}'
-      c.stages[seeded(name, seed)] = stage
-      runs.setdefault(name, []).append(seeded(name, seed))
-      order.append(seeded(name, seed))
+      add(f'hyperlora_{decoder}', seed, stage)
   c.stage_order = tuple(order)
   # Rows of several runs report the spread over training seeds, run k sampled with
   # seeds[k]; the no-LoRA and oracle rows (one base model) over the sampling seeds.

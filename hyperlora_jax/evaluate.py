@@ -184,8 +184,9 @@ def clip_scores(scorer: CLIPScorer, generated, context, target,
 
 def _summary(per_seed: Sequence[Mapping[str, np.ndarray]]) -> dict:
   """metric -> mean, std over examples (of each example's mean over seeds)
-  and, with several seeds, seed_std (of the per-seed means)."""
-  out = {}
+  and, with several seeds, seed_std (of the per-seed means); plus
+  'num_examples'."""
+  out = {'num_examples': len(next(iter(per_seed[0].values()), ()))}
   for name in per_seed[0]:
     a = np.stack([s[name] for s in per_seed])  # [seeds, examples]
     out[name] = {'mean': float(a.mean()), 'std': float(a.mean(0).std())}
@@ -199,16 +200,11 @@ def evaluate_mode(config, objective, params, mode: str, **kwargs):
   every seed and scores them (keyword arguments: `score_mode`'s).
 
   Returns:
-    (metrics, kept): metrics as `_summary` plus 'num_examples'; kept holds
+    (metrics, kept): metrics as `_summary`; kept holds
     'context', 'target', 'generated' [<= keep, H, W, 3] of the first seed.
   """
   per_seed, kept = score_mode(config, objective, params, mode, **kwargs)
-  return _with_count(_summary(per_seed), per_seed), kept
-
-
-def _with_count(metrics, per_seed):
-  metrics['num_examples'] = len(next(iter(per_seed[0].values()), ()))
-  return metrics
+  return _summary(per_seed), kept
 
 
 def score_mode(config, objective, params, mode: str, *, split='test',
@@ -346,7 +342,7 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
     results[name] = {'workdir': [str(w) for w, _ in pairs] if len(pairs) > 1
                                 else str(pairs[0][0]),
                      'mode': mode, 'objective': config.objective,
-                     'metrics': _with_count(_summary(per_seed), per_seed)}
+                     'metrics': _summary(per_seed)}
   _gaps(results)
   out = {'settings': dict(split=split, num_examples=num_examples,
                           num_steps=num_steps, guidance=guidance,
