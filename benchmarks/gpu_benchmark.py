@@ -590,7 +590,9 @@ class JaxBench:
     return planned
 
   def _profile(self, name: str, fn):
-    with jax.profiler.trace(os.path.join(self.args.profile_dir, name)):
+    # The perfetto JSON beside the xplane is what benchmarks/trace_summary.py reads.
+    with jax.profiler.trace(os.path.join(self.args.profile_dir, name),
+                            create_perfetto_trace=True):
       for _ in range(1 if name.startswith('sample') else 2):
         out = fn()
       jax.block_until_ready(out)
@@ -737,6 +739,7 @@ def run(args):
         _log(f'{config}: {row.impl} ...')
         _run_torch(torch_bench, row, fn, n, compiled)
         _log(f'{config}: {row.impl}: {row.value or row.status}')
+        _save(args, rows, notes)
 
   # Ours, in the order of their expected peaks (smallest first), so that each
   # config's process peak is its own.
@@ -757,6 +760,7 @@ def run(args):
     _run_ours(row, fn, n)
     _log(f'{row.config}: {row.impl}: {row.value or row.status}')
     rows.append(row)
+    _save(args, rows, notes)
 
   # FLOPs per item: an image for training, a UNet evaluation for sampling.
   for row in rows:
@@ -801,6 +805,14 @@ def run(args):
   return rows, notes
 
 
+def _save(args, rows, notes) -> None:
+  """Writes --json now: a run cut short (a device call's time limit) keeps its rows."""
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'rows': [dataclasses.asdict(r) for r in rows], 'notes': notes}, f,
+                indent=1)
+
+
 def _mem_fraction() -> str:
   return next((os.environ[v] for v in _MEM_FRACTION_VARS if os.environ.get(v)), '0.75')
 
@@ -833,10 +845,7 @@ def main(argv=None):
     rows, notes = _merge(args.merge.split(','))
   else:
     rows, notes = run(args)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'rows': [dataclasses.asdict(r) for r in rows], 'notes': notes}, f,
-                indent=1)
+  _save(args, rows, notes)
   table = format_table(rows, notes, args.peak_flops)
   print('\n' + table)
   if args.out:

@@ -79,3 +79,57 @@ def test_memory_plan_prints_xla_plans_of_the_tiny_steps():
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   temps = re.findall(r'^(lora|hyper) batch 2 .*temp ([0-9.]+)', result.stdout, re.M)
   assert [s for s, _ in temps] == ['lora', 'hyper'], result.stdout
+
+
+def _trace_summary():
+  spec = importlib.util.spec_from_file_location(
+      'trace_summary', os.path.join(ROOT, 'benchmarks', 'trace_summary.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _perfetto(path, device_lines):
+  """A perfetto JSON like jax.profiler's: a host process and a GPU with these lines."""
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
+            {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
+            {'ph': 'X', 'pid': 1, 'tid': 1, 'name': 'convolution.9', 'dur': 1e6}]
+  for tid, (line, ops) in enumerate(device_lines.items()):
+    events.append({'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': tid,
+                   'args': {'name': line}})
+    events += [{'ph': 'X', 'pid': 2, 'tid': tid, 'name': name, 'dur': dur,
+                'args': {'long_name': text}} for name, text, dur in ops]
+  import gzip, json  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  return path
+
+
+def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
+  ts = _trace_summary()
+  xla_ops = [('custom-call.1', 'custom_call_target="__cudnn$convForward"', 300.0),
+             ('custom-call.2', 'custom_call_target="__cudnn$fmhaSoftmax"', 200.0),
+             ('fusion.3', 'fusion(...), kind=kLoop', 60.0),
+             ('fusion.4', 'fusion(...), kind=kInput, calls=%region_reduce', 40.0),
+             ('custom-call.1', 'custom_call_target="__cudnn$convForward"', 300.0)]
+  kernels = [('sm90_xmma_fprop_kernel', '', 999.0)]  # the same work, seen as kernels
+  path = _perfetto(tmp_path / 'a.perfetto_trace.json.gz',
+                   {'XLA Ops': xla_ops, 'Stream #7(compute)': kernels})
+  ops = ts.device_ops(ts.load(str(path)))
+  assert sorted(d for _, _, d in ops) == [40.0, 60.0, 200.0, 300.0, 300.0]  # no host op
+  text = ts.summarize(ops, steps=2)
+  assert 'Device time per step: 0.45 ms in 2 ops.' in text
+  shares = dict(re.findall(r'\| (\w[\w /]+) \| [0-9.]+ ms \| ([0-9.]+)% \|', text))
+  assert shares == {'convolution': '66.7', 'attention': '22.2',
+                    'elementwise fusion': '6.7', 'reduction fusion': '4.4'}
+  assert text.index('| custom-call.1 | convolution | 0.30 ms |') < text.index('fusion.3')
+
+  # Without an XLA Ops line, the kernels on the stream lines are the ops.
+  path = _perfetto(tmp_path / 'b.perfetto_trace.json.gz', {'Stream #7(compute)': kernels})
+  assert ts.summarize(ts.device_ops(ts.load(str(path)))).count('convolution') == 2
+
+  import pytest  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  with pytest.raises(ValueError, match='no device in the trace'):
+    ts.device_ops([e for e in ts.load(str(path)) if e.get('pid') == 1])
+  with pytest.raises(FileNotFoundError, match='create_perfetto_trace=True'):
+    ts.find_traces(str(tmp_path / 'nothing_here'))
