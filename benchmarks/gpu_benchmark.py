@@ -158,6 +158,8 @@ def parse_args(argv=None):
                       "GPU, xla elsewhere; default = leave JAX's choice")
   p.add_argument('--remat', default='none',
                  help="our train.remat: none, full or a jax.checkpoint_policies name")
+  p.add_argument('--encoder_remat', default=None,
+                 help="the HyperLoRA ViT's hypernet.encoder.remat (default: the config's)")
   p.add_argument('--torch_compile_mode', default='default',
                  help='torch.compile mode: default, reduce-overhead, max-autotune')
   p.add_argument('--xla_flags', default='', help='appended to XLA_FLAGS')
@@ -511,6 +513,8 @@ class JaxBench:
     self.config = common.base_config('hyperlora')
     c = self.config
     c.train.remat = args.remat
+    if args.encoder_remat:
+      c.hypernet.encoder.remat = args.encoder_remat
     c.lora.update(rank=args.rank, alpha=float(args.rank))
     c.hypernet.encoder.update(kind='vit', vit=dict(shapes.vit))
     c.hypernet.decoder.update(kind='transformer', **shapes.decoder)
@@ -775,7 +779,8 @@ def run(args):
       f'{shapes.latent}x{shapes.latent}x4, text {shapes.text_len}x{shapes.text_dim}, '
       f'{args.dtype} compute; our frozen UNet params stored as {args.unet_param_dtype}; '
       f'our attention: jax.nn.dot_product_attention(implementation={attention!r}); '
-      f'remat={args.remat!r}.' + _fallback_note(),
+      f'remat={args.remat!r}, ViT encoder remat='
+      f'{bench.config.hypernet.encoder.remat!r}.' + _fallback_note(),
       f'LoRA rows: rank {args.rank} (alpha {args.rank}) on to_q/to_k/to_v/to_out of every '
       f'self- and cross-attention, eps MSE at random timesteps, AdamW + grad-norm clip '
       f'1.0; diffusers as its train_text_to_image_lora.py ({args.dtype} frozen weights, fp32 '
