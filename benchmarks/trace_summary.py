@@ -25,7 +25,7 @@ CATEGORIES = (
     ('attention', re.compile(r'fmha|flash|attention|softmax', re.I)),
     ('convolution', re.compile(r'cudnn\$conv|convolution|conv_|xmma|fprop|dgrad|wgrad',
                                re.I)),
-    ('matmul', re.compile(r'gemm|cublas|\bdot\b|dot\.|dot_general|matmul', re.I)),
+    ('matmul', re.compile(r'gemm|nvjet|cublas|\bdot\b|dot\.|dot_general|matmul', re.I)),
     ('copy/transpose', re.compile(r'copy|transpose|memcpy|memset', re.I)),
     ('reduction fusion', re.compile(r'kind=kInput|reduce|reduction', re.I)),
     ('elementwise fusion', re.compile(r'fusion|kind=kLoop|loop_', re.I)),

@@ -76,3 +76,16 @@ def test_tiny_config_learns_through_main(tmp_path):
   assert config['train']['num_steps'] == 12
   assert (workdir / 'checkpoints' / '12' / 'data' /
           'process_0-of-1.json').exists()
+
+
+def test_main_turns_triton_gemm_off_unless_the_user_sets_it():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH,
+             XLA_FLAGS='--xla_dump_to=/tmp/d')
+  result = subprocess.run(
+      [sys.executable, '-c', 'import os, hyperlora_jax.main; print(os.environ["XLA_FLAGS"])'],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+  assert result.stdout.strip() == '--xla_dump_to=/tmp/d --xla_gpu_enable_triton_gemm=false'
+  from hyperlora_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  assert main_lib.default_xla_flags('') == '--xla_gpu_enable_triton_gemm=false'
+  mine = '--xla_gpu_enable_triton_gemm=true'
+  assert main_lib.default_xla_flags(mine) == mine
