@@ -260,6 +260,34 @@ def test_syntheticlist(synthetic_data):
           np.round((b['context'][i] + 1) * 127.5), ex['context'])
 
 
+def test_item_frac_gets_its_own_data_and_cache(synthetic_data, tmp_path):
+  # The default keeps the name data had before item_frac existed: built data
+  # (and the published quickstart runs' inputs) are reused unchanged.
+  assert builders.synthetic_config(32, 4000, 200).name == 'r32_4d25893f26'
+  assert builders.synthetic_config(
+      32, 4000, 200, item_frac=synthetic.ITEM_FRAC).name == 'r32_4d25893f26'
+  big = synthetic_data.copy_and_resolve_references()
+  big.item_frac = 0.5
+  default, other = builders.make_builder(synthetic_data), builders.build(big)
+  assert other.data_path != default.data_path
+  assert (pipeline.cache_dir(other, 'c', 'test')
+          != pipeline.cache_dir(default, 'c', 'test'))
+  b = next(pipeline.create_dataset(big, 'test', process_index=0,
+                                   process_count=1, num_epochs=1,
+                                   shuffle=False))
+  np.testing.assert_array_equal(b['box'][:, 2] - b['box'][:, 0], 16)
+  for i in range(4):
+    ex = synthetic.example(int(b['id'][i]), 'test', item_frac=0.5)
+    np.testing.assert_array_equal(np.round((b['target'][i] + 1) * 127.5),
+                                  ex['target'])
+    assert synthetic.color_and_pattern_of(b['target'][i], b['box'][i]) == (
+        b['color'][i], b['pattern'][i])
+  # A config saved before the field existed reads the default's data.
+  old = synthetic_data.copy_and_resolve_references()
+  del old['item_frac']
+  assert builders.make_builder(old).data_path == default.data_path
+
+
 def test_cache_roundtrip(synthetic_data):
   data = synthetic_data.copy_and_resolve_references()
   data.cache_name = 'fake'

@@ -8,11 +8,18 @@ import pytest
 from hyperlora_jax.data import synthetic
 
 
-@pytest.mark.parametrize('resolution', [32, 64])
-def test_scorer_reads_ground_truth(resolution):
+# (resolution, item_frac): the default, and the CPU quickstart's larger item.
+@pytest.mark.parametrize('resolution,item_frac', [
+    (32, synthetic.ITEM_FRAC), (64, synthetic.ITEM_FRAC), (16, 0.7), (32, 0.5)])
+def test_scorer_reads_ground_truth(resolution, item_frac):
   for split in synthetic.SPLITS:
-    g = synthetic.generate(300, split, resolution=resolution)
-    for image, box in (('target', 'box'), ('context', 'context_box')):
+    g = synthetic.generate(300, split, resolution=resolution,
+                           item_frac=item_frac)
+    # 16 px contexts (items of 10-12 px) are below what the scorer reads;
+    # only generated targets are scored.
+    images = (('target', 'box'),) + (
+        (('context', 'context_box'),) if resolution >= 32 else ())
+    for image, box in images:
       read = np.array([synthetic.color_and_pattern_of(g[image][i], g[box][i])
                        for i in range(300)])
       assert np.mean(read[:, 0] == g['color']) >= 0.99, (split, image)
@@ -36,6 +43,31 @@ def test_scorer_detects_wrong_items():
   target = g['target'][0].astype(np.float32) / 127.5 - 1
   assert synthetic.color_and_pattern_of(target, g['box'][0]) == (
       g['color'][0], g['pattern'][0])
+
+
+@pytest.mark.parametrize('resolution,item_frac', [(16, 0.7), (32, 0.5),
+                                                  (32, synthetic.ITEM_FRAC)])
+def test_item_occupies_the_configured_fraction(resolution, item_frac):
+  g = synthetic.generate(60, 'test', resolution=resolution,
+                         item_frac=item_frac)
+  ref = synthetic.generate(60, 'test', resolution=resolution)
+  side = round(item_frac * resolution)
+  x0, y0, x1, y1 = g['box'].T
+  np.testing.assert_array_equal(x1 - x0, side)
+  np.testing.assert_array_equal(y1 - y0, side)
+  assert (x0 >= 0).all() and (y0 >= 0).all()
+  assert (x1 <= resolution).all() and (y1 <= resolution).all()
+  for i in range(60):  # The item fills its box as its shape says.
+    mask = g['mask'][i]
+    assert mask.sum() == mask[y0[i]:y1[i], x0[i]:x1[i]].sum()
+    assert mask.sum() == synthetic._item_masks(int(g['shape'][i]), 0,
+                                               side)[0].sum()
+  # Only the item's size changes: same items, scenes, contexts and prompts.
+  for k in ('shape', 'color', 'pattern', 'color2', 'background', 'position',
+            'context', 'prompt_full'):
+    np.testing.assert_array_equal(g[k], ref[k])
+  with pytest.raises(ValueError, match='item_frac'):
+    synthetic.example(0, item_frac=0.0)
 
 
 def test_held_out_identities():

@@ -76,6 +76,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
   holdout_seed: int = 0
   test_fraction: float = 0.2
+  item_frac: float = synthetic.ITEM_FRAC
 
 
 @dataclasses.dataclass
@@ -94,12 +95,17 @@ def _config_name(prefix, fields):
 
 
 def synthetic_config(resolution=32, num_train=1000, num_test=200, seed=0,
-                     holdout_seed=0, test_fraction=0.2):
+                     holdout_seed=0, test_fraction=0.2,
+                     item_frac=synthetic.ITEM_FRAC):
   fields = dict(resolution=resolution, num_train=num_train,
                 num_test=num_test, seed=seed, holdout_seed=holdout_seed,
                 test_fraction=test_fraction)
-  return SyntheticConfig(name=_config_name(f'r{resolution}', fields),
-                         version=VERSION, **fields)
+  # In the name only when not the default: data built before item_frac
+  # existed keeps its name (and folder), any other value gets its own.
+  named = dict(fields, item_frac=float(item_frac)) if (
+      item_frac != synthetic.ITEM_FRAC) else fields
+  return SyntheticConfig(name=_config_name(f'r{resolution}', named),
+                         version=VERSION, item_frac=float(item_frac), **fields)
 
 
 def folder_config(root, prompts_file='', static_prompt='',
@@ -404,7 +410,8 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
     for i in range(num):
       ex = synthetic.example(
           i, split, resolution=cfg.resolution, seed=cfg.seed,
-          holdout_seed=cfg.holdout_seed, test_fraction=cfg.test_fraction)
+          holdout_seed=cfg.holdout_seed, test_fraction=cfg.test_fraction,
+          item_frac=cfg.item_frac)
       out = {k: ex[k] for k in self._INTS + ('box', 'prompt_static',
                                              'prompt_full')}
       out.update(context=_png(ex['context']), target=_png(ex['target']),
@@ -422,7 +429,9 @@ def make_builder(data):
   if data.name == 'synthetic':
     return Synthetic(config=synthetic_config(
         data.resolution, data.num_train, data.num_test, data.seed,
-        data.holdout_seed, data.test_fraction), **kwargs)
+        data.holdout_seed, data.test_fraction,
+        # Configs saved before the field existed (restore_run) lack it.
+        data.get('item_frac', synthetic.ITEM_FRAC)), **kwargs)
   if data.name not in _FOLDER_BUILDERS:
     raise ValueError(f'unknown data.name {data.name!r}: expected synthetic, '
                      f'{", ".join(_FOLDER_BUILDERS)}')

@@ -59,6 +59,9 @@ Config fields (default_config()):
   seed            shuffle seed and synthetic data seed.
   num_train, num_test, holdout_seed, test_fraction   synthetic sizes and
                   held-out identities (synthetic.py).
+  item_frac       synthetic: the item's side in the target, fraction of the
+                  resolution (0.34); part of the built data's name, so data
+                  (and caches under it) of another value are never reused.
   batch_size      global batch size, divided among hosts (create_dataset's
                   batch_size argument overrides it).
   num_threads     reader threads; prefetch: batches read ahead (>=
@@ -90,6 +93,7 @@ import numpy as np
 from PIL import Image
 
 from hyperlora_jax.data import builders
+from hyperlora_jax.data import synthetic
 
 _PROMPT_KEYS = {'scene': 'prompt', 'static': 'prompt_static',
                 'full': 'prompt_full'}
@@ -112,6 +116,7 @@ def default_config():
   c.num_test = 200
   c.holdout_seed = 0
   c.test_fraction = 0.2
+  c.item_frac = synthetic.ITEM_FRAC
   c.batch_size = 8
   c.num_threads = 4
   c.prefetch = 4

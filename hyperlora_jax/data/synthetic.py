@@ -55,7 +55,7 @@ TOKEN = 'S*'
 STATIC_PROMPT = f'a figure wearing {TOKEN}'
 SPLITS = ('train', 'test')
 
-_ITEM_FRAC = 0.34  # Item side in the target, fraction of the resolution.
+ITEM_FRAC = 0.34  # Default item side in the target, fraction of the resolution.
 _BORDER = 0.25  # Border width in item units (the item spans [-1, 1]).
 _CELLS = 5  # Stripes / checks cells across the item.
 # Dot centers per shape, placed so that whole dots fit inside the border and
@@ -201,8 +201,14 @@ def _paste(canvas, shape, color, pattern, color2, size, x0, y0):
 
 
 def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
-            test_fraction=0.2):
+            test_fraction=0.2, item_frac=ITEM_FRAC):
   """Example `index` of `split`: a dict of numpy arrays and prompt strings.
+
+  `item_frac` is the item's side in the target as a fraction of the resolution
+  (the figure's torso is 0.3 wide): a larger item is a larger share of the
+  target's pixels, so of the diffusion loss. The box is kept inside the image
+  (it moves inward at the left / right positions above 0.44); the random draws
+  do not depend on it, so the same index has the same item, scene and context.
 
   Keys: 'context', 'target' [R, R, 3] uint8; 'mask' [R, R] bool (item pixels
   in the target); 'box' [4] int32 (x0, y0, x1, y1), the item's pixel box in
@@ -212,6 +218,8 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   `prompts`).
   """
   r = resolution
+  if not 0 < item_frac <= 1:
+    raise ValueError(f'item_frac must be in (0, 1], got {item_frac}')
   ident_pool = split_identities(holdout_seed, test_fraction)[
       SPLITS.index(split)]
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
@@ -227,9 +235,10 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   item = (shape, color, pattern, color2)
   _paste(context, *item, size_c, cx0, cy0)
 
-  size_t = int(round(_ITEM_FRAC * r))
-  x0 = int(round(_POSITION_X[position] * r - size_t / 2))
-  y0 = int(round(0.47 * r - size_t / 2))
+  size_t = int(round(item_frac * r))
+  x0 = min(max(int(round(_POSITION_X[position] * r - size_t / 2)), 0),
+           r - size_t)
+  y0 = min(max(int(round(0.47 * r - size_t / 2)), 0), r - size_t)
   target = _scene(r, background, position).copy()
   mask = _paste(target, *item, size_t, x0, y0)
 
