@@ -8,6 +8,7 @@ import pytest
 from configs import quickstart, tiny_test
 from hyperlora_jax import train
 from hyperlora_jax.convert import lora_files, pipeline
+from hyperlora_jax.data import synthetic
 
 
 def _tiny_stages():
@@ -56,3 +57,9 @@ def test_quickstart_config_is_complete(size):
   for name in c.stage_order[1:]:
     assert c.stages[name].model.pretrained == 'stage:base'
     assert c.stages[name].data.prompt == 'scene'
+    # Every stage trains and is scored on the same images as the base model.
+    for key in ('resolution', 'item_frac', 'num_train', 'seed'):
+      assert c.stages[name].data[key] == c.stages.base.data[key], key
+  if size == 'gpu':  # The published GPU results' data: the default item size.
+    assert c.stages.base.data.item_frac == synthetic.ITEM_FRAC
+    assert c.stages.base.data.resolution == 64
