@@ -23,8 +23,8 @@ def default_xla_flags(xla_flags: str) -> str:
   return f'{xla_flags} --xla_gpu_enable_triton_gemm=false'.strip()
 
 
-os.environ['XLA_FLAGS'] = default_xla_flags(os.environ.get('XLA_FLAGS', ''))  # Before
-# JAX starts its backend, which reads them once.
+# Here, before JAX starts its backend, which reads XLA_FLAGS once.
+os.environ['XLA_FLAGS'] = default_xla_flags(os.environ.get('XLA_FLAGS', ''))
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
