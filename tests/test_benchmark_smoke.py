@@ -1,9 +1,13 @@
-"""benchmarks/gpu_benchmark.py runs end to end in its tiny CPU mode."""
+"""benchmarks/: the tiny CPU modes run end to end; trace_summary.py sums a made-up trace."""
+import gzip
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_benchmark.py')
@@ -99,7 +103,6 @@ def _perfetto(path, device_lines):
                    'args': {'name': line}})
     events += [{'ph': 'X', 'pid': 2, 'tid': tid, 'name': name, 'dur': dur,
                 'args': {'long_name': text}} for name, text, dur in ops]
-  import gzip, json  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   with gzip.open(path, 'wt') as f:
     json.dump({'traceEvents': events}, f)
   return path
@@ -128,7 +131,6 @@ def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
   path = _perfetto(tmp_path / 'b.perfetto_trace.json.gz', {'Stream #7(compute)': kernels})
   assert ts.summarize(ts.device_ops(ts.load(str(path)))).count('convolution') == 2
 
-  import pytest  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   with pytest.raises(ValueError, match='no device in the trace'):
     ts.device_ops([e for e in ts.load(str(path)) if e.get('pid') == 1])
   with pytest.raises(FileNotFoundError, match='create_perfetto_trace=True'):
