@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Our LoRA training step (no diffusers rows) under several XLA_FLAGS sets, one process
 # each (XLA reads its flags once per process), and with a warm compilation cache; writes
-# the fastest set to $BEST for later runs (--xla_flags="$(cat $BEST)").
+# the best set (within 1% of the fastest, the quickest to compile) to $BEST for later
+# runs (--xla_flags="$(cat $BEST)").
 #
 #   OUT=/tmp/sweep BEST=workdirs/bench/flags.txt bash benchmarks/xla_flag_sweep.sh
 #
@@ -43,7 +44,10 @@ for i, flags in enumerate(sets):
   row = json.load(open(path))['rows'][0] if os.path.exists(path) else {}
   rows.append((row.get('value') or 0, -(row.get('compile_s') or 1e9), flags))
   print(f"{flags or '(none)'}: {row.get('value')} img/s, compile {row.get('compile_s')} s")
-value, _, flags = max(rows)
-print(f'fastest: {flags or "(none)"} ({value} img/s)')
+# Within 1% of the fastest (run-to-run noise), the quickest to compile.
+top = max(v for v, _, _ in rows)
+value, _, flags = max((r for r in rows if r[0] >= 0.99 * top and r[0] > 0),
+                      key=lambda r: r[1])  # r[1] = -compile seconds
+print(f'best: {flags or "(none)"} ({value} img/s)')
 open(best, 'w').write(flags)
 PY
