@@ -19,24 +19,29 @@ from hyperlora_jax.data import synthetic
 SIZES = {
     # resolution, item side as a fraction of it, unet channels, text width, base / lora /
     # hypernet steps, batch, decoders, training seeds (each trained row once per seed),
-    # data loader processes
+    # data loader processes, the base model's prediction type (the later stages read it
+    # from the base's scheduler folder)
     #
     # cpu: 16 px with the item at 0.7 of the side: the item stays 11 px wide, as at 32 px
     # with 0.34 (the size the scorer reads exactly), but it is half of the target's pixels
     # instead of an eighth, and a UNet step costs ~4x less (0.38 s at batch 16 on 2 cores),
-    # so the base model sees 2x the images in about the same time. See RESULTS.md.
+    # so the base model sees 2x the images in about the same time.
+    # v-prediction: the item's color is settled at the noisiest steps, where an epsilon loss
+    # gives it almost no weight (oracle color after 400 base steps: 90% vs 12%; RESULTS.md).
     'cpu': dict(resolution=16, item_frac=0.7, channels=(32, 64, 64), text=64, base=800,
                 lora=100, hyper=200, batch=16, decoders=('heads',), num_train=4000,
-                seeds=(0,), eval_examples=48, eval_steps=20, dtype='float32', workers=0),
+                seeds=(0,), eval_examples=48, eval_steps=20, dtype='float32', workers=0,
+                prediction='v_prediction'),
     'gpu': dict(resolution=64, item_frac=synthetic.ITEM_FRAC, channels=(64, 128, 256),
                 text=128, base=4000, lora=500, hyper=1000, batch=128,
                 decoders=('heads', 'transformer', 'perceiver'), num_train=20000,
                 seeds=(0, 1, 2), eval_examples=200, eval_steps=25, dtype='bfloat16',
-                workers=-1),
+                workers=-1, prediction='epsilon'),  # the measured table; see RESULTS.md
     # The smallest end-to-end run (the Colab notebook's test): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=synthetic.ITEM_FRAC, channels=(16, 32), text=32,
                   base=4, lora=2, hyper=2, batch=4, decoders=('heads',), num_train=64,
-                  seeds=(0,), eval_examples=4, eval_steps=2, dtype='float32', workers=0),
+                  seeds=(0,), eval_examples=4, eval_steps=2, dtype='float32', workers=0,
+                  prediction='v_prediction'),
 }
 
 
@@ -65,6 +70,7 @@ def get_config(size='cpu'):
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
   c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
+  c.stages.base.model.scheduler.prediction_type = s['prediction']
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
   runs, order = {}, ['base']
 

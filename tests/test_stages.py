@@ -19,7 +19,9 @@ def _tiny_stages():
     stage = tiny_test.get_config(objective)
     stage.train.update(num_steps=2, checkpoint_every=2)
     stage.data.prompt = 'full' if objective == 'unet_full' else 'scene'
-    if objective != 'unet_full':
+    if objective == 'unet_full':
+      stage.model.scheduler = dict(prediction_type='v_prediction')
+    else:
       stage.model.pretrained = 'stage:base'
     stage.eval = dict(num_examples=0)
     c.stages[name] = stage
@@ -35,6 +37,11 @@ def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch):
   # The base model is an ordinary diffusers folder the later stages loaded.
   base = pipeline.load_pipeline(os.path.join(workdir, 'base', 'pipeline'))
   assert base.unet_config['in_channels'] == 3
+  # Its prediction type travels in its scheduler folder: the hypernetwork trained (and is
+  # sampled) with the base's v-prediction though its own config says epsilon.
+  stage_config, objective, _ = train.restore_run(os.path.join(workdir, 'hyperlora_heads'))
+  assert stage_config.model.scheduler.prediction_type == 'epsilon'
+  assert objective.models.schedule.prediction_type == 'v_prediction'
   report = os.path.join(workdir, 'report')
   with open(os.path.join(report, 'results.md')) as f:
     table = f.read()
