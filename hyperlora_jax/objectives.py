@@ -19,6 +19,9 @@ config.model
                   None (the SD1.5 configs) must be set on the command line
   unet, text      diffusers / transformers config dicts for from-scratch models
   max_length      token sequence length for a from-scratch tokenizer (40)
+  scheduler       keys over SD1.5's scheduler config for from-scratch models, e.g.
+                  prediction_type ('epsilon' | 'v_prediction'); a pretrained folder
+                  brings its own scheduler/ and this section is not read
   targets         LoRA targets (`lora.TARGET_SETS` names or regexes) ('cross_attn')
   prompt_dropout  probability of training on the empty prompt, for guidance (0.1)
   min_snr_gamma   min-SNR loss weighting (None = off)
