@@ -68,9 +68,9 @@ def _conv(features, name, dtype, kernel=3, stride=1, padding=1):
 
 
 def _group_norm(groups, eps, name, dtype):
-  # Two-pass variance in float32 (diffusers' exact numerics); with half-precision
-  # activations the statistics are still float32 sums, where one pass (E[x^2] - E[x]^2)
-  # is accurate enough and saves a read of every activation.
+  # float32 compute keeps the two-pass variance (diffusers' exact numerics). With
+  # half-precision activations the statistics are still float32 sums, where one pass
+  # (E[x^2] - E[x]^2) is accurate enough and saves a read of every activation.
   fast = jnp.dtype(dtype) != jnp.float32
   return nn.GroupNorm(groups, epsilon=eps, dtype=dtype, use_fast_variance=fast, name=name)
 
