@@ -39,7 +39,7 @@ import numpy as np
 
 from hyperlora_jax import objectives
 from hyperlora_jax import sample
-from hyperlora_jax.convert import core
+from hyperlora_jax.convert import clip_folders, core
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip
@@ -123,7 +123,7 @@ def load_clip(folder: str) -> CLIPScorer:
   vision tower alone: then CLIP-T is skipped and `note` says why)."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'No such CLIP folder: {folder}')
-  vision, vision_params, config = clip.load_vision_model(folder)
+  vision, vision_params, config = clip_folders.load_vision_model(folder)
   if vision.projection_dim is None:
     raise ValueError(f'{folder} is a CLIP vision tower without its projection; '
                      'the metrics compare projected image embeddings.')
@@ -139,9 +139,9 @@ def load_clip(folder: str) -> CLIPScorer:
   if missing:
     return CLIPScorer(vision, vision_params, None, None, None, None,
                       f'CLIP-T skipped: {folder} has no {" and no ".join(missing)}.')
-  text, text_params, _ = clip.load_text_model(folder)
+  text, text_params, _ = clip_folders.load_text_model(folder)
   return CLIPScorer(vision, vision_params, text, text_params,
-                    state['text_projection.weight'].T, clip.load_tokenizer(folder), '')
+                    state['text_projection.weight'].T, clip_folders.load_tokenizer(folder), '')
 
 
 @jax.jit

@@ -47,7 +47,7 @@ import numpy as np
 
 from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.convert import pipeline
+from hyperlora_jax.convert import clip_folders, pipeline
 from hyperlora_jax.models import clip, hypernet, unet, vae
 
 OBJECTIVES = ('hyperlora', 'unet_lora', 'unet_full')
@@ -92,8 +92,8 @@ def _base(config, rng):
         f'{config.model.pretrained}/tokenizer'
   from hyperlora_jax.data import synthetic  # from-scratch models speak the synthetic task
   folder = tempfile.mkdtemp(prefix='hyperlora_tokenizer_')
-  clip.write_tokenizer(synthetic.vocabulary(), folder, config.model.max_length)
-  tokenizer = clip.load_tokenizer(folder)
+  clip_folders.write_tokenizer(synthetic.vocabulary(), folder, config.model.max_length)
+  tokenizer = clip_folders.load_tokenizer(folder)
   unet_config = config.model.unet.to_dict()
   text_config = dict(config.model.text.to_dict(), vocab_size=len(tokenizer),
                      max_position_embeddings=config.model.max_length,
@@ -132,7 +132,7 @@ def build(config, rng) -> Objective:
     tower_module, tower = _clip_tower(config)
     net = hypernet.build(config.hypernet, targets, tower_module)
   models = Models(base.unet, base.unet_config, base.text, base.text_config, base.tokenizer,
-                  tokenizer_folder, _max_length(base.tokenizer), base.schedule,
+                  tokenizer_folder, clip.model_max_length(base.tokenizer), base.schedule,
                   base.scheduler_config, base.vae, net, targets)
   frozen = {'unet': base.unet_params, 'text': base.text_params}
   if base.vae is not None:
@@ -207,11 +207,6 @@ def init_lora(rng, targets, rank):
                    'up': jnp.zeros((t.d_out, rank))} for k, t in zip(keys, targets)}
 
 
-def _max_length(tokenizer):
-  from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
-  return 77 if tokenizer.model_max_length >= VERY_LARGE_INTEGER else tokenizer.model_max_length
-
-
 def _clip_tower(config):
   """(module, params) of a pretrained CLIP vision tower for 'clip' encoders, else Nones."""
   enc = config.hypernet.encoder
@@ -220,5 +215,5 @@ def _clip_tower(config):
   if not enc.pretrained:
     raise ValueError('config.hypernet.encoder.pretrained is not set: the clip encoder '
                      'needs a local transformers CLIP (vision) folder.')
-  module, params, _ = clip.load_vision_model(enc.pretrained, _dtype(config))
+  module, params, _ = clip_folders.load_vision_model(enc.pretrained, _dtype(config))
   return module, params

@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from hyperlora_jax.convert import CheckpointError, load_flax_model
+from hyperlora_jax.convert import CheckpointError, clip_folders, load_flax_model
 from hyperlora_jax.models import clip
 
 VOCAB = 99
@@ -61,7 +61,7 @@ def torch_text(folder, ids, mask=None):
 @pytest.mark.parametrize('hidden_act,eos_token_id', [('quick_gelu', EOS), ('gelu', 2)])
 def test_text_matches_transformers(tmp_path, hidden_act, eos_token_id):
   folder = text_folder(tmp_path, hidden_act=hidden_act, eos_token_id=eos_token_id)
-  module, params, _ = clip.load_text_model(folder)
+  module, params, _ = clip_folders.load_text_model(folder)
   ids = token_ids()
   mask = (ids != PAD).astype(np.int64)
   for m in (None, mask):
@@ -83,7 +83,7 @@ def test_text_matches_transformers(tmp_path, hidden_act, eos_token_id):
 
 def test_text_bf16_is_finite_and_close(tmp_path):
   folder = text_folder(tmp_path)
-  module, params, _ = clip.load_text_model(folder, dtype=jnp.bfloat16)
+  module, params, _ = clip_folders.load_text_model(folder, dtype=jnp.bfloat16)
   ids = token_ids()
   last, pooled, _ = torch_text(folder, ids)
   out = module.apply({'params': params}, jnp.asarray(ids))
@@ -100,7 +100,7 @@ def test_vision_matches_transformers(tmp_path, dtype, tol, remat):
   torch.manual_seed(0)
   config = transformers.CLIPVisionConfig(**VISION)
   folder = save(transformers.CLIPVisionModelWithProjection(config).eval(), tmp_path / 'vision')
-  module, params, _ = clip.load_vision_model(folder, dtype=dtype)
+  module, params, _ = clip_folders.load_vision_model(folder, dtype=dtype)
   module = module.clone(remat=remat)  # the scanned, checkpointed layers: same values
   pixels = np.random.RandomState(1).randn(2, 3, 32, 32).astype(np.float32)
   model = transformers.CLIPVisionModelWithProjection.from_pretrained(folder).eval()
@@ -125,8 +125,8 @@ def test_full_clip_checkpoint_and_prefixed_text_checkpoint(tmp_path):
   config = transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=20)
   model = transformers.CLIPModel(config).eval()
   folder = save(model, tmp_path / 'clip')
-  text, text_params, _ = clip.load_text_model(folder)
-  vision, vision_params, _ = clip.load_vision_model(folder)
+  text, text_params, _ = clip_folders.load_text_model(folder)
+  vision, vision_params, _ = clip_folders.load_vision_model(folder)
   assert vision.projection_dim == 20  # the CLIPConfig's, not the vision_config's
   ids = token_ids()
   pixels = np.random.RandomState(2).randn(1, 3, 32, 32).astype(np.float32)
@@ -158,7 +158,7 @@ def test_full_clip_checkpoint_and_prefixed_text_checkpoint(tmp_path):
 
 
 def test_text_lora(tmp_path):
-  module, params, _ = clip.load_text_model(text_folder(tmp_path))
+  module, params, _ = clip_folders.load_text_model(text_folder(tmp_path))
   ids = jnp.asarray(token_ids())
   target = 'text_model/encoder/layers_1/self_attn/q_proj'
   assert 'kernel' in params['text_model']['encoder']['layers_1']['self_attn']['q_proj']
@@ -191,7 +191,7 @@ def test_bad_checkpoints_and_configs(tmp_path):
   del state['encoder.layers.2.mlp.fc2.bias']
   save_file(state, path)
   with pytest.raises(CheckpointError) as e:
-    clip.load_text_model(folder)
+    clip_folders.load_text_model(folder)
   assert 'text_model.encoder.layers.0.self_attn.q_proj.weight' in str(e.value)
   assert 'text_model/encoder/layers_2/mlp/fc2/bias' in str(e.value)
 
@@ -235,10 +235,10 @@ def test_tokenizer(tmp_path):
   np.testing.assert_array_equal(expected[0], [21, 10, 2, 16, 9, 3, 2, 16, 22, 22, 22, 22])
   assert expected[1, -1] == 22
   for folder, max_length in ((pipeline_style, None), (str(tmp_path / 'saved'), 12)):
-    ids = clip.tokenize(clip.load_tokenizer(folder), prompts, max_length)
+    ids = clip.tokenize(clip_folders.load_tokenizer(folder), prompts, max_length)
     assert ids.dtype == np.int32 and ids.shape == (2, 12)
     np.testing.assert_array_equal(ids, expected)
-  one = clip.tokenize(clip.load_tokenizer(pipeline_style), 'low lower', max_length=6)
+  one = clip.tokenize(clip_folders.load_tokenizer(pipeline_style), 'low lower', max_length=6)
   np.testing.assert_array_equal(one, [[21, 15, 10, 2, 16, 22]])
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from hyperlora_jax import evaluate, sample, train
 from hyperlora_jax.data import synthetic
+from hyperlora_jax.convert import clip_folders
 from hyperlora_jax.models import clip
 from tests.test_sample import make_run, run_cli, shared_dirs
 
@@ -117,8 +118,8 @@ VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
 def clip_folder(tmp_path_factory):
   """A tiny random CLIPModel saved by transformers, with a tokenizer."""
   folder = str(tmp_path_factory.mktemp('clip'))
-  clip.write_tokenizer(synthetic.vocabulary(), folder, 24)
-  tokenizer = clip.load_tokenizer(folder)
+  clip_folders.write_tokenizer(synthetic.vocabulary(), folder, 24)
+  tokenizer = clip_folders.load_tokenizer(folder)
   torch.manual_seed(0)
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,

@@ -11,7 +11,7 @@ import transformers
 
 from configs import sd15_recontext
 from hyperlora_jax import objectives
-from hyperlora_jax.convert import pipeline
+from hyperlora_jax.convert import clip_folders, pipeline
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip, vae
 
@@ -23,7 +23,7 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 def folders(tmp_path_factory):
   root = tmp_path_factory.mktemp('sd')
   torch.manual_seed(0)
-  clip.write_tokenizer(synthetic.vocabulary(), str(root / 'tok'), max_length=40)
+  clip_folders.write_tokenizer(synthetic.vocabulary(), str(root / 'tok'), max_length=40)
   tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / 'tok'))
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **TEXT))
@@ -70,7 +70,7 @@ def test_recontext_config_trains_on_a_pipeline_folder(folders):
   config.train.compute_dtype = 'float32'
   objective = objectives.build(config, jax.random.key(0))
   # The CLIP tower's weights are the folder's, and they are trained.
-  _, tower, _ = clip.load_vision_model(clip_folder)
+  _, tower, _ = clip_folders.load_vision_model(clip_folder)
   np.testing.assert_array_equal(
       objective.trainable['encoder']['tower']['visual_projection']['kernel'],
       tower['visual_projection']['kernel'])

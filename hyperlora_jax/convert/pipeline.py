@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 
 from hyperlora_jax import diffusion
 from hyperlora_jax.convert import core
-from hyperlora_jax.models import clip, unet, vae
+from hyperlora_jax.convert import clip_folders
+from hyperlora_jax.models import unet, vae
 
 UNET_WEIGHTS = 'diffusion_pytorch_model.safetensors'
 TEXT_WEIGHTS = 'model.safetensors'
@@ -44,7 +45,7 @@ def load_pipeline(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = Fa
                               'pipeline (unet/, text_encoder/, tokenizer/, scheduler/, vae/).')
   unet_module, unet_params, unet_config = core.load_flax_model(
       os.path.join(folder, 'unet'), lambda c: unet.from_config(c, dtype), allow_pickle=allow_pickle)
-  text, text_params, text_config = clip.load_text_model(
+  text, text_params, text_config = clip_folders.load_text_model(
       os.path.join(folder, 'text_encoder'), dtype, allow_pickle)
   with open(os.path.join(folder, 'scheduler', 'scheduler_config.json')) as f:
     scheduler_config = json.load(f)
@@ -53,7 +54,7 @@ def load_pipeline(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = Fa
     vae_module, vae_params, _ = core.load_flax_model(
         os.path.join(folder, 'vae'), lambda c: vae.from_config(c, dtype), allow_pickle=allow_pickle)
   return Pipeline(unet_module, unet_params, unet_config, text, text_params, text_config,
-                  clip.load_tokenizer(os.path.join(folder, 'tokenizer')),
+                  clip_folders.load_tokenizer(os.path.join(folder, 'tokenizer')),
                   diffusion.schedule_from_config(scheduler_config), scheduler_config,
                   vae_module, vae_params)
 

@@ -4,8 +4,7 @@ Submodule names mirror transformers' modules, so ``convert.torch_to_flax`` maps 
 state dicts unchanged: ``text_model.encoder.layers.3.self_attn.q_proj.weight`` is the
 Flax path ``text_model/encoder/layers_3/self_attn/q_proj/kernel``. The roots keep the
 ``text_model`` / ``vision_model`` level that diffusers pipelines and transformers 4.x
-checkpoints carry; ``load_text_model`` / ``load_vision_model`` also read transformers 5
-saves, which drop it. Attention and MLP projections are ``lora.Dense``, so both towers
+checkpoints carry (`convert.clip` loads folders, transformers 5 saves too). Attention and MLP projections are ``lora.Dense``, so both towers
 take an optional LoRA tree keyed by paths such as
 ``text_model/encoder/layers_0/self_attn/q_proj``.
 
@@ -21,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax.convert import core
 from hyperlora_jax.lora import Dense, LoRATree
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -377,33 +375,6 @@ def vision_from_config(config: Mapping[str, Any],
   return _build(CLIPVisionModelWithProjection, sub, dtype, **overrides)
 
 
-def _load(folder: str, build, prefixes: tuple[str, ...], allow_pickle: bool):
-  config, state = core.read_model_folder(folder, allow_pickle=allow_pickle)
-  module = build(config)
-  if config.get('text_config') or config.get('vision_config'):
-    # A CLIPModel checkpoint holds both towers (and logit_scale); keep this tower's keys.
-    state = {k: v for k, v in state.items() if k.startswith(prefixes)}
-  elif not any(k.startswith(prefixes[0]) for k in state):
-    # transformers >= 5 saves CLIPTextModel / CLIPVisionModel without the tower prefix.
-    state = {prefixes[0] + k: v for k, v in state.items()}
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
-  params = core.torch_to_flax(state, shapes['params'], ignore=[r'position_ids$'])
-  return module, params, config
-
-
-def load_text_model(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = False):
-  """(module, params, config) from a CLIPTextModel folder (a pipeline's text_encoder/) or
-  a CLIPModel folder, saved by transformers 4.x or 5.x."""
-  return _load(folder, functools.partial(text_from_config, dtype=dtype), ('text_model.',),
-               allow_pickle)
-
-
-def load_vision_model(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = False):
-  """(module, params, config) from a CLIPVisionModel[WithProjection] or CLIPModel folder."""
-  return _load(folder, functools.partial(vision_from_config, dtype=dtype),
-               ('vision_model.', 'visual_projection.'), allow_pickle)
-
-
 def preprocess_images(images, image_size: int = 224, mean: Sequence[float] = CLIP_MEAN,
                       std: Sequence[float] = CLIP_STD) -> jax.Array:
   """CLIPImageProcessor in jnp: bicubic resize of the shorter side, center crop, normalize.
@@ -442,59 +413,21 @@ def preprocess_images(images, image_size: int = 224, mean: Sequence[float] = CLI
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def load_tokenizer(folder: str):
-  """transformers' CLIPTokenizer from a local folder, e.g. a diffusers pipeline's tokenizer/."""
-  from transformers import CLIPTokenizer
-  return CLIPTokenizer.from_pretrained(folder)
+def model_max_length(tokenizer) -> int:
+  """The tokenizer's model_max_length, or 77 (CLIP's) where it sets none."""
+  from transformers.tokenization_utils_base import VERY_LARGE_INTEGER  # pylint: disable=g-import-not-at-top
+  length = tokenizer.model_max_length
+  return 77 if length >= VERY_LARGE_INTEGER else length
 
 
 def tokenize(tokenizer, prompts, max_length: Optional[int] = None) -> np.ndarray:
   """Token ids [len(prompts), max_length] int32, padded and truncated as diffusers does.
 
-  max_length defaults to tokenizer.model_max_length, or 77 where the tokenizer sets none.
+  max_length defaults to `model_max_length(tokenizer)`.
   """
-  from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
   if isinstance(prompts, str):
     prompts = [prompts]
-  if max_length is None:
-    max_length = tokenizer.model_max_length
-    if max_length >= VERY_LARGE_INTEGER:
-      max_length = 77
+  max_length = max_length or model_max_length(tokenizer)
   ids = tokenizer(list(prompts), padding='max_length', max_length=max_length,
                   truncation=True, return_tensors='np').input_ids
   return ids.astype(np.int32)
-
-
-def write_tokenizer(words: Sequence[str], folder: str, max_length: int = 77) -> None:
-  """Writes a small CLIP BPE tokenizer folder built from ``words``.
-
-  For models trained from scratch on a closed vocabulary (the synthetic task): the
-  folder is an ordinary CLIPTokenizer folder, so our code and diffusers load it alike.
-  Each word gets the merges that spell it left to right; where another word's merge
-  ranks first, BPE stops at a few pieces instead of one, which is still deterministic.
-  Every printable ASCII character is in the vocabulary, so any text tokenizes.
-  """
-  import json
-  import os
-  import string
-  chars = [c for c in string.printable if not c.isspace() and c == c.lower()]
-  vocab = ['<|startoftext|>', '<|endoftext|>'] + chars + [c + '</w>' for c in chars]
-  merges = []
-  for word in sorted({w.lower() for w in words}):
-    pieces = list(word[:-1]) + [word[-1] + '</w>']
-    while len(pieces) > 1:  # merge left to right: the word becomes one token
-      merge = (pieces[0], pieces[1])
-      if merge not in merges:
-        merges.append(merge)
-        vocab.append(pieces[0] + pieces[1])
-      pieces = [pieces[0] + pieces[1]] + pieces[2:]
-  vocab = list(dict.fromkeys(vocab))
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, 'vocab.json'), 'w') as f:
-    json.dump({t: i for i, t in enumerate(vocab)}, f)
-  with open(os.path.join(folder, 'merges.txt'), 'w') as f:
-    f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-  with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-    json.dump({'model_max_length': max_length, 'bos_token': '<|startoftext|>',
-               'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>',
-               'unk_token': '<|endoftext|>', 'tokenizer_class': 'CLIPTokenizer'}, f)
