@@ -44,7 +44,6 @@ import platform
 import sys
 import time
 import traceback
-import types
 from typing import Any, Callable, Optional
 
 import jax
@@ -52,9 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hyperlora_jax import diffusion  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hyperlora_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax import objectives
 from hyperlora_jax import train
 from hyperlora_jax.models import clip
 from hyperlora_jax.models import hypernet
@@ -66,30 +65,6 @@ ATTN_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')  # peft names; ours: lora.TA
 CROSS_ATTN_REGEX = r'.*attn2\.(to_q|to_k|to_v|to_out\.0)'
 EAGER, COMPILED = 'diffusers+peft eager', 'diffusers+peft compiled'
 OURS, OURS_SAMPLE = 'ours (jax.jit)', 'ours (per-sample LoRAs)'
-
-
-def _import_common():
-  """configs.common, also where the data pipeline's packages (grain, TFDS) are missing.
-
-  configs/common.py imports the data pipeline only to fill ``base_config``'s data
-  section, which no benchmark reads: where that import fails, a stand-in module
-  with an empty ``default_config`` serves for that one import.
-  """
-  try:
-    from configs import common  # pylint: disable=g-import-not-at-top
-    return common
-  except ImportError as e:
-    print(f'configs.common: {e}; importing it without the data pipeline.')
-  name = 'hyperlora_jax.data.pipeline'
-  sys.modules[name] = types.SimpleNamespace(default_config=dict)
-  try:
-    from configs import common  # pylint: disable=g-import-not-at-top
-  finally:
-    del sys.modules[name]
-  return common
-
-
-common = _import_common()
 
 
 # ---------------------------------------------------------------- shapes and flags
@@ -110,8 +85,8 @@ def _shapes(args) -> Shapes:
   decoder = dict(width=args.decoder_width, depth=args.decoder_depth,
                  heads=args.decoder_heads, rounds=args.decoder_rounds)
   if not args.tiny:
-    return Shapes(dict(common.SD15_UNET), 64, 77, dict(common.VIT_L14), decoder)
-  unet = dict(common.tiny_unet(channels=(32, 64), cross_attention_dim=32, heads=2),
+    return Shapes(dict(defaults.SD15_UNET), 64, 77, dict(defaults.VIT_L14), decoder)
+  unet = dict(defaults.tiny_unet(channels=(32, 64), cross_attention_dim=32, heads=2),
               in_channels=4, out_channels=4)
   vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
@@ -510,7 +485,7 @@ class JaxBench:
     shapes_ = jax.eval_shape(lambda: self.module.init(
         jax.random.key(0), *self.module.dummy_inputs())['params'])
     self.unet_params = _random_params(shapes_, 0, args.unet_param_dtype)
-    self.config = common.base_config('hyperlora')
+    self.config = defaults.get_config('hyperlora')
     c = self.config
     c.train.remat = args.remat
     if args.encoder_remat:
@@ -555,7 +530,7 @@ class JaxBench:
     }
 
   def _eps_loss(self, unet_params, lora, batch, rng):
-    """objectives.py's loss on given latents and text states: eps MSE, random t."""
+    """The objectives' diffusion loss on given latents and text states: eps MSE, random t."""
     rng_t, rng_noise = jax.random.split(rng)
     x0 = batch['latents']
     t = diffusion.random_timesteps(rng_t, self.schedule, x0.shape[0])
@@ -604,7 +579,7 @@ class JaxBench:
   # --- configs
   def lora_train(self, row: Row, batch_size: int):
     targets = lora_lib.find_targets(self.unet_params, 'self_attn,cross_attn')
-    trainable = objectives.init_lora(jax.random.key(1), targets, self.args.rank)
+    trainable = lora_lib.init_plain(jax.random.key(1), targets, self.args.rank)
     scale = self.config.lora.alpha / self.config.lora.rank
 
     def loss_fn(trainable, frozen, batch, rng):

@@ -3,8 +3,8 @@ r"""XLA's memory plan of the benchmark's training steps, on any machine, without
 Builds the same jitted steps as `gpu_benchmark.JaxBench` (``lora``: the shared-LoRA
 step; ``hyper``: the HyperLoRA step; ``hypernet``: the hypernetwork alone, its loss the
 sum of squares of the predicted LoRA; ``cross`` / ``cross_per_sample``: a shared / a
-per-sample LoRA on the cross-attention projections trained directly), lowers them with ShapeDtypeStructs (no params are
-allocated), compiles them for the local backend and prints
+per-sample LoRA on the cross-attention projections trained directly), lowers them with
+ShapeDtypeStructs (no params are allocated), compiles them for the local backend and prints
 ``compiled.memory_analysis()``: arguments, outputs, aliased (donated) bytes and
 temporaries. Usage (issue 8; see BENCHMARKS.md):
 
@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_benchmark as gb  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hyperlora_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top,wrong-import-order
-from hyperlora_jax import objectives
 from hyperlora_jax import train
 from hyperlora_jax.models import clip, hypernet
 from hyperlora_jax.models import unet as unet_lib
@@ -139,7 +138,7 @@ def _bench(args) -> gb.JaxBench:
       jax.random.key(0), *bench.module.dummy_inputs())['params'])
   dtype = jnp.dtype(args.unet_param_dtype)
   bench.unet_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
-  c = bench.config = gb.common.base_config('hyperlora')
+  c = bench.config = gb.defaults.get_config('hyperlora')
   c.train.remat = args.remat
   c.lora.update(rank=args.rank, alpha=float(args.rank))
   c.hypernet.encoder.update(kind='vit', vit=dict(bench.shapes.vit))
@@ -175,7 +174,7 @@ def lower(bench, step: str, n: int):
   if step == 'lora':  # as JaxBench.lora_train
     targets = lora_lib.find_targets(bench.unet_params, 'self_attn,cross_attn')
     trainable = jax.eval_shape(
-        lambda: objectives.init_lora(jax.random.key(1), targets, bench.args.rank))
+        lambda: lora_lib.init_plain(jax.random.key(1), targets, bench.args.rank))
     scale = c.lora.alpha / c.lora.rank
 
     def loss_fn(trainable, frozen, batch, rng):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from configs import common  # pylint: disable=g-import-not-at-top
+from hyperlora_jax import defaults  # pylint: disable=g-import-not-at-top
 from hyperlora_jax import convert
 from hyperlora_jax.models import unet
 
@@ -31,7 +31,7 @@ def main():
   args = parser.parse_args()
   import diffusers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  config = dict(common.SD15_UNET, sample_size=args.size)
+  config = dict(defaults.SD15_UNET, sample_size=args.size)
   model = diffusers.UNet2DConditionModel(**config).eval()
   with torch.no_grad():  # diffusers zero-inits some convs: make every weight matter
     for p in model.parameters():

@@ -13,7 +13,7 @@ Stages run in order, each in <workdir>/<stage>, and are reused when already fini
 """
 import ml_collections
 
-from configs import common
+from hyperlora_jax import defaults
 from hyperlora_jax.data import synthetic
 
 SIZES = {
@@ -46,11 +46,11 @@ SIZES = {
 
 
 def _stage(objective, size, steps, prompt, seed=0, **model):
-  c = common.base_config(objective)
+  c = defaults.get_config(objective)
   c.seed = seed
-  c.model.update(unet=common.tiny_unet(size['channels'], cross_attention_dim=size['text'],
+  c.model.update(unet=defaults.tiny_unet(size['channels'], cross_attention_dim=size['text'],
                                        heads=4),
-                 text=common.tiny_text(size['text'], layers=2, heads=4), **model)
+                 text=defaults.tiny_text(size['text'], layers=2, heads=4), **model)
   c.data.update(resolution=size['resolution'], item_frac=size['item_frac'], prompt=prompt,
                 num_train=size['num_train'], num_test=200, num_workers=size['workers'])
   c.train.update(num_steps=steps, batch_size=size['batch'], log_every=50, eval_every=0,

@@ -6,11 +6,11 @@ an ID part and a Base part (each switchable with --config.hypernet.param.use_id=
     --config.model.pretrained=/data/sd15 --config.hypernet.encoder.pretrained=/data/clip \\
     --config.data.source_dir=/data/portraits --workdir=...
 """
-from configs import common
+from hyperlora_jax import defaults
 
 
 def get_config():
-  c = common.base_config('hyperlora')
+  c = defaults.get_config('hyperlora')
   c.model.update(pretrained=None, max_length=77, targets='cross_attn,self_attn')
   c.data.update(name='triples', resolution=512, prompt='scene')
   c.hypernet.encoder.update(kind='clip', pretrained='', trainable=False)

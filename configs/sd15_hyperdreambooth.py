@@ -5,11 +5,11 @@ a=100, b=50) for self- and cross-attention, from one face image and "a [V] face"
   python -m hyperlora_jax.main --config=configs/sd15_hyperdreambooth.py \\
     --config.model.pretrained=/data/sd15 --config.data.source_dir=/data/faces --workdir=...
 """
-from configs import common
+from hyperlora_jax import defaults
 
 
 def get_config():
-  c = common.base_config('hyperlora')
+  c = defaults.get_config('hyperlora')
   c.model.update(pretrained=None, max_length=77, targets='cross_attn,self_attn')
   c.data.update(name='single', resolution=512, static_prompt='a [V] face', prompt='static')
   c.hypernet.encoder.update(kind='vit', trainable=True)

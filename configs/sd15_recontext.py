@@ -10,11 +10,11 @@ merged prompts:
     --config.data.source_dir=/data/viton-hd --config.data.prompt=static --workdir=...
   (stage 2: same workdir, --config.data.prompt=scene --config.train.num_steps=<more>)
 """
-from configs import common
+from hyperlora_jax import defaults
 
 
 def get_config(decoder='heads'):
-  c = common.base_config('hyperlora')
+  c = defaults.get_config('hyperlora')
   c.model.update(pretrained=None, max_length=77, targets='cross_attn')
   c.data.update(name='paired', resolution=512, prompt='scene',
                 static_prompt='a model wearing S*')

@@ -3,13 +3,13 @@
   python -m hyperlora_jax.main --config=configs/tiny_test.py --workdir=/tmp/tiny
   python -m hyperlora_jax.main --config=configs/tiny_test.py:unet_full --workdir=...
 """
-from configs import common
+from hyperlora_jax import defaults
 
 
 def get_config(objective='hyperlora'):
-  c = common.base_config(objective)
-  c.model.unet = common.tiny_unet(channels=(16, 32), cross_attention_dim=32, heads=2)
-  c.model.text = common.tiny_text(width=32, layers=1, heads=2)
+  c = defaults.get_config(objective)
+  c.model.unet = defaults.tiny_unet(channels=(16, 32), cross_attention_dim=32, heads=2)
+  c.model.text = defaults.tiny_text(width=32, layers=1, heads=2)
   c.hypernet.encoder.channels = (16, 32)
   c.hypernet.decoder.hidden = 16
   c.data.num_train, c.data.num_test = 64, 16

@@ -14,6 +14,7 @@ is always a whole checkpoint, whatever point a run was killed at.
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 from typing import Any, Optional
 
@@ -71,20 +72,28 @@ class DataStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def make_manager(directory: epath.PathLike, keep: int
+def make_manager(directory: epath.PathLike, keep: Optional[int] = None
                  ) -> ocp.CheckpointManager:
-  """An async manager keeping the newest `keep` steps.
+  """An async manager keeping the newest `keep` steps; `keep` None opens the
+  directory read-only (sampling, evaluation, export), creating nothing.
 
   The caller decides when to save (every N steps, at the end, on
   preemption); the manager does not filter steps by interval so a forced
   save at an odd step is never silently dropped.
   """
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=True,
-      cleanup_tmp_directories=True)
+  directory = str(directory)
+  if '://' not in directory:  # Orbax wants absolute paths; buckets already are.
+    directory = os.path.abspath(directory)
+  if keep is None:
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  else:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True)
+  # PyTreeCheckpointHandler restores a part of the state (the params alone).
   return ocp.CheckpointManager(
       epath.Path(directory), options=options,
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                      'data': DataStateHandler(),
                      'config': ocp.JsonCheckpointHandler()})
 
@@ -92,7 +101,7 @@ def make_manager(directory: epath.PathLike, keep: int
 def save(manager: ocp.CheckpointManager, step: int, state, data_state,
          config_dict: dict) -> None:
   manager.save(step, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
+      state=ocp.args.PyTreeSave(state),
       data=DataStateSave(data_state),
       config=ocp.args.JsonSave(config_dict)))
 
@@ -108,9 +117,41 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   if step is None:
     return None
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=DataStateRestore()))
+      state=_restore_args(abstract_state), data=DataStateRestore()))
   return step, restored['state'], restored['data']
+
+
+def _restore_args(abstract, partial=False):
+  return ocp.args.PyTreeRestore(
+      abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=partial)
+
+
+def restore_params(directory: epath.PathLike, abstract_params,
+                   step: Optional[int] = None):
+  """(step, params) of checkpoint `step` (default: the newest) in `directory`:
+  only the trained params (their EMA when the run kept one), never the
+  optimizer state. `abstract_params` gives their shapes and shardings."""
+  directory = epath.Path(directory)
+  if not directory.exists():
+    raise FileNotFoundError(f'No checkpoint in {directory}: the run has not '
+                            'saved one yet.')
+  manager = make_manager(directory)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {directory}: the run has not '
+                              'saved one yet.')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; '
+                              f'it has steps {sorted(steps)}.')
+    name = 'ema' if 'ema' in manager.item_metadata(step)['state'] else 'params'
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=_restore_args({name: abstract_params}, partial=True)))
+  finally:
+    manager.close()
+  return step, restored['state'][name]
 
 
 @contextlib.contextmanager

@@ -34,30 +34,40 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from hyperlora_jax import cli
 from hyperlora_jax import objectives
+from hyperlora_jax import runs
 from hyperlora_jax import sample
 from hyperlora_jax.convert import clip_folders, core
+from hyperlora_jax.data import images as image_io
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip
 
-# mode -> (prompt, applies the run's LoRA, objectives that have the mode)
+# mode -> (prompt, the kind of LoRA it applies: the run's `Spec.lora_kind`, or None for
+# the base model alone)
 MODES = {
-    'hyperlora': ('scene', True, ('hyperlora',)),
-    'single_lora': ('scene', True, ('unet_lora',)),
-    'no_lora': ('scene', False, objectives.OBJECTIVES),
-    'oracle': ('full', False, objectives.OBJECTIVES),
+    'hyperlora': ('scene', 'predicted'),
+    'single_lora': ('scene', 'shared'),
+    'no_lora': ('scene', None),
+    'oracle': ('full', None),
 }
 SYNTHETIC = ('color_acc', 'pattern_acc')
 CLIP_METRICS = ('C2G', 'T2G', 'T2Gdiff', 'CLIP-T')
 
 
+def own_mode(spec: objectives.Spec) -> str:
+  """The mode of a run's own output: its LoRA's, or the oracle (the base model it
+  trains, given the full prompt) for runs without a LoRA."""
+  return next((m for m, (_, kind) in MODES.items() if kind and kind == spec.lora_kind),
+              'oracle')
+
+
 def default_modes(config) -> tuple:
-  own = {'hyperlora': ('hyperlora',), 'unet_lora': ('single_lora',)}
-  modes = own.get(config.objective, ()) + ('no_lora',)
+  own = own_mode(objectives.spec(config.objective))
+  modes = (() if own == 'oracle' else (own,)) + ('no_lora',)
   return modes + ('oracle',) if config.data.name == 'synthetic' else modes
 
 
@@ -68,10 +78,13 @@ def check_mode_name(mode: str) -> None:
 
 def check_mode(config, mode: str) -> None:
   check_mode_name(mode)
-  if config.objective not in MODES[mode][2]:
-    raise ValueError(f'Mode {mode!r} needs a {" or ".join(MODES[mode][2])} run; '
-                     f'this is a {config.objective} run.')
-  if MODES[mode][0] == 'full' and config.data.name != 'synthetic':
+  prompt, kind = MODES[mode]
+  spec = objectives.spec(config.objective)
+  if kind is not None and kind != spec.lora_kind:
+    having = [s.name for s in objectives.REGISTRY.values() if s.lora_kind == kind]
+    raise ValueError(f'Mode {mode!r} needs a {" or ".join(having)} run; '
+                     f'this is a {spec.name} run.')
+  if prompt == 'full' and config.data.name != 'synthetic':
     raise ValueError(f'Mode {mode!r} needs full prompts (synthetic data); the '
                      f'run uses {config.data.name!r} data.')
 
@@ -195,7 +208,7 @@ def _summary(per_seed: Sequence[Mapping[str, np.ndarray]]) -> dict:
   return out
 
 
-def evaluate_mode(config, objective, params, mode: str, **kwargs):
+def evaluate_mode(run: runs.Run, mode: str, **kwargs):
   """Generates the split's first `num_examples` (None: all) in `mode` for
   every seed and scores them (keyword arguments: `score_mode`'s).
 
@@ -203,27 +216,27 @@ def evaluate_mode(config, objective, params, mode: str, **kwargs):
     (metrics, kept): metrics as `_summary`; kept holds
     'context', 'target', 'generated' [<= keep, H, W, 3] of the first seed.
   """
-  per_seed, kept = score_mode(config, objective, params, mode, **kwargs)
+  per_seed, kept = score_mode(run, mode, **kwargs)
   return _summary(per_seed), kept
 
 
-def score_mode(config, objective, params, mode: str, *, split='test',
+def score_mode(run: runs.Run, mode: str, *, split='test',
                num_examples: Optional[int] = None, num_steps=25, guidance=3.0,
                seeds=(0,), sampler='ddim', batch_size: Optional[int] = None,
                scorer: Optional[CLIPScorer] = None, keep: int = 0):
   """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept)."""
-  check_mode(config, mode)
-  prompt_kind, use_lora, _ = MODES[mode]
+  check_mode(run.config, mode)
+  prompt_kind, lora_kind = MODES[mode]
   per_seed, kept = [], collections.defaultdict(list)
   for i, seed in enumerate(seeds):
     scores = collections.defaultdict(list)
-    for batch, n in batches(config, split, num_examples,
-                             batch_size or config.train.batch_size):
+    for batch, n in batches(run.config, split, num_examples,
+                            batch_size or run.config.train.batch_size):
       prompts = _prompts(batch, prompt_kind)
       images = np.asarray(sample.generate(
-          config, objective, params, batch['context'], prompts,
-          num_steps=num_steps, guidance=guidance, sampler=sampler, seed=seed,
-          use_lora=use_lora, image_ids=batch['index']))
+          run, batch['context'], prompts, num_steps=num_steps, guidance=guidance,
+          sampler=sampler, seed=seed, use_lora=lora_kind is not None,
+          image_ids=batch['index']))
       found = score_synthetic(images, batch) if 'color' in batch else {}
       if scorer is not None:
         # CLIP-T against what the image should show: the full prompt if any.
@@ -311,25 +324,24 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   order) and grid.png (first `grid_examples` examples; columns: context,
   ground truth, then each row, its first run). Returns the results dict.
   """
-  from hyperlora_jax import train  # pylint: disable=g-import-not-at-top
   for name, (workdirs, mode) in rows.items():
     check_mode_name(mode)
     if isinstance(workdirs, (list, tuple)) and len(workdirs) != len(seeds):
       raise ValueError(f'Row {name!r} has {len(workdirs)} runs but there are '
                        f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
-  runs, results, columns = {}, {}, []
+  restored, results, columns = {}, {}, []
   for name, (workdirs, mode) in rows.items():
     pairs = (list(zip(workdirs, [(s,) for s in seeds]))
              if isinstance(workdirs, (list, tuple)) else [(workdirs, tuple(seeds))])
     per_seed = []
     for k, (workdir, run_seeds) in enumerate(pairs):
-      if workdir not in runs:
-        runs[workdir] = train.restore_run(workdir)
-      config, objective, params = runs[workdir]
+      if workdir not in restored:
+        restored[workdir] = runs.restore(workdir)
+      run = restored[workdir]
       logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, workdir, run_seeds)
       scores, kept = score_mode(
-          config, objective, params, mode, split=split, num_examples=num_examples,
+          run, mode, split=split, num_examples=num_examples,
           num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
           batch_size=batch_size, scorer=scorer, keep=grid_examples if k == 0 else 0)
       per_seed += scores
@@ -341,7 +353,7 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
         columns.append(kept['generated'])
     results[name] = {'workdir': [str(w) for w, _ in pairs] if len(pairs) > 1
                                 else str(pairs[0][0]),
-                     'mode': mode, 'objective': config.objective,
+                     'mode': mode, 'objective': run.spec.name,
                      'metrics': _summary(per_seed)}
   _gaps(results)
   out = {'settings': dict(split=split, num_examples=num_examples,
@@ -353,37 +365,33 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
     json.dump(out, f, indent=2)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(markdown_table(out))
-  sample.grid(np.stack(columns, axis=1), ['context', 'ground truth'] + list(rows)
-              ).save(os.path.join(out_dir, 'grid.png'))
+  image_io.grid(np.stack(columns, axis=1), ['context', 'ground truth'] + list(rows)
+                ).save(os.path.join(out_dir, 'grid.png'))
   return out
 
 
 # ---------------------------------------------------------------- train hook
 
-_OWN_MODE = {'hyperlora': 'hyperlora', 'unet_lora': 'single_lora',
-             'unet_full': 'oracle'}
-
 
 def evaluate_fn(config, objective, params, step, writer):
   """The training loop's eval hook: accuracy of the run's own mode on a few
-  test examples with a short sampler (config.eval: num_examples (8; 0 turns
-  it off), num_steps (8), guidance (3.0)); synthetic data only."""
-  settings = dict(num_examples=8, num_steps=8, guidance=3.0)
-  settings.update(dict(config.get('eval') or {}))
-  if (config.data.name != 'synthetic' or not settings['num_examples']
+  test examples with a short sampler (config.eval); synthetic data only."""
+  settings = config.eval
+  if (config.data.name != 'synthetic' or not settings.num_examples
       or jax.process_count() > 1):  # Hosts would each need the whole batch.
     return None
-  mode = _OWN_MODE[config.objective]
+  mode = own_mode(objective.spec)
   metrics, kept = evaluate_mode(
-      config, objective, params, mode, num_examples=settings['num_examples'],
-      num_steps=settings['num_steps'], guidance=settings['guidance'], keep=4)
+      runs.Run(config, objective, params, step=step), mode,
+      num_examples=settings.num_examples, num_steps=settings.num_steps,
+      guidance=settings.guidance, keep=4)
   scalars = {f'eval/{mode}/{k}': v['mean'] for k, v in metrics.items()
              if isinstance(v, dict)}
   logging.info('step %d  %s', step,
                '  '.join(f'{k} {v:.3f}' for k, v in scalars.items()))
   if writer is not None:
     cells = np.stack([kept['context'], kept['target'], kept['generated']], 1)
-    writer.write_images(step, {f'eval/{mode}/samples': np.asarray(sample.grid(
+    writer.write_images(step, {f'eval/{mode}/samples': np.asarray(image_io.grid(
         cells, ['context', 'target', mode], min_cell=32))})
   return scalars
 
@@ -395,14 +403,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  config_file = os.path.join(f.workdir, 'config.json')
-  if not os.path.exists(config_file):
-    raise FileNotFoundError(f'No training run at {f.workdir}: {config_file} '
-                            'does not exist.')
-  modes = f.modes
-  if not modes:
-    with open(config_file) as fh:
-      modes = default_modes(ml_collections.ConfigDict(json.load(fh)))
+  modes = f.modes or default_modes(runs.load_config(f.workdir))
   out = f.out or os.path.join(f.workdir, 'eval')
   results = compare({m: (f.workdir, m) for m in modes}, out, split=f.split,
                     num_examples=f.num_examples or None, num_steps=f.num_steps,
@@ -431,6 +432,11 @@ def _flags():
   flags.mark_flags_as_required(['workdir'])
 
 
-if __name__ == '__main__':
+def run():
+  """The console script (`hyperlora-evaluate`)."""
   _flags()
-  app.run(sample.main_with_errors(main))
+  app.run(cli.main_with_errors(main))
+
+
+if __name__ == '__main__':
+  run()

@@ -24,6 +24,17 @@ from flax import traverse_util
 LoRATree = Mapping[str, Mapping[str, Any]]
 
 
+# Rank of each factor of a shared LoRA; one more (a leading batch axis) is per sample.
+SHARED_NDIM = {'down': 2, 'up': 2, 'mid': 1, 'out': 1, 'scale': 0}
+
+
+def tile_samples(tree: LoRATree, n: int) -> dict:
+  """The per-sample factors repeated n times along the batch (e.g. for the CFG batch of
+  [uncond; cond]); shared factors are left as they are."""
+  return {p: {k: jnp.concatenate([v] * n) if jnp.ndim(v) > SHARED_NDIM[k] else v
+              for k, v in f.items()} for p, f in tree.items()}
+
+
 def _per_sample(v, ndim):
   """Broadcasts a per-sample vector [B, n] (or [B]) against [B, ..., n] activations."""
   return v.reshape(v.shape[:1] + (1,) * (ndim - v.ndim) + v.shape[1:])
@@ -118,6 +129,13 @@ def find_targets(params: Any, targets: str | Sequence[str]) -> tuple[Target, ...
   if not found:
     raise ValueError(f'No Dense layer matches LoRA targets {list(targets)}.')
   return tuple(sorted(found, key=lambda t: _natural_key(t.path)))
+
+
+def init_plain(rng, targets: Sequence[Target], rank: int) -> dict:
+  """A shared plain LoRA as in the LoRA paper: random down, zero up (starts at the base)."""
+  keys = jax.random.split(rng, len(targets))
+  return {t.path: {'down': jax.random.normal(k, (rank, t.d_in)) * t.d_in ** -0.5,
+                   'up': jnp.zeros((t.d_out, rank))} for k, t in zip(keys, targets)}
 
 
 # ---------------------------------------------------------------- merging
@@ -267,7 +285,7 @@ def parameterization(config, targets: Sequence[Target]) -> nn.Module:
       'plain': lambda: PlainLoRA(config.rank),
       'lidb': lambda: LightweightDreamBooth(config.rank, config.a, config.b, config.seed),
       'basis': lambda: LoRABasis(config.rank, config.num_id, config.num_base,
-                                 config.get('use_id', True), config.get('use_base', True)),
+                                 config.use_id, config.use_base),
       'vera': lambda: VeRA(config.rank, config.seed, max(t.d_in for t in targets),
                            max(t.d_out for t in targets)),
   }

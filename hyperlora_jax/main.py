@@ -3,6 +3,10 @@ r"""Trains a config: the same command on a laptop, a GPU node or every TPU host.
   python -m hyperlora_jax.main --config=configs/tiny_test.py --workdir=/tmp/r \
       --config.train.batch_size=8
 
+A config with ``stages`` runs them one by one (`stages.run`); any other config is one
+run of the training loop, handed its parts here: the objective builder, the data
+pipeline and the evaluation hook (`train_and_evaluate`).
+
 Overrides are checked against the config file: an unknown key or a value of
 the wrong type stops the run before anything is built. Multi-host runs add
 --distributed; jax.distributed.initialize then finds the coordinator from the
@@ -32,7 +36,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hyperlora_jax import defaults
+from hyperlora_jax import evaluate
+from hyperlora_jax import objectives
+from hyperlora_jax import stages
 from hyperlora_jax import train
+from hyperlora_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py[:arg]).',
@@ -71,6 +80,21 @@ def parse_flags(argv):
     sys.exit(1)
 
 
+def train_one(config, workdir: str):
+  """One training run with the project's objectives, data pipeline and eval hook."""
+  return train.train_and_evaluate(
+      defaults.fill(config), workdir, build_objective=objectives.build,
+      create_dataset=pipeline.for_training, evaluate_fn=evaluate.evaluate_fn)
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains a config: its stages one by one, or one run. Returns the final train
+  state of a single run (None for stages)."""
+  if 'stages' in config:
+    return stages.run(config, workdir, train_one)
+  return train_one(config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -83,8 +107,13 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  """The console script (`hyperlora-train`)."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  run()

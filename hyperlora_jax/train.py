@@ -1,48 +1,11 @@
 """The training loop: mesh, state, jit'd step with shardings, checkpoints, logs.
 
-`train_and_evaluate(config, workdir)` trains whatever `objectives.build`
-returns (an Objective: trainable/frozen params, a pure `loss_fn` and a host
-`prepare`) on the data pipeline's batches.
-
-Config sections defined here (`add_train_defaults` fills the missing keys):
-
-config.train
-  num_steps         optimizer updates to run (1000)
-  batch_size        global examples per update, over all hosts (8); must be a
-                    multiple of devices x grad_accum_steps and of the
-                    process count
-  grad_accum_steps  split each batch into this many sequential micro-batches
-                    and sum their gradients, to trade time for memory (1)
-  log_every         console + TensorBoard scalars every N steps (50)
-  eval_every        call the evaluation hook every N steps and at the end;
-                    0 = only at the end (1000)
-  checkpoint_every  save every N steps, at the end and on SIGTERM (1000)
-  keep_checkpoints  newest checkpoints kept (3)
-  nan_policy        'stop': a non-finite loss or gradient raises
-                    FloatingPointError naming the step; 'skip': that update
-                    is dropped and training goes on ('stop'); either way the
-                    state is never updated with non-finite values
-  remat             jax.checkpoint around the loss: 'none', 'full' or a
-                    jax.checkpoint_policies name, e.g. 'dots_saveable'
-                    ('none'); per-block remat belongs to the models
-  ema_decay         EMA of the trainable params (None = off); evaluation
-                    gets the EMA params when it is on
-  compute_dtype     activation dtype the objective builds its models with
-                    ('bfloat16'); params stay float32 (master weights)
-
-config.optim   AdamW: lr (1e-4), b1 (0.9), b2 (0.999), eps (1e-8),
-  weight_decay (0.01, only on params with ndim >= 2: biases, norms and
-  gamma are not pulled to zero), warmup_steps (0, linear from 0),
-  schedule ('cosine' to 0 at num_steps | 'constant'), grad_clip_norm
-  (1.0; 0 = off).
-
-config.mesh    data (-1), fsdp (1): mesh axis sizes, -1 = the remaining
-  devices; shard_min_size (2**18): params with at least this many elements
-  are split over 'fsdp'; rules (()): (path regex, axes) pairs that override
-  the size rule, see sharding.py.
-
-Other sections: config.seed, config.data (data/pipeline.py), and the
-objective's own (config.objective, config.model, config.hypernet).
+`train_and_evaluate(config, workdir, build_objective=..., create_dataset=...)` trains
+the Objective its caller's builder returns (trainable/frozen params, a pure `loss_fn`
+and a host `prepare`; see `objectives.base`) on the batches of its caller's dataset,
+and calls the caller's evaluation hook. It reads config.seed and the train, optim and
+mesh sections (`hyperlora_jax.defaults` documents each key and its default); main.py
+hands it its parts.
 """
 import functools
 import json
@@ -55,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
@@ -64,38 +26,6 @@ from hyperlora_jax import sharding
 
 # evaluate_fn(config, objective, params, step, writer) -> scalars or None.
 EvaluateFn = Callable[..., Optional[Mapping[str, float]]]
-
-
-def _defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.train = dict(
-      num_steps=1000, batch_size=8, grad_accum_steps=1, log_every=50,
-      eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
-      nan_policy='stop', remat='none',
-      ema_decay=ml_collections.config_dict.placeholder(float),
-      compute_dtype='bfloat16')
-  c.optim = dict(
-      lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-      warmup_steps=0, schedule='cosine', grad_clip_norm=1.0)
-  c.mesh = dict(data=-1, fsdp=1, shard_min_size=2**18, rules=())
-  return c
-
-
-def add_train_defaults(config: ml_collections.ConfigDict
-                       ) -> ml_collections.ConfigDict:
-  """Adds the train/optim/mesh keys a config does not set; returns config."""
-  with config.unlocked():
-    if 'seed' not in config:
-      config.seed = 0
-    for name, section in _defaults().items():
-      if name not in config:
-        config[name] = ml_collections.ConfigDict()
-      for key in section.keys():
-        if key not in config[name]:
-          # Copies the FieldReference so the type of None fields survives
-          # (command-line overrides of ema_decay parse as float).
-          config[name][key] = section.get_ref(key)
-  return config
 
 
 def check_config(config, num_devices: int, process_count: int) -> None:
@@ -256,21 +186,6 @@ class MetricWriter:
       self._writer.close()
 
 
-def _default_objective_builder():
-  # Imported here so the loop (and its tests) do not pull in every model.
-  from hyperlora_jax import evaluate, objectives  # pylint: disable=g-import-not-at-top
-  return objectives.build, evaluate.evaluate_fn
-
-
-def _default_dataset(config, split, process_index, process_count):
-  # Imported here: grain and TFDS are slow to import and the loop's tests
-  # bring their own data.
-  from hyperlora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.create_dataset(
-      config.data, split, process_index=process_index,
-      process_count=process_count, batch_size=config.train.batch_size)
-
-
 class _Progress:
   """Averages host metrics over a log interval; logs rate, ETA and loss."""
 
@@ -322,38 +237,28 @@ class _Progress:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       build_objective: Optional[Callable] = None,
-                       create_dataset: Optional[Callable] = None,
+                       build_objective: Callable, create_dataset: Callable,
                        evaluate_fn: Optional[EvaluateFn] = None):
   """Trains to config.train.num_steps, resuming from workdir's checkpoints.
 
   Args:
-    config: the experiment config (see the module docstring).
+    config: the experiment config (`hyperlora_jax.defaults`).
     workdir: checkpoints/, tensorboard/ and config.json go here (local or
       a bucket path).
-    build_objective: (config, rng) -> Objective; objectives.build by default.
+    build_objective: (config, rng) -> Objective, e.g. objectives.build.
     create_dataset: (config, split, process_index, process_count) -> an
-      iterator of per-host numpy batches with get_state()/set_state(); the
-      data pipeline by default.
+      iterator of per-host numpy batches with get_state()/set_state(), e.g.
+      data.pipeline.for_training.
     evaluate_fn: (config, objective, params, step, writer) -> scalars or
-      None, called on every process at eval_every and at the end;
-      evaluate.evaluate_fn by default.
+      None, called on every process at eval_every and at the end, e.g.
+      evaluate.evaluate_fn; None: no evaluation.
 
   Returns:
-    The final train state (params, opt_state, step[, ema]); None for a
-    multi-stage config (one with `stages`, run by `stages.run`).
+    The final train state (params, opt_state, step[, ema]).
   """
   if '://' not in str(workdir):  # Orbax wants absolute paths; buckets already are.
     workdir = os.path.abspath(workdir)
-  if 'stages' in config:
-    from hyperlora_jax import stages  # pylint: disable=g-import-not-at-top
-    return stages.run(config, workdir)
-  add_train_defaults(config)
   check_config(config, jax.device_count(), jax.process_count())
-  if build_objective is None:
-    build_objective, default_eval = _default_objective_builder()
-    evaluate_fn = evaluate_fn or default_eval
-  create_dataset = create_dataset or _default_dataset
   workdir = epath.Path(workdir)
   config_dict = json.loads(config.to_json_best_effort())
   if jax.process_index() == 0:
@@ -458,51 +363,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     manager.close()
     writer.close()
   return state
-
-
-def restore_run(workdir: str, step: Optional[int] = None):
-  """(config, objective, params) of a trained run, for sampling and evaluation.
-
-  Reads workdir/config.json, rebuilds the objective from the training seed (so
-  from-scratch frozen models are the ones the run trained against) and restores
-  only the trainable params of checkpoint `step` (default: the newest), the EMA
-  copy when the run kept one, replicated on the current devices. The optimizer
-  state is never read.
-  """
-  # Imported here like in _default_objective_builder.
-  from hyperlora_jax import objectives  # pylint: disable=g-import-not-at-top
-  workdir = epath.Path(workdir)
-  config_file = workdir / 'config.json'
-  if not config_file.exists():
-    raise FileNotFoundError(
-        f'No training run at {workdir}: {config_file} does not exist (a run '
-        'of python -m hyperlora_jax.main --workdir=... writes it).')
-  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  directory = workdir / 'checkpoints'
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                     'data': checkpoint.DataStateHandler(),
-                     'config': ocp.JsonCheckpointHandler()})
-  steps = manager.all_steps() if directory.exists() else []
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint in {directory}: the run at '
-                            f'{workdir} has not saved one yet.')
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; '
-                            f'it has steps {sorted(steps)}.')
-  init_rng, _ = jax.random.split(jax.random.key(config.seed))
-  objective = objectives.build(config, init_rng)
-  name = 'ema' if 'ema' in manager.item_metadata(step)['state'] else 'params'
-  repl = sharding.replicated(sharding.make_mesh(-1, 1))
-  abstract = {name: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32, sharding=repl),
-      objective.trainable)}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True)))
-  manager.close()
-  # The objective's own copy is the untrained init: drop it.
-  return config, objective._replace(trainable=None), restored['state'][name]

@@ -1,4 +1,4 @@
-"""Builders and pipeline: broken inputs, host sharding, resuming, the cache."""
+"""Builders and pipeline: broken inputs, host sharding, resuming."""
 
 import json
 import pathlib
@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from hyperlora_jax import defaults
 from hyperlora_jax.data import builders
-from hyperlora_jax.data import cache
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
 
@@ -18,7 +18,7 @@ RED, BLUE = (200, 30, 30), (30, 30, 200)
 
 
 def _config(tmp_path, **kw):
-  data = pipeline.default_config()
+  data = defaults.get_config().data
   data.data_dir = str(tmp_path / 'tfds')
   data.num_threads = 2
   data.update(kw)
@@ -260,7 +260,7 @@ def test_syntheticlist(synthetic_data):
           np.round((b['context'][i] + 1) * 127.5), ex['context'])
 
 
-def test_item_frac_gets_its_own_data_and_cache(synthetic_data, tmp_path):
+def test_item_frac_gets_its_own_data(synthetic_data, tmp_path):
   # The default keeps the name data had before item_frac existed: built data
   # (and the published quickstart runs' inputs) are reused unchanged.
   assert builders.synthetic_config(32, 4000, 200).name == 'r32_4d25893f26'
@@ -270,8 +270,6 @@ def test_item_frac_gets_its_own_data_and_cache(synthetic_data, tmp_path):
   big.item_frac = 0.5
   default, other = builders.make_builder(synthetic_data), builders.build(big)
   assert other.data_path != default.data_path
-  assert (pipeline.cache_dir(other, 'c', 'test')
-          != pipeline.cache_dir(default, 'c', 'test'))
   b = next(pipeline.create_dataset(big, 'test', process_index=0,
                                    process_count=1, num_epochs=1,
                                    shuffle=False))
@@ -286,32 +284,6 @@ def test_item_frac_gets_its_own_data_and_cache(synthetic_data, tmp_path):
   old = synthetic_data.copy_and_resolve_references()
   del old['item_frac']
   assert builders.make_builder(old).data_path == default.data_path
-
-
-def test_cache_roundtrip(synthetic_data):
-  data = synthetic_data.copy_and_resolve_references()
-  data.cache_name = 'fake'
-  encode_images = lambda x: x.reshape(len(x), 8, 4, 8, 4, 3).mean((2, 4))
-  encode_prompts = lambda ps: np.array([[len(p), p.count('a')] for p in ps],
-                                       np.float32)
-  out = cache.write_cache(data, 'test', encode_images, encode_prompts,
-                          batch_size=3)
-  data.use_cache = True
-  for prompt in ('scene', 'full'):
-    data.prompt = prompt
-    for b in list(pipeline.create_dataset(
-        data, 'test', process_index=0, process_count=1, num_epochs=1)):
-      np.testing.assert_allclose(b['latents'], encode_images(b['target']),
-                                 rtol=1e-6)
-      np.testing.assert_array_equal(b['prompt_emb'],
-                                    encode_prompts(list(b['prompt'])))
-  meta = json.loads((out / 'meta.json').read_text())
-  (out / 'meta.json').write_text(json.dumps({**meta, 'resolution': 64}))
-  with pytest.raises(ValueError, match='written for resolution 64'):
-    pipeline.create_dataset(data, 'test', process_index=0, process_count=1)
-  data.cache_name = 'other'
-  with pytest.raises(FileNotFoundError, match='no cache'):
-    pipeline.create_dataset(data, 'test', process_index=0, process_count=1)
 
 
 def test_build_cli(tmp_path):

@@ -9,8 +9,9 @@ import torch
 import transformers
 from PIL import Image
 
-from hyperlora_jax import evaluate, sample, train
-from hyperlora_jax.data import synthetic
+from hyperlora_jax import evaluate, sample
+from hyperlora_jax import runs as runs_lib
+from hyperlora_jax.data import images, synthetic
 from hyperlora_jax.convert import clip_folders
 from hyperlora_jax.models import clip
 from tests.test_sample import make_run, run_cli, shared_dirs
@@ -26,7 +27,7 @@ def runs(tmp_path_factory):
 
 
 def test_scorer_reads_ground_truth_targets(runs):
-  config = train.restore_run(runs['hyper'])[0]
+  config = runs_lib.restore(runs['hyper']).config
   found = {'color_acc': [], 'pattern_acc': []}
   wrong = []
   for batch, n in evaluate.batches(config, 'test', None, 8):
@@ -64,14 +65,13 @@ def test_compare_writes_table_and_grid(runs, tmp_path):
   grid = np.asarray(Image.open(tmp_path / 'grid.png'))
   cell, pad, top = 96, 2, 14
   assert grid.shape == (top + 3 * (cell + pad) + pad, 6 * (cell + pad) + pad, 3)
-  config, objective, params = train.restore_run(runs['hyper'])
-  batch, _ = next(evaluate.batches(config, 'test', 1, 4))
-  image = sample.generate(config, objective, params, batch['context'],
-                          list(batch['prompt_scene']), num_steps=2,
+  run = runs_lib.restore(runs['hyper'])
+  batch, _ = next(evaluate.batches(run.config, 'test', 1, 4))
+  image = sample.generate(run, batch['context'], list(batch['prompt_scene']), num_steps=2,
                           image_ids=batch['index'])
   x = pad + 4 * (cell + pad)
   cropped = grid[top + pad:top + pad + cell:3, x:x + cell:3]
-  np.testing.assert_array_equal(cropped, sample.to_uint8(image)[0])
+  np.testing.assert_array_equal(cropped, images.to_uint8(image)[0])
 
 
 def test_row_of_several_runs_pairs_run_k_with_seed_k(runs, tmp_path):
@@ -101,7 +101,7 @@ def test_gap_recovered():
 
 
 def test_modes(runs):
-  config = train.restore_run(runs['lora'])[0]
+  config = runs_lib.restore(runs['lora']).config
   assert evaluate.default_modes(config) == ('single_lora', 'no_lora', 'oracle')
   with pytest.raises(ValueError, match="'hyperlora' needs a hyperlora run; "
                      'this is a unet_lora run'):

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from hyperlora_jax import export, lora as lora_lib, sample, train
-from hyperlora_jax.convert import core, lora_files
+from hyperlora_jax import export, lora as lora_lib, runs
+from hyperlora_jax.convert import core, hypernet_files, lora_files
+from hyperlora_jax.data import images
 from hyperlora_jax.models import unet
 from tests.test_sample import examples, make_run, run_cli, shared_dirs
 
@@ -25,11 +26,10 @@ def run(tmp_path_factory):
   workdir = make_run(tmp_path_factory.mktemp('export_run'), dirs, gamma=0.7, **{
       'hypernet.param.kind': 'basis', 'hypernet.param.rank': RANK,
       'hypernet.param.num_id': 2, 'hypernet.param.num_base': 1})
-  config, objective, params = train.restore_run(workdir)
+  run = runs.restore(workdir)
   context = examples(2)[0][1:2]
-  return dict(dirs=dirs, workdir=workdir, config=config, objective=objective,
-              params=params, context=context,
-              lora=sample.predict_lora(config, objective, params, context))
+  return dict(dirs=dirs, workdir=workdir, run=run, objective=run.objective,
+              context=context, lora=runs.lora(run, {'context': context}))
 
 
 def _deltas(tree):
@@ -38,7 +38,7 @@ def _deltas(tree):
   out = {}
   for path, f in tree.items():
     eye = jnp.eye(f['down'].shape[-1])
-    batched = any(np.ndim(v) > sample._SHARED_NDIM[k] for k, v in f.items())
+    batched = any(np.ndim(v) > lora_lib.SHARED_NDIM[k] for k, v in f.items())
     delta = lora_lib.lora_delta(eye[None] if batched else eye, f)
     out[path] = np.asarray(delta[0] if batched else delta)
   return out
@@ -55,8 +55,7 @@ def _assert_same_deltas(actual, expected):
 @pytest.mark.parametrize('fmt', ['diffusers', 'kohya'])
 def test_lora_file_round_trip(run, tmp_path, fmt):
   path = str(tmp_path / 'lora.safetensors')
-  export.export_lora(run['config'], run['objective'], run['params'], fmt, path,
-                     run['context'], {'hyperlora_jax.source': 'test'})
+  export.export_lora(run['run'], fmt, path, run['context'], {'hyperlora_jax.source': 'test'})
   _assert_same_deltas(_deltas(lora_files.load_lora_file(path)),
                       _deltas(run['lora']))
   with safe_open(path, 'np') as f:
@@ -70,17 +69,16 @@ def test_lora_file_round_trip(run, tmp_path, fmt):
 def test_shared_lora_of_a_unet_lora_run(run, tmp_path):
   workdir = make_run(tmp_path / 'lora_run', run['dirs'], 'unet_lora',
                      **{'lora.alpha': 2.0})
-  config, objective, params = train.restore_run(workdir)
+  lora_run = runs.restore(workdir)
   path = str(tmp_path / 'lora.safetensors')
-  export.export_lora(config, objective, params, 'diffusers', path)
-  expected = {p: dict(f, scale=0.5) for p, f in params.items()}  # alpha / rank
+  export.export_lora(lora_run, 'diffusers', path)
+  expected = {p: dict(f, scale=0.5) for p, f in lora_run.params.items()}  # alpha / rank
   _assert_same_deltas(_deltas(lora_files.load_lora_file(path)), _deltas(expected))
 
 
 def test_merged_unet(run, tmp_path):
   folder = str(tmp_path / 'unet')
-  export.export_lora(run['config'], run['objective'], run['params'],
-                     'merged-unet', folder, run['context'])
+  export.export_lora(run['run'], 'merged-unet', folder, run['context'])
   module, merged, _ = core.load_flax_model(folder, unet.from_config)
   rng = np.random.RandomState(0)
   x = rng.randn(1, 32, 32, 3).astype(np.float32)
@@ -96,19 +94,19 @@ def test_merged_unet(run, tmp_path):
 
 def test_hypernet_round_trip(run, tmp_path):
   folder = str(tmp_path / 'hypernet')
-  export.save_hypernet(run['config'], run['objective'], run['params'], folder)
+  export.save_hypernet(run['run'], folder)
   assert sorted(os.listdir(folder)) == ['hypernet.json', 'hypernet.safetensors']
-  module, variables, spec = export.load_hypernet(folder)
+  module, variables, spec = hypernet_files.load(folder)
   assert spec['resolution'] == 32
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                module.apply(variables, run['context']), run['lora'])
   with pytest.raises(FileNotFoundError, match='not an exported hypernetwork'):
-    export.load_hypernet(str(tmp_path))
+    hypernet_files.load(str(tmp_path))
 
 
 def test_cli(run, tmp_path):
   image = tmp_path / 'item.png'
-  Image.fromarray(sample.to_uint8(run['context'])[0]).save(image)
+  Image.fromarray(images.to_uint8(run['context'])[0]).save(image)
   out = tmp_path / 'item.safetensors'
   result = run_cli('export', run['dirs'], f'--workdir={run["workdir"]}',
                    f'--context={image}', '--format=kohya', f'--out={out}')

@@ -3,12 +3,11 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from hyperlora_jax import lora
+from hyperlora_jax import defaults, lora
 from hyperlora_jax.models import clip, hypernet, unet
 from tests.test_unet import SD1_TINY
 
@@ -22,11 +21,12 @@ PARAMS = ('plain', 'lidb', 'basis', 'vera')
 
 
 def _config(decoder, param, gamma_init=0.0, rounds=2):
-  return ml_collections.ConfigDict(dict(
-      encoder=dict(kind='conv', channels=(16, 32)),
-      decoder=dict(kind=decoder, width=32, depth=1, heads=2, rounds=rounds, hidden=16),
-      param=dict(kind=param, rank=2, a=8, b=8, seed=0, num_id=3, num_base=2),
-      gamma_init=gamma_init))
+  config = defaults.get_config().hypernet
+  config.encoder.update(kind='conv', channels=(16, 32))
+  config.decoder.update(kind=decoder, width=32, depth=1, heads=2, rounds=rounds, hidden=16)
+  config.param.update(kind=param, rank=2, a=8, b=8, seed=0, num_id=3, num_base=2)
+  config.gamma_init = gamma_init
+  return config
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +57,7 @@ def test_starts_exactly_at_the_base_model(base, decoder, param):
   model, params, targets, images, inputs = base
   net = hypernet.build(_config(decoder, param), targets)
   tree = net.apply(jax.jit(net.init)(jax.random.key(5), images), images)
-  apply = jax.jit(lambda l: model.apply({'params': params}, *inputs, lora=l))
+  apply = jax.jit(lambda lora: model.apply({'params': params}, *inputs, lora=lora))
   np.testing.assert_array_equal(apply(tree), apply(None))
 
 
@@ -212,10 +212,11 @@ def test_vit_encoder_remat_keeps_params_values_and_gradients(base):
 
   def build(**encoder):
     config = _config('transformer', 'plain', gamma_init=0.5)
-    config.encoder = dict(kind='vit', vit=VIT, **encoder)
+    config.encoder.update(kind='vit', vit=VIT, **encoder)
     return hypernet.build(config, targets)
 
-  assert build().encoder.tower.remat == hypernet.ENCODER_REMAT  # the default
+  # The default: the projections' outputs are kept.
+  assert build().encoder.tower.remat == 'dots_with_no_batch_dims_saveable'
   ref = build(remat='none')
   variables = jax.jit(ref.init)(jax.random.key(5), images)
 

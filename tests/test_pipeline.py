@@ -1,6 +1,5 @@
 """A diffusers SD pipeline folder (tiny, random, saved by diffusers itself) drives the
 same objectives as the real SD1.5 configs: loading, VAE latents, CLIP image encoder."""
-import os
 
 import diffusers
 import jax

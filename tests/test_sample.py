@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from configs import tiny_test
-from hyperlora_jax import checkpoint, evaluate, objectives, sample, train
+from hyperlora_jax import checkpoint, defaults, evaluate, objectives, runs, sample, train
 from hyperlora_jax.convert import lora_files, pipeline
-from hyperlora_jax.data import synthetic
+from hyperlora_jax.data import images, synthetic
+from hyperlora_jax.data import pipeline as data_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONPATH = os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
@@ -47,7 +48,7 @@ def tiny_config(dirs, objective='hyperlora', **overrides):
     for p in parents:
       section = section[p]
     section[leaf] = value
-  return train.add_train_defaults(config)
+  return defaults.fill(config)
 
 
 def make_run(workdir, dirs, objective='hyperlora', gamma=0.5, **overrides):
@@ -106,12 +107,14 @@ def run(tmp_path_factory):
     evals.append(evaluate.evaluate_fn(*args))
     return evals[-1]
 
-  state = train.train_and_evaluate(tiny_config(dirs), workdir,
-                                  build_objective=build, evaluate_fn=evaluate_fn)
-  config, objective, params = train.restore_run(workdir)
+  state = train.train_and_evaluate(tiny_config(dirs), workdir, build_objective=build,
+                                   create_dataset=data_pipeline.for_training,
+                                   evaluate_fn=evaluate_fn)
+  restored = runs.restore(workdir)
   return dict(dirs=dirs, workdir=workdir, built=built[0], state=state,
-              evals=evals, config=config, objective=objective, params=params,
-              boosted=dict(params, gamma=np.float32(0.5)))
+              evals=evals, run=restored, config=restored.config,
+              objective=restored.objective, params=restored.params,
+              boosted=restored._replace(params=dict(restored.params, gamma=np.float32(0.5))))
 
 
 def test_restore_run_is_the_trained_run(run):
@@ -128,13 +131,13 @@ def test_restore_run_is_the_trained_run(run):
 
 def test_restore_run_checkpoints(run, tmp_path):
   with pytest.raises(FileNotFoundError, match='config.json does not exist'):
-    train.restore_run(str(tmp_path / 'missing'))
+    runs.restore(str(tmp_path / 'missing'))
   config_json = open(os.path.join(run['workdir'], 'config.json')).read()
   (tmp_path / 'config.json').write_text(config_json)
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
-    train.restore_run(str(tmp_path))
+    runs.restore(str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r'step 3 .* steps \[2\]'):
-    train.restore_run(run['workdir'], step=3)
+    runs.restore(run['workdir'], step=3)
   # A run that keeps an EMA is evaluated with it, at the step asked for.
   params = jax.device_get(run['params'])
   ema = jax.tree.map(lambda x: x + 1, params)
@@ -146,13 +149,12 @@ def test_restore_run_checkpoints(run, tmp_path):
   manager.wait_until_finished()
   manager.close()
   jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(train.restore_run(str(tmp_path), step=1)[2]), ema)
+               jax.device_get(runs.restore(str(tmp_path), step=1).params), ema)
 
 
 def _generate(run, context, prompts, **kwargs):
   kwargs = dict(dict(num_steps=2, guidance=3.0), **kwargs)
-  return np.asarray(sample.generate(run['config'], run['objective'],
-                                    run['boosted'], context, prompts, **kwargs))
+  return np.asarray(sample.generate(run['boosted'], context, prompts, **kwargs))
 
 
 # Batches of 4 share their compiled sampler with the training run's eval hook.
@@ -191,20 +193,20 @@ def test_diffusers_folder_is_the_base_model(run, tmp_path):
   pipeline.save_pipeline(folder, frozen['unet'], models.unet_config, frozen['text'],
                          models.text_config, models.tokenizer_folder,
                          models.scheduler_config)
-  config, objective, params = sample.pretrained_run(folder, 32)
+  base = runs.from_pretrained(folder, 32)
   _, prompts = examples(4)
-  ours = sample.generate(config, objective, params, None, prompts, num_steps=2)
+  ours = sample.generate(base, None, prompts, num_steps=2)
   np.testing.assert_allclose(
       ours, _generate(run, None, prompts, use_lora=False), atol=1e-5)
   with pytest.raises(ValueError, match='sets no sample_size: give --resolution'):
-    sample.pretrained_run(folder)
+    runs.from_pretrained(folder)
 
 
 def test_cli(run, tmp_path):
   context, prompts = examples(2)
   folder = tmp_path / 'contexts'
   folder.mkdir()
-  for i, c in enumerate(sample.to_uint8(context)):
+  for i, c in enumerate(images.to_uint8(context)):
     Image.fromarray(c).save(folder / f'item{i}.png')
   out = tmp_path / 'out'
   result = run_cli('sample', run['dirs'], f'--workdir={run["workdir"]}',
@@ -219,11 +221,10 @@ def test_cli(run, tmp_path):
                    'item1_1_' + sample._slug(prompts[1]) + '.png',
                    'lora_item0.safetensors', 'lora_item1.safetensors']
   # The PNGs are generate()'s images: pair (context 1, prompt 0) is image 2.
-  expected = sample.generate(run['config'], run['objective'], run['params'],
-                             context[[1]], prompts[:1], num_steps=2, seed=3,
+  expected = sample.generate(run['run'], context[[1]], prompts[:1], num_steps=2, seed=3,
                              image_ids=[2])
   png = np.asarray(Image.open(out / files[3]), np.int32)
-  assert np.abs(png - sample.to_uint8(expected)[0]).max() <= 1
+  assert np.abs(png - images.to_uint8(expected)[0]).max() <= 1
   lora = lora_files.load_lora_file(str(out / 'lora_item1.safetensors'))
   assert set(lora) == {t.path for t in run['objective'].models.targets}
 

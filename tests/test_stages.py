@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from configs import quickstart, tiny_test
-from hyperlora_jax import train
+from hyperlora_jax import main, runs
 from hyperlora_jax.convert import lora_files, pipeline
 from hyperlora_jax.data import synthetic
 
@@ -32,16 +32,16 @@ def _tiny_stages():
 
 def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README's command
-  train.train_and_evaluate(_tiny_stages(), 'run')
+  main.train_and_evaluate(_tiny_stages(), 'run')
   workdir = str(tmp_path / 'run')
   # The base model is an ordinary diffusers folder the later stages loaded.
   base = pipeline.load_pipeline(os.path.join(workdir, 'base', 'pipeline'))
   assert base.unet_config['in_channels'] == 3
   # Its prediction type travels in its scheduler folder: the hypernetwork trained (and is
   # sampled) with the base's v-prediction though its own config says epsilon.
-  stage_config, objective, _ = train.restore_run(os.path.join(workdir, 'hyperlora_heads'))
-  assert stage_config.model.scheduler.prediction_type == 'epsilon'
-  assert objective.models.schedule.prediction_type == 'v_prediction'
+  heads = runs.restore(os.path.join(workdir, 'hyperlora_heads'))
+  assert heads.config.model.scheduler.prediction_type == 'epsilon'
+  assert heads.objective.models.schedule.prediction_type == 'v_prediction'
   report = os.path.join(workdir, 'report')
   with open(os.path.join(report, 'results.md')) as f:
     table = f.read()
@@ -52,7 +52,7 @@ def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch):
   assert lora and all('attn2' in path for path in lora)
   # A second call finds every stage finished and only reports again.
   mtime = os.path.getmtime(os.path.join(workdir, 'base', 'pipeline', 'unet', 'config.json'))
-  train.train_and_evaluate(_tiny_stages(), 'run')
+  main.train_and_evaluate(_tiny_stages(), 'run')
   assert os.path.getmtime(
       os.path.join(workdir, 'base', 'pipeline', 'unet', 'config.json')) == mtime
 

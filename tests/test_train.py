@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
-from hyperlora_jax import train
+from hyperlora_jax import defaults, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses import the package from this checkout, and what else the
@@ -48,7 +48,7 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   # sigterm_at_step > 0: this process gets SIGTERM before that step; < 0:
   # process 1 alone, before step -sigterm_at_step.
   config.data = dict(noise=0.0, nan_at_step=-1, sigterm_at_step=0)
-  train.add_train_defaults(config)
+  defaults.fill(config)
   config.train.update(num_steps=8, batch_size=8, log_every=2, eval_every=1,
                       checkpoint_every=4, compute_dtype='float32')
   config.train.update(train_overrides)
@@ -270,7 +270,7 @@ def test_real_pipeline_preempted_and_resumed(tmp_path):
   """The grain pipeline's state goes through the checkpoint and back."""
   from hyperlora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = toy_config(num_steps=6, checkpoint_every=100)
-  config.data = pipeline.default_config()
+  config.data = defaults.get_config().data
   config.data.update(data_dir=str(tmp_path / 'tfds'), num_train=24,
                      num_test=4, resolution=8, num_threads=1, prefetch=1)
   seen = []
@@ -302,6 +302,7 @@ def test_real_pipeline_preempted_and_resumed(tmp_path):
   def run_colors(workdir):
     return train.train_and_evaluate(config, str(workdir),
                                     build_objective=build_colors,
+                                    create_dataset=pipeline.for_training,
                                     evaluate_fn=preempt)
 
   full = run_colors(tmp_path / 'full')

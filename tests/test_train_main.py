@@ -16,13 +16,13 @@ PYTHONPATH = os.pathsep.join(
     filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
 CONFIG = """
 import ml_collections
-from hyperlora_jax import train
+from hyperlora_jax import defaults
 
 
 def get_config():
   config = ml_collections.ConfigDict()
   config.data = dict(name='synthetic')
-  return train.add_train_defaults(config)
+  return defaults.fill(config)
 """
 
 

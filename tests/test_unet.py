@@ -45,7 +45,7 @@ def _inputs(batch=2, size=16, cross=32, seed=0):
 
 
 def _ours(module, params, x, t, c, lora=None):
-  fn = jax.jit(lambda p, x, t, c, l: module.apply({'params': p}, x, t, c, lora=l))
+  fn = jax.jit(lambda p, x, t, c, tree: module.apply({'params': p}, x, t, c, lora=tree))
   out = fn(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(c), lora)
   return np.asarray(out, np.float32).transpose(0, 3, 1, 2)
 
@@ -149,7 +149,8 @@ def test_zero_lora_is_exactly_the_base_model(sd1):
   path = 'down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k'
   lora = {path: {'down': np.ones((2, 4, 32), np.float32), 'up': np.ones((2, 64, 4), np.float32),
                  'scale': np.zeros((2,), np.float32)}}
-  np.testing.assert_array_equal(_ours(module, params, x, t, c, lora), _ours(module, params, x, t, c))
+  np.testing.assert_array_equal(_ours(module, params, x, t, c, lora),
+                                _ours(module, params, x, t, c))
 
 
 def _rewrite_weights(folder, edit):
@@ -163,8 +164,10 @@ def test_renamed_key_is_named_in_error(sd1, tmp_path):
   model, _, _, _ = sd1
   model.save_pretrained(str(tmp_path))
   key = 'mid_block.attentions.0.proj_in.weight'
-  _rewrite_weights(str(tmp_path), lambda s: s.update({'mid_block.attentions.0.proj_inn.weight': s.pop(key)}))
-  with pytest.raises(convert.CheckpointError, match=r'(?s)missing.*mid_block/attentions_0/proj_in/kernel.*unexpected.*proj_inn'):
+  _rewrite_weights(str(tmp_path),
+                   lambda s: s.update({'mid_block.attentions.0.proj_inn.weight': s.pop(key)}))
+  with pytest.raises(convert.CheckpointError, match=r'(?s)missing.*mid_block/attentions_0/'
+                     r'proj_in/kernel.*unexpected.*proj_inn'):
     convert.load_flax_model(str(tmp_path), unet.from_config)
 
 
@@ -172,8 +175,10 @@ def test_misshaped_key_names_both_shapes(sd1, tmp_path):
   model, _, _, _ = sd1
   model.save_pretrained(str(tmp_path))
   key = 'conv_in.weight'
-  _rewrite_weights(str(tmp_path), lambda s: s.update({key: np.zeros((32, 4, 5, 5), np.float32)}))
-  with pytest.raises(convert.CheckpointError, match=r'conv_in.weight: checkpoint \(32, 4, 5, 5\).*expects \(3, 3, 4, 32\)'):
+  _rewrite_weights(str(tmp_path),
+                   lambda s: s.update({key: np.zeros((32, 4, 5, 5), np.float32)}))
+  with pytest.raises(convert.CheckpointError, match=r'conv_in.weight: checkpoint '
+                     r'\(32, 4, 5, 5\).*expects \(3, 3, 4, 32\)'):
     convert.load_flax_model(str(tmp_path), unet.from_config)
 
 

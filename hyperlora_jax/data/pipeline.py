@@ -37,41 +37,8 @@ Batch (numpy, leading dim B = per-host batch size):
   synthetic only: 'shape', 'color', 'pattern', 'color2', 'background',
                   'position' int32 [B]; 'box' int32 [B, 4] (x0, y0, x1, y1,
                   end-exclusive) of the item in the target.
-  data.use_cache: 'latents' [B, ...] of the target and 'prompt_emb'
-                  [B, ...] of the chosen prompt (see cache.py).
 
-Config fields (default_config()):
-  name            'synthetic' | 'paired' | 'single' | 'triples' (builders.py
-                  documents the folder layouts).
-  data_dir        where TFDS data is built ('' -> TFDS default,
-                  ~/tensorflow_datasets).
-  source_dir      the user's folder (paired / single / triples).
-  prompts_file    paired: prompts JSONL ('' -> source_dir/prompts.jsonl).
-  static_prompt   '' -> the builder's ('a person wearing S*', 'a [V] face',
-                  'a photo of S*'; synthetic: 'a figure wearing S*').
-  on_bad_example  'error' | 'skip' (see builders.py).
-  convert_modes   convert grayscale / RGBA / CMYK... to RGB (logged), else
-                  such images are bad examples.
-  resolution      R of the batches (and of the synthetic images; keep the
-                  two equal there: the scorer reads exact pixels).
-  prompt          'scene' (the example's own prompt; synthetic: the scene
-                  without the item) | 'static' | 'full' (synthetic only).
-  seed            shuffle seed and synthetic data seed.
-  num_train, num_test, holdout_seed, test_fraction   synthetic sizes and
-                  held-out identities (synthetic.py).
-  item_frac       synthetic: the item's side in the target, fraction of the
-                  resolution (0.34); part of the built data's name, so data
-                  (and caches under it) of another value are never reused.
-  batch_size      global batch size, divided among hosts (create_dataset's
-                  batch_size argument overrides it).
-  num_threads     reader threads; prefetch: batches read ahead (>=
-                  num_threads, or threads idle).
-  num_workers     worker processes (grain mp_prefetch), each decoding
-                  whole batches with its own threads: 0 = none (threads in
-                  this process; decoding is GIL-bound at ~1,000 images/s),
-                  -1 = one per CPU core up to 16. A GPU needs them.
-  use_cache, cache_name   read latents / prompt embeddings written by
-                  cache.py under <dataset dir>/cache/<cache_name>.
+The config.data keys are documented, with their defaults, in `hyperlora_jax.defaults`.
 
 `python -m hyperlora_jax.data.pipeline --data.name=paired
 --data.source_dir=DIR --data.data_dir=OUT` builds a dataset once (do this
@@ -79,80 +46,20 @@ before a multi-host run) and prints its splits, counts and one batch.
 """
 
 import functools
-import io
-import json
 import os
-import pathlib
 
 from absl import app
 from absl import flags
 import grain
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
-from PIL import Image
 
+from hyperlora_jax import defaults
 from hyperlora_jax.data import builders
-from hyperlora_jax.data import synthetic
+from hyperlora_jax.data import images
 
 _PROMPT_KEYS = {'scene': 'prompt', 'static': 'prompt_static',
                 'full': 'prompt_full'}
-
-
-def default_config():
-  """The data config section; the module docstring documents the fields."""
-  c = ml_collections.ConfigDict()
-  c.name = 'synthetic'
-  c.data_dir = ''
-  c.source_dir = ''
-  c.prompts_file = ''
-  c.static_prompt = ''
-  c.on_bad_example = 'error'
-  c.convert_modes = True
-  c.resolution = 32
-  c.prompt = 'scene'
-  c.seed = 0
-  c.num_train = 1000
-  c.num_test = 200
-  c.holdout_seed = 0
-  c.test_fraction = 0.2
-  c.item_frac = synthetic.ITEM_FRAC
-  c.batch_size = 8
-  c.num_threads = 4
-  c.prefetch = 4
-  c.num_workers = 0
-  c.use_cache = False
-  c.cache_name = 'default'
-  return c
-
-
-def cache_dir(builder, cache_name, split):
-  """Where cache.py writes, and the pipeline reads, one split's cache."""
-  return pathlib.Path(builder.data_path) / 'cache' / cache_name / split
-
-
-def _fit(encoded, resolution):
-  """Decodes image bytes to [R, R, 3] uint8: shorter side to R, center crop.
-
-  Synthetic images are built at R already, so their pixels (and boxes) pass
-  through unchanged.
-  """
-  img = Image.open(io.BytesIO(encoded))
-  img.draft('RGB', (resolution, resolution))  # JPEG: decode at <= 1/8 size.
-  w, h = img.size
-  img = img.convert('RGB')
-  scale = resolution / min(w, h)
-  if (w, h) != (resolution, resolution):
-    size = [max(resolution, round(x * scale)) for x in (w, h)]
-    img = img.resize(size, Image.BICUBIC)
-  ox = (img.size[0] - resolution) // 2
-  oy = (img.size[1] - resolution) // 2
-  img = img.crop((ox, oy, ox + resolution, oy + resolution))
-  return np.asarray(img)
-
-
-def _normalize(pixels):
-  return pixels.astype(np.float32) / 127.5 - 1.0
 
 
 def _field(value):
@@ -162,15 +69,15 @@ def _field(value):
   return np.int32(value) if isinstance(value, int) else value
 
 
-def _load(source, stop, pad_index, data, cache, index):
+def _load(source, stop, pad_index, data, index):
   """Example `index` of the split; from `stop` on: padding, `pad_index`."""
   valid = index < stop
   index = index if valid else pad_index
   ex = source[index]
   out = {k: _field(v) for k, v in ex.items() if k not in ('context', 'target')}
-  context = _fit(ex['context'], data.resolution)
-  target = _fit(ex['target'], data.resolution) if 'target' in ex else context
-  out.update(context=_normalize(context), target=_normalize(target),
+  context = images.fit(ex['context'], data.resolution)
+  target = images.fit(ex['target'], data.resolution) if 'target' in ex else context
+  out.update(context=images.normalize(context), target=images.normalize(target),
              index=np.int64(index), valid=valid)
   if 'prompt_full' in out:  # Synthetic: keep the scene prompt by name.
     out['prompt_scene'] = out['prompt']
@@ -179,10 +86,6 @@ def _load(source, stop, pad_index, data, cache, index):
     raise ValueError(f'data.prompt={data.prompt!r} but {data.name} has no '
                      f'{key}')
   out['prompt'] = out[key]
-  if cache is not None:
-    latents, emb, prompt_ids = cache
-    out['latents'] = np.asarray(latents[out['index']])
-    out['prompt_emb'] = np.asarray(emb[prompt_ids[out['index']]])
   return out
 
 
@@ -194,23 +97,6 @@ def _pad_batch(batch_size, batch):
   pad = {k: np.repeat(v[-1:], batch_size - n, axis=0) for k, v in batch.items()}
   pad['valid'][:] = False
   return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
-
-
-def _open_cache(builder, data, split, num):
-  """(latents, prompt embeddings, prompt id per record) written by cache.py."""
-  path = cache_dir(builder, data.cache_name, split)
-  meta_file = path / 'meta.json'
-  if not meta_file.exists():
-    raise FileNotFoundError(f'no cache at {path}: run python -m '
-                            'hyperlora_jax.data.cache first')
-  meta = json.loads(meta_file.read_text())
-  if (meta['resolution'], meta['num_examples']) != (data.resolution, num):
-    raise ValueError(f'cache {path} was written for resolution '
-                     f'{meta["resolution"]}, {meta["num_examples"]} examples; '
-                     f'the data has {data.resolution}, {num}')
-  ids = np.asarray(meta['prompt_ids'][_PROMPT_KEYS[data.prompt]])
-  return (np.load(path / 'latents.npy', mmap_mode='r'),
-          np.load(path / 'prompt_emb.npy', mmap_mode='r'), ids)
 
 
 def create_dataset(data, split, *, process_index=None, process_count=None,
@@ -256,46 +142,62 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
     length = stop - start
   else:
     length = -(-num // process_count)  # Every host: the largest block.
-  cache = _open_cache(builder, data, split, num) if data.use_cache else None
   ds = grain.MapDataset.range(start, start + length)
   if shuffle:
     ds = ds.shuffle(seed=data.seed)
   ds = ds.repeat(num_epochs).map(
       # Padding repeats a record of the host's own block, if it has one.
       functools.partial(_load, source, stop, start if start < stop else 0,
-                        data, cache))
+                        data))
   ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
   if num_epochs is not None:
     ds = ds.map(functools.partial(_pad_batch, batch_size))
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=data.num_threads, prefetch_buffer_size=data.prefetch))
-  workers = data.get('num_workers', 0)
+  workers = data.num_workers
   if workers:
     workers = min(os.cpu_count() or 1, 16) if workers < 0 else workers
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; no app.run here.
-      flags.FLAGS.mark_as_parsed()
+    if not flags.FLAGS.is_parsed():
+      raise ValueError(
+          f'data.num_workers={data.num_workers} starts grain worker processes, which '
+          'read absl flags: parse them first (run under absl.app.run, as '
+          'hyperlora_jax.main does, or call absl.flags.FLAGS.mark_as_parsed()), or '
+          'set data.num_workers=0.')
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=2))
   return iter(ds)
 
 
+def for_training(config, split, process_index, process_count):
+  """The training loop's dataset: endless, shuffled batches of config.train.batch_size
+  (the loop's `create_dataset`)."""
+  return create_dataset(config.data, split, process_index=process_index,
+                        process_count=process_count, batch_size=config.train.batch_size)
+
+
 def main(argv):
   del argv
-  builder = builders.build(_DATA.value, rebuild=_REBUILD.value)
+  data = flags.FLAGS.data
+  builder = builders.build(data, rebuild=flags.FLAGS.rebuild)
   print(builder.data_path)
   for name, split in builder.info.splits.items():
     print(f'{name}: {split.num_examples} examples')
   if builder.info.metadata:
     print(dict(builder.info.metadata))
   first = sorted(builder.info.splits)[0]
-  batch = next(create_dataset(_DATA.value, first, process_index=0,
+  batch = next(create_dataset(data, first, process_index=0,
                               process_count=1, num_epochs=1, shuffle=False))
   for k, v in batch.items():
     print(k, v.shape, v.dtype, v[0] if v.ndim == 1 else '')
 
 
-if __name__ == '__main__':
+def run():
+  """The console script (`hyperlora-build-data`)."""
   # Flags only here: importing the module must not define global flags.
-  _DATA = config_flags.DEFINE_config_dict('data', default_config())
-  _REBUILD = flags.DEFINE_bool('rebuild', False, 'Rebuild even if built.')
+  config_flags.DEFINE_config_dict('data', defaults.get_config().data)
+  flags.DEFINE_bool('rebuild', False, 'Rebuild even if built.')
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -4,8 +4,9 @@ Submodule names mirror transformers' modules, so ``convert.torch_to_flax`` maps 
 state dicts unchanged: ``text_model.encoder.layers.3.self_attn.q_proj.weight`` is the
 Flax path ``text_model/encoder/layers_3/self_attn/q_proj/kernel``. The roots keep the
 ``text_model`` / ``vision_model`` level that diffusers pipelines and transformers 4.x
-checkpoints carry (`convert.clip` loads folders, transformers 5 saves too). Attention and MLP projections are ``lora.Dense``, so both towers
-take an optional LoRA tree keyed by paths such as
+checkpoints carry (`convert.clip_folders` loads folders, transformers 5 saves too).
+Attention and MLP projections are ``lora.Dense``, so both towers take an optional LoRA
+tree keyed by paths such as
 ``text_model/encoder/layers_0/self_attn/q_proj``.
 
 Images are NHWC, already normalized (see ``preprocess_images``).

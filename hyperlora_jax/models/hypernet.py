@@ -19,7 +19,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.models import clip
@@ -213,19 +212,11 @@ class HyperNetwork(nn.Module):
     return tree
 
 
-# Factor rank without target/batch axes: per-sample arrays carry both.
-_BASE_NDIM = {'down': 2, 'up': 2, 'mid': 1, 'out': 1}
-
-
 def _take(factors, j):
-  """Target j of a group's factors: axis 1 for per-sample arrays, 0 for shared."""
-  return {k: v[:, j] if v.ndim == _BASE_NDIM[k] + 2 else v[j] for k, v in factors.items()}
-
-
-# What a trained ViT/CLIP encoder keeps per layer for its backward by default (see
-# clip.remat_policy): the projections' outputs, not the f32 norms, softmax and
-# activations that held most of a ViT-L's activation memory (issue 8).
-ENCODER_REMAT = 'dots_with_no_batch_dims_saveable'
+  """Target j of a group's factors: axis 1 for per-sample arrays (batch and target axes
+  over a shared factor's), 0 for shared ones."""
+  return {k: v[:, j] if v.ndim == lora_lib.SHARED_NDIM[k] + 2 else v[j]
+          for k, v in factors.items()}
 
 
 def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module = None):
@@ -233,7 +224,7 @@ def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module =
 
   Args:
     config: fields ``encoder`` (kind 'conv'|'vit'|'clip', ...; ``remat`` for 'vit' and
-      'clip': `clip.remat_policy`, default ``ENCODER_REMAT``), ``decoder`` (kind
+      'clip': `clip.remat_policy`), ``decoder`` (kind
       'transformer'|'heads'|'perceiver', ...), ``param`` (see lora.parameterization)
       and ``gamma_init``.
     targets: from `lora.find_targets` over the UNet params.
@@ -248,7 +239,7 @@ def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module =
     encoder = ConvEncoder(tuple(enc.channels))
   elif enc.kind in ('vit', 'clip'):
     tower = encoder_tower or clip.vision_from_config(enc.vit.to_dict())
-    encoder = CLIPEncoder(tower.clone(remat=enc.get('remat', ENCODER_REMAT)))
+    encoder = CLIPEncoder(tower.clone(remat=enc.remat))
   else:
     raise ValueError(f'Unknown encoder kind {enc.kind!r}; one of conv, vit, clip.')
   dec = config.decoder
@@ -260,11 +251,7 @@ def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module =
     decoder = PerceiverDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads)
   else:
     raise ValueError(f'Unknown decoder kind {dec.kind!r}; one of transformer, heads, perceiver.')
-  return HyperNetwork(tuple(targets), encoder, decoder, param, config.get('gamma_init', 0.0))
-
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+  return HyperNetwork(tuple(targets), encoder, decoder, param, config.gamma_init)
 
 
 def predicted_size(param: nn.Module, targets: Sequence[lora_lib.Target]) -> int:

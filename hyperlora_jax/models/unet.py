@@ -114,9 +114,8 @@ class Attention(nn.Module):
     if self.upcast:  # SD2.1 overflows in fp16/bf16 logits otherwise.
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
       v = v.astype(jnp.float32)
-    out = jax.nn.dot_product_attention(
-        q, k, v, implementation=attention_implementation(q.dtype, self.head_dim, q.shape[1], k.shape[1])
-    ).astype(self.dtype)
+    implementation = attention_implementation(q.dtype, self.head_dim, q.shape[1], k.shape[1])
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation).astype(self.dtype)
     out = out.reshape(out.shape[:2] + (inner,))
     return dense('to_out_0', x.shape[-1], True)(out, lora)
 

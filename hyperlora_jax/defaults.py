@@ -1,0 +1,195 @@
+"""Every config key and its default, in one place.
+
+`get_config(objective)` is the complete config that the experiment files (configs/*.py)
+start from and override; the code reads each key without a default of its own.
+`fill(config)` adds the keys a config lacks: a run's config.json written before a key
+existed, or a hand-written config, so a new key's default keeps old runs as they were.
+
+config.objective   what a run trains: a name in `objectives.REGISTRY`
+config.seed        parameter init and training randomness (0)
+
+config.data       the input pipeline (`data.pipeline`)
+  name            'synthetic' | 'paired' | 'single' | 'triples' (builders.py documents
+                  the folder layouts)
+  data_dir        where TFDS data is built ('' -> TFDS default, ~/tensorflow_datasets)
+  source_dir      the user's folder (paired / single / triples)
+  prompts_file    paired: prompts JSONL ('' -> source_dir/prompts.jsonl)
+  static_prompt   '' -> the builder's ('a person wearing S*', 'a [V] face',
+                  'a photo of S*'; synthetic: 'a figure wearing S*')
+  on_bad_example  'error' | 'skip' (see builders.py)
+  convert_modes   convert grayscale / RGBA / CMYK... to RGB (logged), else such
+                  images are bad examples (True)
+  resolution      R of the batches (and of the synthetic images; keep the two equal
+                  there: the scorer reads exact pixels) (32)
+  prompt          'scene' (the example's own prompt; synthetic: the scene without the
+                  item) | 'static' | 'full' (synthetic only)
+  seed            shuffle seed and synthetic data seed (0)
+  num_train, num_test, holdout_seed, test_fraction   synthetic sizes and held-out
+                  identities (synthetic.py) (1000, 200, 0, 0.2)
+  item_frac       synthetic: the item's side in the target, fraction of the resolution
+                  (0.34); part of the built data's name, so data of another value is
+                  never reused
+  batch_size      global batch size, divided among hosts (create_dataset's batch_size
+                  argument overrides it) (8)
+  num_threads     reader threads (4); prefetch: batches read ahead (4; >= num_threads,
+                  or threads idle)
+  num_workers     worker processes (grain mp_prefetch), each decoding whole batches
+                  with its own threads: 0 = none (threads in this process; decoding is
+                  GIL-bound at ~1,000 images/s), -1 = one per CPU core up to 16. A GPU
+                  needs them (0)
+
+config.model
+  pretrained      a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/,
+                  vae/): the base model; '' builds ``unet``/``text`` from scratch;
+                  None (the SD1.5 configs) must be set on the command line
+  unet, text      diffusers / transformers config dicts for from-scratch models
+  max_length      token sequence length for a from-scratch tokenizer (40)
+  scheduler       keys over SD1.5's scheduler config for from-scratch models, e.g.
+                  prediction_type ('epsilon' | 'v_prediction'); a pretrained folder
+                  brings its own scheduler/ and this section is not read
+  targets         LoRA targets (`lora.TARGET_SETS` names or regexes) ('cross_attn')
+  prompt_dropout  probability of training on the empty prompt, for guidance (0.1)
+  min_snr_gamma   min-SNR loss weighting (None = off)
+
+config.lora       rank (4), alpha (4.0): the ``unet_lora`` objective's shared LoRA
+
+config.hypernet   see `models.hypernet.build`
+  encoder         kind 'conv' | 'vit' | 'clip'; channels (conv); vit: a CLIPVisionConfig
+                  dict (ViT-L/14); pretrained: a CLIP vision folder for 'clip';
+                  trainable (True): False freezes the encoder; remat: what a trained
+                  'vit'/'clip' encoder keeps per layer for the backward: 'none', 'full'
+                  or a jax.checkpoint_policies name (default
+                  'dots_with_no_batch_dims_saveable': the projections' outputs; norms,
+                  softmax, activations and attention logits are recomputed, ~4% of a
+                  ViT-L layer's forward FLOPs, for ~5x less activation memory); not
+                  'none' also runs the layers as one lax.scan (`clip.CLIPEncoder`)
+  decoder         kind 'heads' | 'transformer' | 'perceiver'; hidden (heads), width,
+                  depth, heads, rounds (transformer)
+  param           kind 'plain' | 'lidb' | 'basis' | 'vera'; rank; a, b (lidb); seed
+                  (lidb, vera aux matrices); num_id, num_base, use_id, use_base (basis)
+  gamma_init      the one trainable scale of every delta starts here (0.0)
+
+config.train
+  num_steps         optimizer updates to run (1000)
+  batch_size        global examples per update, over all hosts (8); a multiple of
+                    devices x grad_accum_steps and of the process count
+  grad_accum_steps  split each batch into this many sequential micro-batches and sum
+                    their gradients, to trade time for memory (1)
+  log_every         console + TensorBoard scalars every N steps (50)
+  eval_every        call the evaluation hook every N steps and at the end; 0 = only at
+                    the end (1000)
+  checkpoint_every  save every N steps, at the end and on SIGTERM (1000)
+  keep_checkpoints  newest checkpoints kept (3)
+  nan_policy        'stop': a non-finite loss or gradient raises FloatingPointError
+                    naming the step; 'skip': that update is dropped and training goes
+                    on; either way the state never takes non-finite values ('stop')
+  remat             jax.checkpoint around the loss: 'none', 'full' or a
+                    jax.checkpoint_policies name, e.g. 'dots_saveable' ('none');
+                    per-block remat belongs to the models
+  ema_decay         EMA of the trainable params (None = off); evaluation gets the EMA
+                    params when it is on
+  compute_dtype     activation dtype the objective builds its models with
+                    ('bfloat16'); params stay float32 (master weights)
+
+config.optim      AdamW: lr (1e-4), b1 (0.9), b2 (0.999), eps (1e-8), weight_decay
+                  (0.01, only on params with ndim >= 2: biases, norms and gamma are not
+                  pulled to zero), warmup_steps (0, linear from 0), schedule ('cosine' to
+                  0 at num_steps | 'constant'), grad_clip_norm (1.0; 0 = off)
+
+config.mesh       data (-1), fsdp (1): mesh axis sizes, -1 = the remaining devices;
+                  shard_min_size (2**18): params with at least this many elements are
+                  split over 'fsdp'; rules (()): (path regex, axes) pairs that override
+                  the size rule, see sharding.py
+
+config.eval       the training loop's own check (`evaluate.evaluate_fn`, synthetic data):
+                  num_examples (8; 0 = off), num_steps (8), guidance (3.0)
+"""
+import ml_collections
+
+from hyperlora_jax.data import synthetic
+
+
+
+def tiny_unet(channels=(32, 64, 64), cross_attention_dim=64, heads=4) -> dict:
+  """A pixel-space UNet for 3-channel images (the quickstart's base model).
+
+  Attention only below the full resolution: at 32x32 pixels, self-attention over 1024
+  tokens would cost more than the rest of the UNet on a CPU.
+  """
+  n = len(channels)
+  return dict(
+      in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=1,
+      down_block_types=('DownBlock2D',) + ('CrossAttnDownBlock2D',) * (n - 1),
+      up_block_types=('CrossAttnUpBlock2D',) * (n - 1) + ('UpBlock2D',),
+      cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
+      norm_num_groups=min(8, channels[0]))
+
+
+def tiny_text(width=64, layers=2, heads=4) -> dict:
+  return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+              num_attention_heads=heads, hidden_act='quick_gelu')
+
+
+SD15_UNET = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2, down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, cross_attention_dim=768,
+    attention_head_dim=8, norm_num_groups=32)
+
+# CLIP ViT-L/14 vision tower shape (HyperDreamBooth uses a ViT-H; size by config).
+VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+               num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768)
+
+
+def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
+  """The complete config with every default (the module docstring documents them)."""
+  c = ml_collections.ConfigDict()
+  c.objective = objective
+  c.seed = 0
+  c.data = dict(name='synthetic', data_dir='', source_dir='', prompts_file='',
+                static_prompt='', on_bad_example='error', convert_modes=True, resolution=32,
+                prompt='scene', seed=0, num_train=1000, num_test=200, holdout_seed=0,
+                test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, batch_size=8,
+                num_threads=4, prefetch=4, num_workers=0)
+  c.model = dict(pretrained='', unet=tiny_unet(), text=tiny_text(), max_length=40,
+                 scheduler=dict(prediction_type='epsilon'), targets='cross_attn',
+                 prompt_dropout=0.1, min_snr_gamma=ml_collections.config_dict.placeholder(float))
+  c.lora = dict(rank=4, alpha=4.0)
+  c.hypernet = dict(
+      encoder=dict(kind='conv', channels=(32, 64, 128), pretrained='', trainable=True,
+                   remat='dots_with_no_batch_dims_saveable', vit=dict(VIT_L14)),
+      decoder=dict(kind='heads', hidden=64, width=128, depth=2, heads=4, rounds=2),
+      param=dict(kind='plain', rank=2, a=100, b=50, seed=0, num_id=16, num_base=16,
+                 use_id=True, use_base=True),
+      gamma_init=0.0)
+  c.train = dict(num_steps=1000, batch_size=8, grad_accum_steps=1, log_every=50,
+                 eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
+                 nan_policy='stop', remat='none',
+                 ema_decay=ml_collections.config_dict.placeholder(float),
+                 compute_dtype='bfloat16')
+  c.optim = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, warmup_steps=0,
+                 schedule='cosine', grad_clip_norm=1.0)
+  c.mesh = dict(data=-1, fsdp=1, shard_min_size=2**18, rules=())
+  c.eval = dict(num_examples=8, num_steps=8, guidance=3.0)
+  return c
+
+
+def fill(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds every key of `get_config` that `config` lacks, at any depth; returns config.
+
+  Keys the config has are kept, values and types alike; a section the config sets to
+  something other than a dict (e.g. a model's own config dict) is not entered.
+  """
+  def merge(target, defaults):
+    for key in defaults.keys():
+      if key not in target:
+        # The FieldReference, so the type of a None field survives (command-line
+        # overrides of ema_decay parse as float).
+        target[key] = defaults.get_ref(key)
+      elif isinstance(defaults[key], ml_collections.ConfigDict) and isinstance(
+          target[key], ml_collections.ConfigDict) and key not in ('unet', 'text', 'vit'):
+        merge(target[key], defaults[key])
+
+  with config.unlocked():
+    merge(config, get_config(config.get('objective', 'hyperlora')))
+  return config

@@ -1,0 +1,26 @@
+"""What a run trains: one registry of objectives, each a small module.
+
+* ``hyperlora``: a hypernetwork predicts a per-sample LoRA from the context image.
+* ``unet_lora``: one shared plain LoRA on the UNet.
+* ``unet_full``: the UNet and text tower themselves.
+
+`build(config, rng)` returns the config's `base.Objective`; `spec(name)` says what a run
+of an objective is without building it. The training loop, sampling, evaluation, export
+and stages use only these: none of them tests ``config.objective``. To add an objective,
+write a module with a ``SPEC`` (see `base.Spec`, `base.diffusion_objective`) and list it
+in ``REGISTRY``.
+"""
+from hyperlora_jax.objectives import hyperlora, unet_full, unet_lora
+from hyperlora_jax.objectives.base import Models, Objective, Spec  # noqa: F401
+
+REGISTRY = {s.name: s for s in (hyperlora.SPEC, unet_lora.SPEC, unet_full.SPEC)}
+
+
+def spec(name: str) -> Spec:
+  if name not in REGISTRY:
+    raise ValueError(f'Unknown objective {name!r}; one of {sorted(REGISTRY)}.')
+  return REGISTRY[name]
+
+
+def build(config, rng) -> Objective:
+  return spec(config.objective).build(config, rng)

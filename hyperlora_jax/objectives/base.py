@@ -1,0 +1,181 @@
+"""What every objective shares: its types, the base model, and the latent-diffusion loss.
+
+An objective is a `Spec` (what a run of it is, known without building anything) whose
+``build(config, rng)`` returns an `Objective`: the trainable and frozen param trees, a
+pure ``loss_fn``, a host-side ``prepare``, and the two pure functions through which every
+tool uses a run: ``lora(trainable, frozen, inputs)`` (the LoRA tree the run applies, or
+None) and ``base(trainable, frozen)`` (the UNet and text-tower params it samples with).
+`diffusion_objective` builds all of that from those two functions, so an objective that
+trains through the diffusion loss only says what is trained and how it becomes a LoRA.
+The config keys are documented in `hyperlora_jax.defaults`.
+"""
+import dataclasses
+import tempfile
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax import diffusion
+from hyperlora_jax import lora as lora_lib
+from hyperlora_jax.convert import clip_folders, pipeline
+from hyperlora_jax.models import clip, unet, vae
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What a run of an objective is, for the tools that use it.
+
+  lora_kind: None (the run applies no LoRA), 'shared' (one LoRA for every sample) or
+    'predicted' (one per sample, computed from ``lora_inputs``).
+  lora_inputs: the batch keys its LoRA is computed from, e.g. ('context',).
+  trains_base: its trained UNet and text tower are a new base model, which a stage
+    exports as a diffusers folder for later stages.
+  """
+  name: str
+  build: Callable[..., 'Objective']
+  lora_kind: Optional[str] = None
+  lora_inputs: tuple = ()
+  trains_base: bool = False
+
+
+class Models(NamedTuple):
+  """The modules and host-side pieces that sampling, evaluation and export need."""
+  unet: Any
+  unet_config: dict
+  text: Any
+  text_config: dict
+  tokenizer: Any
+  tokenizer_folder: str
+  max_length: int
+  schedule: diffusion.Schedule
+  scheduler_config: dict
+  vae: Optional[Any]
+  hypernet: Optional[Any]
+  targets: tuple
+
+
+class Objective(NamedTuple):
+  spec: Spec
+  models: Models
+  trainable: Any
+  frozen: Any
+  loss_fn: Callable  # (trainable, frozen, batch, rng) -> (loss, metrics)
+  prepare: Callable  # pipeline batch (numpy) -> the arrays loss_fn reads
+  lora: Callable  # (trainable, frozen, inputs) -> LoRA tree or None
+  base: Callable  # (trainable, frozen) -> {'unet': params, 'text': params}
+  # (trainable, frozen) -> the hypernetwork's variables, for objectives that have one.
+  hypernet_variables: Optional[Callable] = None
+
+
+def compute_dtype(config):
+  return jnp.dtype(config.train.compute_dtype)
+
+
+def load_base(config, rng):
+  """(pipeline.Pipeline, tokenizer folder) from config.model.pretrained or from scratch."""
+  dtype = compute_dtype(config)
+  if config.model.pretrained is None:
+    raise ValueError('config.model.pretrained is not set: give the path of a local '
+                     'diffusers Stable Diffusion folder (--config.model.pretrained=...).')
+  if config.model.pretrained:
+    return pipeline.load_pipeline(config.model.pretrained, dtype), \
+        f'{config.model.pretrained}/tokenizer'
+  from hyperlora_jax.data import synthetic  # from-scratch models speak the synthetic task
+  folder = tempfile.mkdtemp(prefix='hyperlora_tokenizer_')
+  clip_folders.write_tokenizer(synthetic.vocabulary(), folder, config.model.max_length)
+  tokenizer = clip_folders.load_tokenizer(folder)
+  unet_config = config.model.unet.to_dict()
+  text_config = dict(config.model.text.to_dict(), vocab_size=len(tokenizer),
+                     max_position_embeddings=config.model.max_length,
+                     eos_token_id=tokenizer.eos_token_id)
+  unet_module = unet.from_config(unet_config, dtype)
+  text = clip.text_from_config(text_config, dtype)
+  rng_unet, rng_text = jax.random.split(rng)
+  unet_params = jax.jit(unet_module.init)(rng_unet, *unet_module.dummy_inputs())['params']
+  text_params = jax.jit(text.init)(rng_text, *text.dummy_inputs())['params']
+  scheduler_config = dict(diffusion.SD15_SCHEDULER_CONFIG, **config.model.scheduler)
+  return pipeline.Pipeline(unet_module, unet_params, unet_config, text, text_params,
+                           text_config, tokenizer,
+                           diffusion.schedule_from_config(scheduler_config),
+                           scheduler_config), folder
+
+
+def base_models(config, rng, hypernet_fn=None):
+  """(Models, frozen params {'unet', 'text'[, 'vae']}) of the run's base model.
+
+  hypernet_fn: targets -> a hypernetwork module, for objectives that have one.
+  """
+  base, tokenizer_folder = load_base(config, rng)
+  targets = lora_lib.find_targets(base.unet_params, config.model.targets)
+  models = Models(base.unet, base.unet_config, base.text, base.text_config, base.tokenizer,
+                  tokenizer_folder, clip.model_max_length(base.tokenizer), base.schedule,
+                  base.scheduler_config, base.vae, hypernet_fn and hypernet_fn(targets),
+                  targets)
+  frozen = {'unet': base.unet_params, 'text': base.text_params}
+  if base.vae is not None:
+    frozen['vae'] = base.vae_params
+  return models, frozen
+
+
+def frozen_base(trainable, frozen):
+  """``base`` of the objectives that train no base-model params."""
+  del trainable
+  return {'unet': frozen['unet'], 'text': frozen['text']}
+
+
+def encode_prompts(models: Models, text_params, ids):
+  return models.text.apply({'params': text_params}, ids).last_hidden_state
+
+
+def _latents(models: Models, vae_params, images, rng):
+  """Targets in the space the UNet diffuses: VAE latents, or pixels without a VAE."""
+  if models.vae is None:
+    return images
+  return vae.encode_latents(models.vae, vae_params, images, rng)
+
+
+def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *, lora,
+                        base=frozen_base, metrics=lambda trainable: {},
+                        hypernet_variables=None) -> Objective:
+  """An Objective whose loss is the diffusion loss of the UNet ``base`` gives, with the
+  LoRA ``lora`` gives, on the batch's targets and prompts (prompt dropout to the empty
+  prompt, min-SNR weighting by config). ``metrics(trainable)`` adds scalars to the log."""
+  uncond_ids = jnp.asarray(clip.tokenize(models.tokenizer, [''], models.max_length)[0])
+
+  def loss_fn(trainable, frozen, batch, rng):
+    params = base(trainable, frozen)
+    tree = lora(trainable, frozen, batch)
+    rng_drop, rng_t, rng_noise, rng_vae = jax.random.split(rng, 4)
+    ids = batch['input_ids']
+    drop = jax.random.bernoulli(rng_drop, config.model.prompt_dropout, ids.shape[:1])
+    ids = jnp.where(drop[:, None], uncond_ids[None], ids)
+    context = encode_prompts(models, params['text'], ids)
+    x0 = _latents(models, frozen.get('vae'), batch['target'], rng_vae)
+    t = diffusion.random_timesteps(rng_t, models.schedule, x0.shape[0])
+    noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
+    pred = models.unet.apply({'params': params['unet']}, diffusion.add_noise(
+        models.schedule, x0, noise, t), t, context, lora=tree)
+    losses = diffusion.diffusion_loss(
+        pred.astype(jnp.float32), diffusion.training_target(models.schedule, x0, noise, t),
+        t, models.schedule, config.model.min_snr_gamma)
+    loss = losses.mean()
+    return loss, dict(metrics(trainable), diffusion_loss=loss)
+
+  token_cache = {}
+
+  def prepare(batch):
+    """Tokenizes the prompts (cached: prompts repeat); keeps the arrays the loss reads."""
+    prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in batch['prompt']]
+    missing = sorted(set(prompts) - set(token_cache))
+    if missing:
+      token_cache.update(zip(missing, clip.tokenize(models.tokenizer, missing,
+                                                    models.max_length)))
+    out = {'input_ids': np.stack([token_cache[p] for p in prompts]),
+           'target': np.asarray(batch['target'], np.float32)}
+    out.update({k: np.asarray(batch[k]) for k in spec.lora_inputs})
+    return out
+
+  return Objective(spec, models, trainable, frozen, loss_fn, prepare, lora, base,
+                   hypernet_variables)

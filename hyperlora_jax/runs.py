@@ -1,0 +1,132 @@
+"""A trained run as one object: restored from its workdir, or a diffusers folder's base.
+
+  run = runs.restore('workdirs/quickstart/hyperlora_heads')
+  tree = runs.lora(run, {'context': images})   # the LoRA it applies (per sample here)
+  files = runs.plain_loras(tree)               # one plain (down, up) tree per sample
+
+Sampling, evaluation, export and the stages use runs through this module and the
+objective it carries (`objectives.base.Objective`); it depends on none of them.
+"""
+import functools
+import json
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from hyperlora_jax import checkpoint
+from hyperlora_jax import defaults
+from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import objectives
+from hyperlora_jax import sharding
+
+CONFIG_FILE = 'config.json'
+
+
+class Run(NamedTuple):
+  """A run's config, its objective (models and frozen params; its ``trainable`` is
+  None, since the trained values are ``params``), its trained params, and where and at
+  which step they were saved ('' and 0 for a base model alone)."""
+  config: ml_collections.ConfigDict
+  objective: objectives.Objective
+  params: Any
+  workdir: str = ''
+  step: int = 0
+
+  @property
+  def spec(self) -> objectives.Spec:
+    return self.objective.spec
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  """A run's config.json, with the defaults of keys added since it was written."""
+  config_file = epath.Path(workdir) / CONFIG_FILE
+  if not config_file.exists():
+    raise FileNotFoundError(
+        f'No training run at {workdir}: {config_file} does not exist (a run '
+        'of python -m hyperlora_jax.main --workdir=... writes it).')
+  return defaults.fill(ml_collections.ConfigDict(json.loads(config_file.read_text())))
+
+
+def restore(workdir, step: Optional[int] = None) -> Run:
+  """The run trained in `workdir`, at checkpoint `step` (default: the newest).
+
+  The objective is rebuilt from the training seed (so from-scratch frozen models are
+  the ones the run trained against); only the trained params of the checkpoint are
+  read (the EMA copy when the run kept one), replicated on the current devices.
+  """
+  config = load_config(workdir)
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
+  objective = objectives.build(config, init_rng)
+  repl = sharding.replicated(sharding.make_mesh(-1, 1))
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32, sharding=repl),
+      objective.trainable)
+  step, params = checkpoint.restore_params(epath.Path(workdir) / 'checkpoints', abstract,
+                                           step)
+  # The objective's own trainable copy is the untrained init: drop it.
+  return Run(config, objective._replace(trainable=None), params, str(workdir), step)
+
+
+def from_pretrained(folder: str, resolution: Optional[int] = None) -> Run:
+  """A diffusers folder's base model alone, as a run without a LoRA (at `resolution`,
+  default the UNet's sample_size times the VAE's downsampling)."""
+  config = defaults.get_config('unet_full')
+  config.model.pretrained = folder
+  config.train.compute_dtype = 'float32'
+  config.data.resolution = resolution or 0
+  objective = objectives.build(config, jax.random.key(0))
+  if not resolution:
+    size = objective.models.unet_config.get('sample_size')
+    if not size:
+      raise ValueError(f'{folder}/unet/config.json sets no sample_size: give '
+                       '--resolution.')
+    config.data.resolution = size * latent_factor(objective.models)
+  return Run(config, objective._replace(trainable=None), objective.trainable)
+
+
+def latent_factor(models: objectives.Models) -> int:
+  """Pixels per latent along a side: the VAE's downsampling, 1 without a VAE."""
+  if models.vae is None:
+    return 1
+  return 2 ** (len(models.vae.block_out_channels) - 1)
+
+
+def lora(run: Run, inputs: Optional[dict] = None):
+  """The LoRA tree the run applies, or None (a base model alone). `inputs` holds the
+  arrays its objective computes the LoRA from (`Spec.lora_inputs`: a hyperlora run's
+  'context' images [B, H, W, 3] in [-1, 1]); a shared LoRA needs none."""
+  inputs = dict(inputs or {})
+  missing = [k for k in run.spec.lora_inputs if inputs.get(k) is None]
+  if missing:
+    raise ValueError(f'A {run.spec.name} run computes its LoRA from '
+                     f'{", ".join(missing)}; none given.')
+  return _lora(run.objective.lora, run.params, run.objective.frozen,
+               {k: jnp.asarray(inputs[k]) for k in run.spec.lora_inputs})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lora(fn, params, frozen, inputs):
+  return fn(params, frozen, inputs)
+
+
+def base_params(run: Run) -> dict:
+  """{'unet', 'text'}: the params the run samples with."""
+  return run.objective.base(run.params, run.objective.frozen)
+
+
+def plain_loras(tree) -> list:
+  """Plain (down, up, scale 1) shared trees, one per sample of a per-sample tree or one
+  for a shared tree: what LoRA files hold (lora.to_plain folds LiDB, basis and VeRA
+  factors; the rank is then down.shape[0])."""
+  plain = jax.tree.map(np.asarray, {p: lora_lib.to_plain(f) for p, f in tree.items()})
+  # Shared bases with per-sample coefficients (basis, VeRA) fold into a per-sample down
+  # or up only: the other factor stays shared.
+  sizes = {v.shape[0] for f in plain.values() for v in f.values() if v.ndim == 3}
+  if not sizes:
+    return [plain]
+  return [{p: {k: v[i] if v.ndim == 3 else v for k, v in f.items()}
+           for p, f in plain.items()} for i in range(sizes.pop())]
