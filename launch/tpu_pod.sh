@@ -7,7 +7,7 @@
 #       [-- --config.train.batch_size=256 ...]
 #
 # --setup first copies this repository's committed HEAD to every worker and
-# installs its requirements with jax[tpu]. The workdir must be a gs:// path:
+# installs it (pip install -e) with jax[tpu]. The workdir must be a gs:// path:
 # the workers share no disk, and Orbax writes every host's shards there.
 # Re-running the same command resumes from the workdir's last checkpoint.
 # --dry-run prints the exact commands instead of running them.
@@ -37,7 +37,7 @@ if ((setup)); then
   run gcloud compute tpus tpu-vm scp "$archive" "$tpu:hyperlora_jax_src.tar.gz" \
     "${gcloud_flags[@]}" --worker=all
   ssh_all "mkdir -p $dir_q && tar xzf hyperlora_jax_src.tar.gz -C $dir_q && \
-$python -m pip install -q -r $dir_q/requirements.txt 'jax[tpu]'"
+$python -m pip install -q -e $dir_q 'jax[tpu]'"
 fi
 
 main=$(show "$python" -m hyperlora_jax.main "--config=$config" \
