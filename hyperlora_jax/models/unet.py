@@ -301,7 +301,9 @@ class UNet(nn.Module):
             jnp.zeros((1, 2, self.cross_attention_dim)))
 
   @nn.compact
-  def __call__(self, sample, timesteps, context, lora: Optional[lora_lib.LoRATree] = None):
+  def __call__(self, sample, timesteps, context, lora: Optional[lora_lib.LoRATree] = None,
+               down_block_additional_residuals: Optional[Sequence[jnp.ndarray]] = None,
+               mid_block_additional_residual: Optional[jnp.ndarray] = None):
     """Predicts the model output (eps or v) for NHWC latents.
 
     Args:
@@ -309,6 +311,10 @@ class UNet(nn.Module):
       timesteps: [B] or scalar diffusion timesteps.
       context: [B, L, cross_attention_dim] text encoder states.
       lora: optional LoRA tree keyed by Dense paths (shared or per-sample factors).
+      down_block_additional_residuals: ControlNet residuals, one per skip connection
+        (`controlnet.ControlNetModel`'s first output), added to the skips after the
+        last down block, as diffusers does.
+      mid_block_additional_residual: ControlNet residual added to the mid block's output.
     """
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     ch0 = self.block_out_channels[0]
@@ -317,21 +323,12 @@ class UNet(nn.Module):
     temb = TimestepEmbedding(4 * ch0, self.dtype, name='time_embedding')(temb, lora)
     x = _conv(ch0, 'conv_in', self.dtype)(sample.astype(self.dtype))
     context = context.astype(self.dtype)
-    common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
-                  linear_projection=self.use_linear_projection,
-                  upcast=self.upcast_attention, dtype=self.dtype)
+    common = block_settings(self)
 
-    skips = [x]
+    x, skips = encode(self, x, temb, context, lora)
+    x, skips = add_control_residuals(x, skips, down_block_additional_residuals,
+                                     mid_block_additional_residual)
     n = len(self.block_out_channels)
-    for i, kind in enumerate(self.down_block_types):
-      x, block_skips = DownBlock(
-          self.block_out_channels[i], self.layers_per_block[i],
-          resample=i < n - 1, heads=self.heads[i] if kind == CROSS_ATTN_DOWN else None,
-          transformer_layers=self.transformer_layers[i], name=f'down_blocks_{i}',
-          **common)(x, temb, context, lora)
-      skips += block_skips
-    x = MidBlock(heads=self.heads[-1], transformer_layers=self.transformer_layers[-1],
-                 name='mid_block', **common)(x, temb, context, lora)
     for i, kind in enumerate(self.up_block_types):
       j = n - 1 - i  # up block i mirrors down block j
       x = UpBlock(
@@ -342,6 +339,60 @@ class UNet(nn.Module):
     x = nn.silu(_group_norm(self.norm_num_groups, self.norm_eps, 'conv_norm_out',
                             self.dtype)(x))
     return _conv(self.out_channels, 'conv_out', self.dtype)(x)
+
+
+def block_settings(net) -> dict:
+  """The block arguments a UNet-shaped module (UNet, ControlNet) gives every block."""
+  return dict(groups=net.norm_num_groups, eps=net.norm_eps,
+              linear_projection=net.use_linear_projection,
+              upcast=net.upcast_attention, dtype=net.dtype)
+
+
+def encode(net, x, temb, context, lora=None):
+  """The down blocks and the mid block of a UNet-shaped module, inside its compact call.
+
+  One piece of code for the encoder of the UNet and of the ControlNet (which has the
+  same fields and param names). Returns (mid block output, skips): conv_in's output
+  ``x`` first, then one per resnet and downsampler.
+  """
+  common = block_settings(net)
+  skips = [x]
+  n = len(net.block_out_channels)
+  for i, kind in enumerate(net.down_block_types):
+    x, block_skips = DownBlock(
+        net.block_out_channels[i], net.layers_per_block[i],
+        resample=i < n - 1, heads=net.heads[i] if kind == CROSS_ATTN_DOWN else None,
+        transformer_layers=net.transformer_layers[i], name=f'down_blocks_{i}',
+        **common)(x, temb, context, lora)
+    skips += block_skips
+  x = MidBlock(heads=net.heads[-1], transformer_layers=net.transformer_layers[-1],
+               name='mid_block', **common)(x, temb, context, lora)
+  return x, skips
+
+
+def add_control_residuals(x, skips, down=None, mid=None):
+  """ControlNet residuals added where diffusers adds them: ``down[i]`` to skip i after
+  the last down block, ``mid`` to the mid block's output ``x``. Either may be None."""
+  if down is not None:
+    if len(down) != len(skips):
+      raise ValueError(f'{len(down)} down_block_additional_residuals for {len(skips)} '
+                       'UNet skip connections: the ControlNet was made for another UNet.')
+    skips = [_add_residual(s, r, f'down_block_additional_residuals[{i}]')
+             for i, (s, r) in enumerate(zip(skips, down))]
+  if mid is not None:
+    x = _add_residual(x, mid, 'mid_block_additional_residual')
+  return x, skips
+
+
+def _add_residual(x, residual, name):
+  try:
+    fits = jnp.broadcast_shapes(x.shape, residual.shape) == x.shape
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(f'{name} has shape {residual.shape}; the UNet adds it to a '
+                     f'{x.shape} activation.')
+  return x + residual.astype(x.dtype)
 
 
 class TimestepEmbedding(nn.Module):
