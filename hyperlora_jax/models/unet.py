@@ -6,7 +6,7 @@ Module names mirror diffusers' so `convert.core.torch_to_flax` loads a diffusers
 stored in the module.
 """
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -95,40 +95,77 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+class ImageContext(NamedTuple):
+  """Cross-attention context that carries IP-Adapter image tokens beside the text.
+
+  The UNet wraps its text context in this when called with ``ip_tokens``; blocks pass
+  it along untouched and only `Attention` opens it (diffusers' (text, image) tuple).
+  """
+  text: jnp.ndarray
+  tokens: jnp.ndarray  # [B, N, cross_attention_dim]
+  scale: Any  # scalar or [B]
+
+
 class Attention(nn.Module):
-  """Multi-head attention with LoRA-able to_q/to_k/to_v/to_out.0."""
+  """Multi-head attention with LoRA-able to_q/to_k/to_v/to_out.0.
+
+  With an `ImageContext` the queries also attend to the image tokens through their own
+  to_k_ip/to_v_ip, and that result, times the scale, is added before to_out (IP-Adapter's
+  decoupled cross-attention, as diffusers' IPAdapterAttnProcessor2_0). Those two layers
+  exist only then, so the params of a UNet without IP-Adapter are unchanged.
+  """
   heads: int
   head_dim: int
   upcast: bool
   dtype: Dtype
+  out_bias: bool = True
 
   @nn.compact
   def __call__(self, x, context=None, lora=None):
+    image = context if isinstance(context, ImageContext) else None
+    if image is not None:
+      context = image.text
     context = x if context is None else context
     inner = self.heads * self.head_dim
     dense = lambda n, f, b: lora_lib.Dense(f, use_bias=b, dtype=self.dtype, name=n)
     split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))
     q = split(dense('to_q', inner, False)(x, lora))
-    k = split(dense('to_k', inner, False)(context, lora))
-    v = split(dense('to_v', inner, False)(context, lora))
-    if self.upcast:  # SD2.1 overflows in fp16/bf16 logits otherwise.
-      q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-      v = v.astype(jnp.float32)
-    out = jax.nn.dot_product_attention(
-        q, k, v, implementation=attention_implementation(q.dtype, self.head_dim, q.shape[1], k.shape[1])
-    ).astype(self.dtype)
+
+    def attend(k_name, v_name, context):
+      k = split(dense(k_name, inner, False)(context, lora))
+      v = split(dense(v_name, inner, False)(context, lora))
+      q_ = q
+      if self.upcast:  # SD2.1 overflows in fp16/bf16 logits otherwise.
+        q_, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+      return jax.nn.dot_product_attention(q_, k, v, implementation=attention_implementation(
+          q_.dtype, self.head_dim, q.shape[1], k.shape[1])).astype(self.dtype)
+
+    out = attend('to_k', 'to_v', context)
+    if image is not None:
+      scale = jnp.asarray(image.scale, self.dtype)
+      scale = scale.reshape(scale.shape + (1,) * (out.ndim - scale.ndim))  # [B] per sample
+      out = out + scale * attend('to_k_ip', 'to_v_ip', image.tokens)
     out = out.reshape(out.shape[:2] + (inner,))
-    return dense('to_out_0', x.shape[-1], True)(out, lora)
+    return dense('to_out_0', x.shape[-1], self.out_bias)(out, lora)
 
 
 class GEGLU(nn.Module):
-  """diffusers' GEGLU: one projection to twice the width, half of it gates the rest."""
+  """diffusers' GEGLU: one projection to twice the width, half of it gates the rest.
+
+  ``gated=False`` is diffusers' plain GELU (a projection, then GELU), which IP-Adapter
+  Plus' Resampler uses; both are ``net.0.proj`` in diffusers.
+  """
   features: int
   dtype: Dtype
+  gated: bool = True
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x, lora=None):
-    h = lora_lib.Dense(2 * self.features, dtype=self.dtype, name='proj')(x, lora)
+    h = lora_lib.Dense((2 if self.gated else 1) * self.features, use_bias=self.use_bias,
+                       dtype=self.dtype, name='proj')(x, lora)
+    if not self.gated:
+      return nn.gelu(h, approximate=False)
     hidden, gate = jnp.split(h, 2, axis=-1)
     return hidden * nn.gelu(gate, approximate=False)
 
@@ -136,11 +173,16 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
   """ff.net.0 (GEGLU to 4x width) -> ff.net.2 (back to the model width)."""
   dtype: Dtype
+  gated: bool = True
+  use_bias: bool = True
+  mult: int = 4
 
   @nn.compact
   def __call__(self, x, lora=None):
-    h = GEGLU(4 * x.shape[-1], self.dtype, name='net_0')(x, lora)
-    return lora_lib.Dense(x.shape[-1], dtype=self.dtype, name='net_2')(h, lora)
+    h = GEGLU(self.mult * x.shape[-1], self.dtype, self.gated, self.use_bias,
+              name='net_0')(x, lora)
+    return lora_lib.Dense(x.shape[-1], use_bias=self.use_bias, dtype=self.dtype,
+                          name='net_2')(h, lora)
 
 
 class TransformerBlock(nn.Module):
@@ -303,7 +345,8 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, sample, timesteps, context, lora: Optional[lora_lib.LoRATree] = None,
                down_block_additional_residuals: Optional[Sequence[jnp.ndarray]] = None,
-               mid_block_additional_residual: Optional[jnp.ndarray] = None):
+               mid_block_additional_residual: Optional[jnp.ndarray] = None,
+               ip_tokens: Optional[jnp.ndarray] = None, ip_scale: Any = 1.0):
     """Predicts the model output (eps or v) for NHWC latents.
 
     Args:
@@ -315,6 +358,9 @@ class UNet(nn.Module):
         (`controlnet.ControlNetModel`'s first output), added to the skips after the
         last down block, as diffusers does.
       mid_block_additional_residual: ControlNet residual added to the mid block's output.
+      ip_tokens: [B, N, cross_attention_dim] IP-Adapter image tokens (`ip_adapter`'s
+        projections); every cross-attention then needs its to_k_ip/to_v_ip params.
+      ip_scale: the image attention's weight, a scalar or [B].
     """
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     ch0 = self.block_out_channels[0]
@@ -323,6 +369,8 @@ class UNet(nn.Module):
     temb = TimestepEmbedding(4 * ch0, self.dtype, name='time_embedding')(temb, lora)
     x = _conv(ch0, 'conv_in', self.dtype)(sample.astype(self.dtype))
     context = context.astype(self.dtype)
+    if ip_tokens is not None:
+      context = ImageContext(context, ip_tokens.astype(self.dtype), ip_scale)
     common = block_settings(self)
 
     x, skips = encode(self, x, temb, context, lora)
