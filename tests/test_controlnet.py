@@ -16,8 +16,9 @@ from hyperlora_jax.convert import controlnet_folders, core, pipeline
 from hyperlora_jax.models import controlnet, unet
 from tests.test_unet import SD1_TINY, _inputs, _peft_lora, _rel_err, _torch_unet
 
-CONTROL_TINY = dict({k: v for k, v in SD1_TINY.items() if k not in ('sample_size', 'up_block_types')},
-                    conditioning_embedding_out_channels=(8, 16))  # condition at 2x latent size
+CONTROL_TINY = dict(  # the UNet's encoder; the condition image at 2x the latent size
+    {k: v for k, v in SD1_TINY.items() if k not in ('sample_size', 'up_block_types')},
+    conditioning_embedding_out_channels=(8, 16))
 nchw = lambda a: np.asarray(a, np.float32).transpose(0, 3, 1, 2)
 nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
 
@@ -78,7 +79,8 @@ def test_residuals_match_diffusers(models, variant):
   down, mid = jax.jit(lambda p, *a: control.apply({'params': p}, *a, conditioning_scale=0.7))(
       models['control_params'], nhwc(x), t, c, nhwc(cond))
   assert len(down) == len(ref_down) == 6  # conv_in, 2 resnets, 2 downsamplers, 1 resnet
-  errors = [_rel_err(nchw(ours), ref.numpy()) for ours, ref in zip([*down, mid], [*ref_down, ref_mid])]
+  errors = [_rel_err(nchw(ours), ref.numpy())
+            for ours, ref in zip([*down, mid], [*ref_down, ref_mid])]
   print(f'{variant}: residual max rel errors {max(errors):.2e}')
   assert max(errors) < 2e-5
   assert (mid.shape[1:3] == (1, 1)) == (variant != 'rgb')
@@ -163,7 +165,8 @@ def test_controlnet_for_another_unet_is_refused(models, tmp_path):
   state = load_file(weights)
   del state['controlnet_down_blocks.3.weight']
   save_file(state, weights)
-  with pytest.raises(convert.CheckpointError, match=r'(?s)missing.*controlnet_down_blocks_3/kernel'):
+  with pytest.raises(convert.CheckpointError,
+                     match=r'(?s)missing.*controlnet_down_blocks_3/kernel'):
     controlnet_folders.load_controlnet(broken, models['unet'])
   with pytest.raises(ValueError, match='ControlNet config: .*mid_block_type'):
     controlnet.from_config(dict(CONTROL_TINY, mid_block_type='UNetMidBlock2D'))

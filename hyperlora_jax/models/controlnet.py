@@ -38,7 +38,8 @@ ENCODER_FIELDS = ('in_channels', 'down_block_types', 'block_out_channels', 'laye
 # What a ControlNet's residuals must share with the UNet that takes them.
 _MUST_MATCH = ('in_channels', 'block_out_channels', 'layers_per_block', 'cross_attention_dim')
 # Params that diffusers zero-initializes (the zero convs and the condition's last conv).
-_ZERO_INIT = r'^(controlnet_down_blocks_\d+|controlnet_mid_block|controlnet_cond_embedding/conv_out)/'
+_ZERO_INIT = (r'^(controlnet_down_blocks_\d+|controlnet_mid_block|'
+              r'controlnet_cond_embedding/conv_out)/')
 
 
 def _conv(features, name, dtype, kernel=3, stride=1):
@@ -174,8 +175,9 @@ def from_config(config: dict, dtype: Dtype = jnp.float32) -> ControlNetModel:
       global_pool_conditions=own['global_pool_conditions'])
 
 
-def config_from_unet(unet_config: dict, conditioning_channels: int = 3,
-                     conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)) -> dict:
+def config_from_unet(
+    unet_config: dict, conditioning_channels: int = 3,
+    conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)) -> dict:
   """The diffusers ControlNet config that ControlNetModel.from_unet makes from a UNet's.
 
   Build the module with `from_config`; write it beside the params as the ControlNet
@@ -218,7 +220,8 @@ def params_from_unet(control: ControlNetModel, unet_params: Any, rng: jax.Array)
   for path, shape in expected.items():
     value = jnp.zeros(shape.shape, shape.dtype) if re.match(_ZERO_INIT, path) else flat.get(path)
     if value is None or value.shape != shape.shape:
-      misfit.append(f'{path}: UNet {None if value is None else value.shape}, ControlNet {shape.shape}')
+      got = None if value is None else value.shape
+      misfit.append(f'{path}: UNet {got}, ControlNet {shape.shape}')
     out[path] = value
   if misfit:
     raise ValueError('The UNet params do not fit this ControlNet (build it with '
