@@ -2,7 +2,9 @@
 
 The tokens go to the UNet call as ``ip_tokens`` (with ``ip_scale``); the UNet's
 cross-attentions then read them through their to_k_ip/to_v_ip params, a subtree of
-their own that `merge_params` lays over the UNet's params for the call.
+their own that `merge_params` lays over the UNet's params for the call. Several images
+per sample: concatenate their tokens along N (what diffusers' [B, images, N, C] amounts
+to: one attention over all of them).
 """
 from typing import Any
 
