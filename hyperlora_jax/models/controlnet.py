@@ -118,7 +118,8 @@ class ControlNetModel(nn.Module):
       conditioning_scale: a scalar or [B], multiplies every residual.
 
     Returns:
-      (down residuals, a tuple with one per UNet skip connection, mid residual).
+      (down, mid): ``down`` a tuple with one residual per UNet skip connection, ``mid``
+      the mid block's; the UNet call's two additional-residual arguments.
     """
     dtype = self.dtype
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
