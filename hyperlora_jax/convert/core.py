@@ -15,9 +15,12 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
-# Module lists in diffusers and transformers whose entries are addressed by index.
+# Module lists in diffusers and transformers whose entries are addressed by index
+# (ControlNet's zero convs and conditioning-embedding convs, the Sequential `ff` of
+# IP-Adapter Plus' Resampler among them).
 LIST_NAMES = ('down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers',
-              'upsamplers', 'transformer_blocks', 'to_out', 'net', 'layers')
+              'upsamplers', 'transformer_blocks', 'to_out', 'net', 'layers',
+              'controlnet_down_blocks', 'blocks', 'ff')
 _TO_FLAX = re.compile(r'(?<![^.])(' + '|'.join(LIST_NAMES) + r')\.(\d+)(?=\.|$)')
 _TO_TORCH = re.compile(r'^(' + '|'.join(LIST_NAMES) + r')_(\d+)$')
 

@@ -6,7 +6,7 @@ Module names mirror diffusers' so `convert.core.torch_to_flax` loads a diffusers
 stored in the module.
 """
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -95,39 +95,77 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+class ImageContext(NamedTuple):
+  """Cross-attention context that carries IP-Adapter image tokens beside the text.
+
+  The UNet wraps its text context in this when called with ``ip_tokens``; blocks pass
+  it along untouched and only `Attention` opens it (diffusers' (text, image) tuple).
+  """
+  text: jnp.ndarray
+  tokens: jnp.ndarray  # [B, N, cross_attention_dim]
+  scale: Any  # scalar or [B]
+
+
 class Attention(nn.Module):
-  """Multi-head attention with LoRA-able to_q/to_k/to_v/to_out.0."""
+  """Multi-head attention with LoRA-able to_q/to_k/to_v/to_out.0.
+
+  With an `ImageContext` the queries also attend to the image tokens through their own
+  to_k_ip/to_v_ip, and that result, times the scale, is added before to_out (IP-Adapter's
+  decoupled cross-attention, as diffusers' IPAdapterAttnProcessor2_0). Those two layers
+  exist only then, so the params of a UNet without IP-Adapter are unchanged.
+  """
   heads: int
   head_dim: int
   upcast: bool
   dtype: Dtype
+  out_bias: bool = True
 
   @nn.compact
   def __call__(self, x, context=None, lora=None):
+    image = context if isinstance(context, ImageContext) else None
+    if image is not None:
+      context = image.text
     context = x if context is None else context
     inner = self.heads * self.head_dim
     dense = lambda n, f, b: lora_lib.Dense(f, use_bias=b, dtype=self.dtype, name=n)
     split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))
     q = split(dense('to_q', inner, False)(x, lora))
-    k = split(dense('to_k', inner, False)(context, lora))
-    v = split(dense('to_v', inner, False)(context, lora))
-    if self.upcast:  # SD2.1 overflows in fp16/bf16 logits otherwise.
-      q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-      v = v.astype(jnp.float32)
-    implementation = attention_implementation(q.dtype, self.head_dim, q.shape[1], k.shape[1])
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation).astype(self.dtype)
+
+    def attend(k_name, v_name, context):
+      k = split(dense(k_name, inner, False)(context, lora))
+      v = split(dense(v_name, inner, False)(context, lora))
+      q_ = q
+      if self.upcast:  # SD2.1 overflows in fp16/bf16 logits otherwise.
+        q_, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+      return jax.nn.dot_product_attention(q_, k, v, implementation=attention_implementation(
+          q_.dtype, self.head_dim, q.shape[1], k.shape[1])).astype(self.dtype)
+
+    out = attend('to_k', 'to_v', context)
+    if image is not None:
+      scale = jnp.asarray(image.scale, self.dtype)
+      scale = scale.reshape(scale.shape + (1,) * (out.ndim - scale.ndim))  # [B] per sample
+      out = out + scale * attend('to_k_ip', 'to_v_ip', image.tokens)
     out = out.reshape(out.shape[:2] + (inner,))
-    return dense('to_out_0', x.shape[-1], True)(out, lora)
+    return dense('to_out_0', x.shape[-1], self.out_bias)(out, lora)
 
 
 class GEGLU(nn.Module):
-  """diffusers' GEGLU: one projection to twice the width, half of it gates the rest."""
+  """diffusers' GEGLU: one projection to twice the width, half of it gates the rest.
+
+  ``gated=False`` is diffusers' plain GELU (a projection, then GELU), which IP-Adapter
+  Plus' Resampler uses; both are ``net.0.proj`` in diffusers.
+  """
   features: int
   dtype: Dtype
+  gated: bool = True
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x, lora=None):
-    h = lora_lib.Dense(2 * self.features, dtype=self.dtype, name='proj')(x, lora)
+    h = lora_lib.Dense((2 if self.gated else 1) * self.features, use_bias=self.use_bias,
+                       dtype=self.dtype, name='proj')(x, lora)
+    if not self.gated:
+      return nn.gelu(h, approximate=False)
     hidden, gate = jnp.split(h, 2, axis=-1)
     return hidden * nn.gelu(gate, approximate=False)
 
@@ -135,11 +173,16 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
   """ff.net.0 (GEGLU to 4x width) -> ff.net.2 (back to the model width)."""
   dtype: Dtype
+  gated: bool = True
+  use_bias: bool = True
+  mult: int = 4
 
   @nn.compact
   def __call__(self, x, lora=None):
-    h = GEGLU(4 * x.shape[-1], self.dtype, name='net_0')(x, lora)
-    return lora_lib.Dense(x.shape[-1], dtype=self.dtype, name='net_2')(h, lora)
+    h = GEGLU(self.mult * x.shape[-1], self.dtype, self.gated, self.use_bias,
+              name='net_0')(x, lora)
+    return lora_lib.Dense(x.shape[-1], use_bias=self.use_bias, dtype=self.dtype,
+                          name='net_2')(h, lora)
 
 
 class TransformerBlock(nn.Module):
@@ -300,7 +343,10 @@ class UNet(nn.Module):
             jnp.zeros((1, 2, self.cross_attention_dim)))
 
   @nn.compact
-  def __call__(self, sample, timesteps, context, lora: Optional[lora_lib.LoRATree] = None):
+  def __call__(self, sample, timesteps, context, lora: Optional[lora_lib.LoRATree] = None,
+               down_block_additional_residuals: Optional[Sequence[jnp.ndarray]] = None,
+               mid_block_additional_residual: Optional[jnp.ndarray] = None,
+               ip_tokens: Optional[jnp.ndarray] = None, ip_scale: Any = 1.0):
     """Predicts the model output (eps or v) for NHWC latents.
 
     Args:
@@ -308,6 +354,13 @@ class UNet(nn.Module):
       timesteps: [B] or scalar diffusion timesteps.
       context: [B, L, cross_attention_dim] text encoder states.
       lora: optional LoRA tree keyed by Dense paths (shared or per-sample factors).
+      down_block_additional_residuals: ControlNet residuals, one per skip connection
+        (`controlnet.ControlNetModel`'s first output), added to the skips after the
+        last down block, as diffusers does.
+      mid_block_additional_residual: ControlNet residual added to the mid block's output.
+      ip_tokens: [B, N, cross_attention_dim] IP-Adapter image tokens (`ip_adapter`'s
+        projections); every cross-attention then needs its to_k_ip/to_v_ip params.
+      ip_scale: the image attention's weight, a scalar or [B].
     """
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     ch0 = self.block_out_channels[0]
@@ -316,21 +369,14 @@ class UNet(nn.Module):
     temb = TimestepEmbedding(4 * ch0, self.dtype, name='time_embedding')(temb, lora)
     x = _conv(ch0, 'conv_in', self.dtype)(sample.astype(self.dtype))
     context = context.astype(self.dtype)
-    common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
-                  linear_projection=self.use_linear_projection,
-                  upcast=self.upcast_attention, dtype=self.dtype)
+    if ip_tokens is not None:
+      context = ImageContext(context, ip_tokens.astype(self.dtype), ip_scale)
+    common = block_settings(self)
 
-    skips = [x]
+    x, skips = encode(self, x, temb, context, lora)
+    x, skips = add_control_residuals(x, skips, down_block_additional_residuals,
+                                     mid_block_additional_residual)
     n = len(self.block_out_channels)
-    for i, kind in enumerate(self.down_block_types):
-      x, block_skips = DownBlock(
-          self.block_out_channels[i], self.layers_per_block[i],
-          resample=i < n - 1, heads=self.heads[i] if kind == CROSS_ATTN_DOWN else None,
-          transformer_layers=self.transformer_layers[i], name=f'down_blocks_{i}',
-          **common)(x, temb, context, lora)
-      skips += block_skips
-    x = MidBlock(heads=self.heads[-1], transformer_layers=self.transformer_layers[-1],
-                 name='mid_block', **common)(x, temb, context, lora)
     for i, kind in enumerate(self.up_block_types):
       j = n - 1 - i  # up block i mirrors down block j
       x = UpBlock(
@@ -341,6 +387,60 @@ class UNet(nn.Module):
     x = nn.silu(_group_norm(self.norm_num_groups, self.norm_eps, 'conv_norm_out',
                             self.dtype)(x))
     return _conv(self.out_channels, 'conv_out', self.dtype)(x)
+
+
+def block_settings(net) -> dict:
+  """The block arguments a UNet-shaped module (UNet, ControlNet) gives every block."""
+  return dict(groups=net.norm_num_groups, eps=net.norm_eps,
+              linear_projection=net.use_linear_projection,
+              upcast=net.upcast_attention, dtype=net.dtype)
+
+
+def encode(net, x, temb, context, lora=None):
+  """The down blocks and the mid block of a UNet-shaped module, inside its compact call.
+
+  One piece of code for the encoder of the UNet and of the ControlNet (which has the
+  same fields and param names). Returns (mid block output, skips): conv_in's output
+  ``x`` first, then one per resnet and downsampler.
+  """
+  common = block_settings(net)
+  skips = [x]
+  n = len(net.block_out_channels)
+  for i, kind in enumerate(net.down_block_types):
+    x, block_skips = DownBlock(
+        net.block_out_channels[i], net.layers_per_block[i],
+        resample=i < n - 1, heads=net.heads[i] if kind == CROSS_ATTN_DOWN else None,
+        transformer_layers=net.transformer_layers[i], name=f'down_blocks_{i}',
+        **common)(x, temb, context, lora)
+    skips += block_skips
+  x = MidBlock(heads=net.heads[-1], transformer_layers=net.transformer_layers[-1],
+               name='mid_block', **common)(x, temb, context, lora)
+  return x, skips
+
+
+def add_control_residuals(x, skips, down=None, mid=None):
+  """ControlNet residuals added where diffusers adds them: ``down[i]`` to skip i after
+  the last down block, ``mid`` to the mid block's output ``x``. Either may be None."""
+  if down is not None:
+    if len(down) != len(skips):
+      raise ValueError(f'{len(down)} down_block_additional_residuals for {len(skips)} '
+                       'UNet skip connections: the ControlNet was made for another UNet.')
+    skips = [_add_residual(s, r, f'down_block_additional_residuals[{i}]')
+             for i, (s, r) in enumerate(zip(skips, down))]
+  if mid is not None:
+    x = _add_residual(x, mid, 'mid_block_additional_residual')
+  return x, skips
+
+
+def _add_residual(x, residual, name):
+  try:
+    fits = jnp.broadcast_shapes(x.shape, residual.shape) == x.shape
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(f'{name} has shape {residual.shape}; the UNet adds it to a '
+                     f'{x.shape} activation.')
+  return x + residual.astype(x.dtype)
 
 
 class TimestepEmbedding(nn.Module):
