@@ -24,9 +24,11 @@ Which file for which tool:
   down and ``.lora_B.weight`` = up, text towers under ``text_encoder.`` /
   ``text_encoder_2.``; for ``StableDiffusion[XL]Pipeline.load_lora_weights`` and peft.
   No alpha is written (diffusers and peft then use scale 1), so the scale is folded into
-  ``up``. ComfyUI does **not** read the UNet part of these files: for UNet modules it
-  knows only kohya names, LDM names and the old ``...attn1.processor.to_q`` diffusers
-  form, not ``unet.<module>.lora_A``; it reads only their text-tower layers.
+  ``up``. **Not for ComfyUI**: it maps none of these files' UNet attention projections
+  (to_q/k/v/out.0, the usual LoRA targets), for which it knows only kohya names, LDM
+  names and the old ``unet.<...>.attn1.processor.to_q`` form, so an attention LoRA's
+  UNet part is silently dropped there; it does map the other UNet layers (ff, proj_in/out,
+  time_emb_proj as ``unet.<module>``) and the text towers (test_lora_files.py holds this).
 
 Only numpy and safetensors are used: exporting needs no torch.
 """
