@@ -97,7 +97,7 @@ def _is_sdxl(unet_config: Optional[Mapping[str, Any]]) -> bool:
   return bool(unet_config) and unet_config.get('addition_embed_type') == 'text_time'
 
 
-def ldm_prefixes(unet_config: Mapping[str, Any]) -> dict[str, str]:
+def _ldm_prefixes(unet_config: Mapping[str, Any]) -> dict[str, str]:
   """diffusers UNet module prefix -> its name in the original (LDM/SGM) UNet.
 
   The layout of ComfyUI's ``unet_to_diffusers`` and of kohya's SDXL UNet: input block 0
@@ -241,12 +241,12 @@ def save_diffusers_lora(lora: lora_lib.LoRATree, path: str, prefix: Optional[str
   _write(state, path, _header(factors, metadata))
 
 
-def kohya_names(paths, unet_config: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+def _kohya_names(paths, unet_config: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
   """path -> the kohya module name `save_kohya_lora` writes for it.
 
   SD 1.x/2.x (no ``unet_config``, or one without SDXL's text_time conditioning):
   ``lora_unet_`` + diffusers names, ``lora_te_`` for the text tower. SDXL: ``lora_unet_`` +
-  LDM names (`ldm_prefixes`), ``lora_te1_`` / ``lora_te2_``: what kohya's sd-scripts
+  LDM names (`_ldm_prefixes`), ``lora_te1_`` / ``lora_te2_``: what kohya's sd-scripts
   writes for each, and what ComfyUI and diffusers map.
   """
   components = {p: _component(p) for p in paths}
@@ -254,7 +254,7 @@ def kohya_names(paths, unet_config: Optional[Mapping[str, Any]] = None) -> dict[
   if not xl and 'text_encoder_2' in components.values():
     raise ValueError('A LoRA with second-text-tower layers is an SDXL one: pass the SDXL '
                      "UNet's config (unet_config=) for its kohya names.")
-  prefixes = ldm_prefixes(unet_config) if xl else None
+  prefixes = _ldm_prefixes(unet_config) if xl else None
   names = {}
   for p, component in components.items():
     module = _torch_module(p)
@@ -270,7 +270,7 @@ def save_kohya_lora(lora: lora_lib.LoRATree, path: str,
   """Writes a shared LoRA as a kohya safetensors file: the one for ComfyUI and A1111
   (diffusers' load_lora_weights reads it too).
 
-  Module names by `kohya_names`: pass the UNet's ``unet_config`` so an SDXL LoRA gets
+  Module names by `_kohya_names`: pass the UNet's ``unet_config`` so an SDXL LoRA gets
   SDXL's (LDM) names; SD 1.x/2.x names need none. One alpha is written for every layer,
   the most common r * scale, and each layer's remaining factor scale * r / alpha is
   folded into its ``up``: diffusers 0.42 reads per-layer alphas of these files into an
@@ -278,7 +278,7 @@ def save_kohya_lora(lora: lora_lib.LoRATree, path: str,
   everywhere.
   """
   factors = _shared_factors(lora)
-  names = kohya_names(factors, unet_config)
+  names = _kohya_names(factors, unet_config)
   products = [down.shape[0] * scale for down, _, scale in factors.values()]
   nonzero = [v for v in products if v != 0]
   alpha = float(np.float32(collections.Counter(nonzero).most_common(1)[0][0] if nonzero else 1.0))
@@ -449,7 +449,7 @@ def load_lora_file(path: str, pipe: Optional[pipeline.Pipeline] = None) -> dict:
   with safe_open(path, 'np') as f:
     header = f.metadata() or {}
   if state and all(_KOHYA_KEY.fullmatch(k) for k in state):
-    tree = _read_kohya(state, ldm_prefixes(pipe.unet_config) if pipe else None)
+    tree = _read_kohya(state, _ldm_prefixes(pipe.unet_config) if pipe else None)
   elif state and all(_PEFT_KEY.fullmatch(k) for k in state):
     tree = _read_peft(state, header, os.path.dirname(path))
   else:
