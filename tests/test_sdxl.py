@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
 from safetensors.numpy import load_file
 
 from hyperlora_jax import convert, diffusion
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.convert import clip_folders, lora_files, pipeline
+from hyperlora_jax.convert import clip_folders, core, lora_files, pipeline
 from hyperlora_jax.models import unet
 from tests.test_unet import _rel_err, _torch_unet
 
@@ -30,6 +31,28 @@ SDXL_TINY = dict(
     transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
     use_linear_projection=True, cross_attention_dim=64, addition_embed_type='text_time',
     addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, norm_num_groups=8)
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, every field it sets.
+SDXL_BASE = json.loads("""{
+  "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+  "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+  "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+  "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+  "class_embed_type": null, "class_embeddings_concat": false, "conv_in_kernel": 3,
+  "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": null,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+  "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+  "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+  "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+  "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+  "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+  "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": false,
+  "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": null,
+  "time_embedding_act_fn": null, "time_embedding_dim": null,
+  "time_embedding_type": "positional", "timestep_post_act": null,
+  "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+  "upcast_attention": null, "use_linear_projection": true}""")
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=12)
 PROMPTS = ['a photo of a red cat', 'blue dog']
@@ -106,6 +129,26 @@ def test_unet_matches_diffusers(xl):
   # Both added inputs matter, so the match above covers them.
   for name, value in (('time_ids', i['time_ids'][::-1]), ('text_embeds', i['text_embeds'] * 2)):
     assert _rel_err(_our_unet_out(module, params, i, **{name: value}), ref) > 1e-3, name
+
+
+def test_full_size_sdxl_config_has_diffusers_param_shapes():
+  """SDXL base's own config, at full size: every diffusers parameter (a meta-device model,
+  no memory) has our param of the same shape, and nothing else exists (2.57B in all)."""
+  module = unet.from_config(SDXL_BASE)
+  ours = traverse_util.flatten_dict(jax.eval_shape(
+      lambda: module.init(jax.random.key(0), *module.dummy_inputs()))['params'])
+  with torch.device('meta'):
+    theirs = diffusers.UNet2DConditionModel.from_config(SDXL_BASE).state_dict()
+  expected = {}
+  for key, tensor in theirs.items():
+    *path, leaf = core.torch_key_to_flax_path(key)
+    shape = tuple(tensor.shape)
+    if leaf == 'weight':  # Linear/Conv -> kernel ([kh, kw,] in, out), norms -> scale
+      leaf = 'kernel' if len(shape) > 1 else 'scale'
+      shape = shape[2:] + shape[1::-1] if len(shape) > 1 else shape
+    expected[tuple(path) + (leaf,)] = shape
+  assert {p: tuple(s.shape) for p, s in ours.items()} == expected
+  assert sum(np.prod(s) for s in expected.values()) == 2_567_463_684
 
 
 def test_text_towers_and_prompt_encoding_match(xl):
