@@ -353,13 +353,13 @@ def _comfy_patches(state, key_map):
 
 def _comfy_target(path, config):
   """The ComfyUI weight a LoRA path of ours should patch."""
-  component = lora_files._component(path)
   module = core.flax_path_to_torch_key(path.removeprefix(pipeline.TEXT2_PREFIX).split('/'))
-  if component == 'unet':
-    diffusers = _comfy_unet_to_diffusers(_comfy_unet_config(config))
-    return 'diffusion_model.' + diffusers[module + '.weight']
-  tower = 'clip_g' if component == 'text_encoder_2' else 'clip_l'
-  return f'{tower}.transformer.{module}.weight'
+  if path.startswith(pipeline.TEXT2_PREFIX):
+    return f'clip_g.transformer.{module}.weight'
+  if path.startswith('text_model/'):
+    return f'clip_l.transformer.{module}.weight'
+  diffusers = _comfy_unet_to_diffusers(_comfy_unet_config(config))
+  return 'diffusion_model.' + diffusers[module + '.weight']
 
 
 def _sdxl_lora(rng):
