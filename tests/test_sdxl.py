@@ -1,6 +1,7 @@
 """SDXL against diffusers and transformers: a tiny random StableDiffusionXLPipeline, saved
 by diffusers itself, loaded by our code; its UNet, both text towers, two guided DDIM
 steps, its LoRA files through diffusers' own loader, the merged UNet and bad folders."""
+import functools
 import json
 import os
 import shutil
@@ -108,12 +109,16 @@ def _torch_unet_out(model, i):
                                     'time_ids': torch.tensor(i['time_ids'])}).sample.numpy()
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compile per module and LoRA layout
+def _apply_unet(module, params, lora, x, t, context, text_embeds, time_ids):
+  return module.apply({'params': params}, x, t, context, lora=lora, text_embeds=text_embeds,
+                      time_ids=time_ids)
+
+
 def _our_unet_out(module, params, i, lora=None, **overrides):
   i = dict(i, **overrides)
-  fn = jax.jit(lambda p, l, x, te, ids: module.apply(
-      {'params': p}, x, i['t'], i['context'], lora=l, text_embeds=te, time_ids=ids))
-  out = fn(params, lora, jnp.asarray(i['x'].transpose(0, 2, 3, 1)), i['text_embeds'],
-           i['time_ids'])
+  out = _apply_unet(module, params, lora, i['x'].transpose(0, 2, 3, 1), i['t'], i['context'],
+                    i['text_embeds'], i['time_ids'])
   return np.asarray(out).transpose(0, 3, 1, 2)
 
 
