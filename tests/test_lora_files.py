@@ -12,10 +12,13 @@ from diffusers.utils import state_dict_utils
 from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import load_file, save_file
 
+import jax
+
 from hyperlora_jax import convert
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.convert import core, lora_files
+from hyperlora_jax.convert import core, lora_files, pipeline
 from hyperlora_jax.models import unet
+from tests.test_sdxl import SDXL_TINY
 from tests.test_unet import SD1_TINY, _inputs, _ours, _peft_lora, _rel_err, _torch_unet
 
 TEXT_CONFIG = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
@@ -245,3 +248,172 @@ def test_bad_inputs_give_clear_errors(base, tmp_path):
             str(tmp_path / 'locon.safetensors'))
   with pytest.raises(ValueError, match=r'resnets_0_conv1\.lora_down\.weight has shape \(2, 32, 3'):
     lora_files.load_lora_file(str(tmp_path / 'locon.safetensors'))
+
+
+# ---------------------------------------------------------------- ComfyUI's key map
+# ComfyUI's rules, re-stated from its source (comfy/utils.py unet_to_diffusers,
+# comfy/lora.py model_lora_keys_unet / model_lora_keys_clip / load_lora, and
+# comfy/weight_adapter/lora.py), for the Dense layers a LoRA file can hold.
+_COMFY_TRANSFORMER = ('attn1.to_q', 'attn1.to_k', 'attn1.to_v', 'attn1.to_out.0', 'attn2.to_q',
+                      'attn2.to_k', 'attn2.to_v', 'attn2.to_out.0', 'ff.net.0.proj', 'ff.net.2')
+_COMFY_BASIC = {'time_embedding.linear_1': 'time_embed.0',
+                'time_embedding.linear_2': 'time_embed.2',
+                'add_embedding.linear_1': 'label_emb.0.0',
+                'add_embedding.linear_2': 'label_emb.0.2'}
+_COMFY_CLIP = {'mlp.fc1': 'mlp_fc1', 'mlp.fc2': 'mlp_fc2', 'self_attn.k_proj': 'self_attn_k_proj',
+               'self_attn.q_proj': 'self_attn_q_proj', 'self_attn.v_proj': 'self_attn_v_proj',
+               'self_attn.out_proj': 'self_attn_out_proj'}
+
+
+def _comfy_unet_config(config):
+  """ComfyUI's own description of a diffusers UNet config (its model detection)."""
+  n, per_block = len(config['block_out_channels']), lambda v: v if isinstance(v, (list, tuple)) \
+      else [v] * len(config['block_out_channels'])
+  res, depth = per_block(config['layers_per_block']), per_block(
+      config.get('transformer_layers_per_block', 1))
+  down = [depth[x] if config['down_block_types'][x].startswith('CrossAttn') else 0
+          for x in range(n)]
+  up = [depth[n - 1 - x] if config['up_block_types'][x].startswith('CrossAttn') else 0
+        for x in range(n)]
+  return dict(num_res_blocks=res, transformer_depth_middle=depth[-1],
+              transformer_depth=[down[x] for x in range(n) for _ in range(res[x])],
+              # popped from the end, block by block of the up path
+              transformer_depth_output=[up[x] for x in range(n)
+                                        for _ in range(res[n - 1 - x] + 1)][::-1])
+
+
+def _comfy_unet_to_diffusers(cc):
+  """unet_to_diffusers, for Dense weights: diffusers weight key -> LDM weight key."""
+  res, depth, depth_out = cc['num_res_blocks'], list(cc['transformer_depth']), \
+      list(cc['transformer_depth_output'])
+  out = {}
+  def transformer(diffusers, ldm, layers):
+    for b in ('proj_in', 'proj_out'):
+      out[f'{diffusers}.{b}.weight'] = f'{ldm}.{b}.weight'
+    for t in range(layers):
+      for b in _COMFY_TRANSFORMER:
+        out[f'{diffusers}.transformer_blocks.{t}.{b}.weight'] = (
+            f'{ldm}.transformer_blocks.{t}.{b}.weight')
+  for x in range(len(res)):
+    n = 1 + (res[x] + 1) * x
+    for i in range(res[x]):
+      out[f'down_blocks.{x}.resnets.{i}.time_emb_proj.weight'] = (
+          f'input_blocks.{n}.0.emb_layers.1.weight')
+      layers = depth.pop(0)
+      if layers:
+        transformer(f'down_blocks.{x}.attentions.{i}', f'input_blocks.{n}.1', layers)
+      n += 1
+  transformer('mid_block.attentions.0', 'middle_block.1', cc['transformer_depth_middle'])
+  for i, n in enumerate([0, 2]):
+    out[f'mid_block.resnets.{i}.time_emb_proj.weight'] = f'middle_block.{n}.emb_layers.1.weight'
+  res = list(reversed(res))
+  for x in range(len(res)):
+    n = (res[x] + 1) * x
+    for i in range(res[x] + 1):
+      out[f'up_blocks.{x}.resnets.{i}.time_emb_proj.weight'] = (
+          f'output_blocks.{n}.0.emb_layers.1.weight')
+      layers = depth_out.pop()
+      if layers:
+        transformer(f'up_blocks.{x}.attentions.{i}', f'output_blocks.{n}.1', layers)
+      n += 1
+  out.update({f'{d}.weight': f'{ldm}.weight' for d, ldm in _COMFY_BASIC.items()})
+  return out
+
+
+def _comfy_key_map(config, text_layers, sdxl):
+  """LoRA module name -> model weight key, as ComfyUI builds it for the model."""
+  key_map = {}
+  for name, ldm in _comfy_unet_to_diffusers(_comfy_unet_config(config)).items():
+    target = 'diffusion_model.' + ldm
+    key_map['lora_unet_' + ldm[:-len('.weight')].replace('.', '_')] = target
+    key_map['lora_unet_' + name[:-len('.weight')].replace('.', '_')] = target
+    for prefix in ('', 'unet.'):  # the old diffusers form: attn1.processor.to_q
+      old = prefix + name[:-len('.weight')].replace('.to_', '.processor.to_')
+      key_map[old[:-2] if old.endswith('.to_out.0') else old] = target
+  towers = (('clip_l', ('lora_te_', 'lora_te1_'), 'text_encoder'),) + (
+      (('clip_g', ('lora_te2_',), 'text_encoder_2'),) if sdxl else ())
+  for tower, kohya, diffusers_prefix in towers:
+    for b in range(text_layers):
+      for c, name in _COMFY_CLIP.items():
+        target = f'{tower}.transformer.text_model.encoder.layers.{b}.{c}.weight'
+        for prefix in kohya:
+          key_map[f'{prefix}text_model_encoder_layers_{b}_{name}'] = target
+        key_map[f'{diffusers_prefix}.text_model.encoder.layers.{b}.{c}'] = target
+  return key_map
+
+
+def _comfy_patches(state, key_map):
+  """load_lora + calculate_weight at strength 1: target -> weight delta [out, in], and the
+  file's keys ComfyUI would leave unloaded."""
+  patches, loaded = {}, set()
+  for x, target in key_map.items():
+    for up, down in (('lora_up.weight', 'lora_down.weight'), ('lora_B.weight', 'lora_A.weight')):
+      if f'{x}.{up}' in state:
+        d = state[f'{x}.{down}']
+        alpha = state.get(f'{x}.alpha')  # kohya's alpha / r, else 1
+        scale = 1.0 if alpha is None else float(alpha) / d.shape[0]
+        patches[target] = scale * state[f'{x}.{up}'].astype(np.float64) @ d
+        loaded |= {f'{x}.{up}', f'{x}.{down}'} | ({f'{x}.alpha'} if alpha is not None else set())
+        break
+  return patches, set(state) - loaded
+
+
+def _comfy_target(path, config):
+  """The ComfyUI weight a LoRA path of ours should patch."""
+  module = core.flax_path_to_torch_key(path.removeprefix(pipeline.TEXT2_PREFIX).split('/'))
+  if path.startswith(pipeline.TEXT2_PREFIX):
+    return f'clip_g.transformer.{module}.weight'
+  if path.startswith('text_model/'):
+    return f'clip_l.transformer.{module}.weight'
+  diffusers = _comfy_unet_to_diffusers(_comfy_unet_config(config))
+  return 'diffusion_model.' + diffusers[module + '.weight']
+
+
+def _sdxl_lora(rng):
+  module = unet.from_config(SDXL_TINY)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
+  targets = lora_lib.find_targets(shapes['params'], r'attn[12]/|ff/|proj_(in|out)$|'
+                                  r'time_emb_proj$|(time|add)_embedding/')
+  text = [lora_lib.Target(f'{prefix}text_model/encoder/layers_{i}/{n}', 32,
+                          64 if n == 'mlp/fc1' else 32)
+          for prefix in ('', pipeline.TEXT2_PREFIX) for i in range(2)
+          for n in ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj',
+                    'self_attn/out_proj', 'mlp/fc1')]
+  return _random_lora(list(targets) + text, rng, rank=lambda p: 4 if 'attn2' in p else 2,
+                      scale=lambda p: 1.5 if p.endswith('to_k') else 0.7)
+
+
+@pytest.mark.parametrize('model', ['sd15', 'sdxl'])
+def test_every_kohya_key_maps_in_comfyui(base, tmp_path, model):
+  """Every module of our kohya file is one ComfyUI's key map knows, patches the weight of
+  the same layer and at our scale (alpha / r); ComfyUI leaves no key of it unloaded."""
+  if model == 'sd15':
+    config, lora, text_layers = base['config'], base['lora'], TEXT_CONFIG['num_hidden_layers']
+  else:
+    config, lora, text_layers = SDXL_TINY, _sdxl_lora(np.random.RandomState(3)), 2
+  path = str(tmp_path / 'kohya.safetensors')
+  lora_files.save_kohya_lora(lora, path, unet_config=config)
+  state = load_file(path)
+  unet_names = {k.split('.')[0] for k in state if k.startswith('lora_unet_')}
+  # sd-scripts' names: diffusers' for SD 1.x, LDM for SDXL (both map in ComfyUI).
+  ldm = any(n.startswith('lora_unet_input_blocks_') for n in unet_names)
+  assert ldm == (model == 'sdxl') and unet_names
+  patches, unloaded = _comfy_patches(state, _comfy_key_map(config, text_layers, model == 'sdxl'))
+  print(f'{model}: ComfyUI maps {len(patches)} of {len(lora)} modules')
+  assert not unloaded and len(patches) == len(lora)
+  for p, f in lora.items():
+    np.testing.assert_allclose(patches[_comfy_target(p, config)], _delta(f), rtol=1e-5, atol=1e-6)
+
+
+def test_comfyui_reads_only_non_attention_unet_layers_of_diffusers_files(base, tmp_path):
+  """What the module docstring says of diffusers-format files in ComfyUI: the UNet's
+  attention projections do not map (it expects ...attn1.processor.to_q), other UNet
+  layers and the text tower do."""
+  ff = 'down_blocks_0/attentions_0/transformer_blocks_0/ff/net_2'
+  lora = dict(base['lora'], **_random_lora([lora_lib.Target(ff, 128, 32)], np.random.RandomState(4),
+                                           rank=lambda p: 2, scale=lambda p: 1.0))
+  path = str(tmp_path / 'diffusers.safetensors')
+  lora_files.save_diffusers_lora(lora, path)
+  patches, _ = _comfy_patches(load_file(path), _comfy_key_map(base['config'], 2, False))
+  mapped = {p for p in lora if _comfy_target(p, base['config']) in patches}
+  assert mapped == set(base['text_lora']) | {ff}, sorted(set(lora) - mapped)[:3]

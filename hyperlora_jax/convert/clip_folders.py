@@ -1,8 +1,9 @@
 """transformers CLIP folders <-> our CLIP towers (models/clip.py), and tokenizer folders.
 
-The towers load from a CLIPTextModel folder (a pipeline's ``text_encoder/``), a
-CLIPVisionModel[WithProjection] folder or a CLIPModel folder holding both, saved by
-transformers 4.x or 5.x (which drops the ``text_model.`` / ``vision_model.`` prefix).
+The towers load from a CLIPTextModel[WithProjection] folder (a pipeline's
+``text_encoder/``, SDXL's ``text_encoder_2/``), a CLIPVisionModel[WithProjection] folder
+or a CLIPModel folder holding both, saved by transformers 4.x or 5.x (which drops the
+``text_model.`` / ``vision_model.`` prefix of the models without a projection).
 """
 import functools
 import json
@@ -17,31 +18,34 @@ from hyperlora_jax.convert import core
 from hyperlora_jax.models import clip
 
 
-def _load(folder: str, build, prefixes: tuple[str, ...], allow_pickle: bool):
+def _load(folder: str, build, tower: str, projection: str, allow_pickle: bool):
+  """Loads the tower (under ``tower``) and, when the built module has one, its
+  ``projection`` (the torch key prefixes)."""
   config, state = core.read_model_folder(folder, allow_pickle=allow_pickle)
   module = build(config)
+  prefixes = (tower, projection) if module.projection_dim else (tower,)
   if config.get('text_config') or config.get('vision_config'):
     # A CLIPModel checkpoint holds both towers (and logit_scale); keep this tower's keys.
     state = {k: v for k, v in state.items() if k.startswith(prefixes)}
-  elif not any(k.startswith(prefixes[0]) for k in state):
+  elif not any(k.startswith(tower) for k in state):
     # transformers >= 5 saves CLIPTextModel / CLIPVisionModel without the tower prefix.
-    state = {prefixes[0] + k: v for k, v in state.items()}
+    state = {k if k.startswith(projection) else tower + k: v for k, v in state.items()}
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
   params = core.torch_to_flax(state, shapes['params'], ignore=[r'position_ids$'])
   return module, params, config
 
 
 def load_text_model(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = False):
-  """(module, params, config) from a CLIPTextModel folder (a pipeline's text_encoder/) or
-  a CLIPModel folder, saved by transformers 4.x or 5.x."""
+  """(module, params, config) from a CLIPTextModel[WithProjection] folder (a pipeline's
+  text_encoder/ or text_encoder_2/) or a CLIPModel folder, saved by transformers 4.x or 5.x."""
   return _load(folder, functools.partial(clip.text_from_config, dtype=dtype),
-               ('text_model.',), allow_pickle)
+               'text_model.', 'text_projection.', allow_pickle)
 
 
 def load_vision_model(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = False):
   """(module, params, config) from a CLIPVisionModel[WithProjection] or CLIPModel folder."""
   return _load(folder, functools.partial(clip.vision_from_config, dtype=dtype),
-               ('vision_model.', 'visual_projection.'), allow_pickle)
+               'vision_model.', 'visual_projection.', allow_pickle)
 
 
 def load_tokenizer(folder: str):

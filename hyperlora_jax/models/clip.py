@@ -1,4 +1,5 @@
-"""CLIP text and vision towers (transformers' CLIPTextModel, CLIPVisionModelWithProjection).
+"""CLIP text and vision towers (transformers' CLIPTextModel[WithProjection],
+CLIPVisionModel[WithProjection]).
 
 Submodule names mirror transformers' modules, so ``convert.torch_to_flax`` maps their
 state dicts unchanged: ``text_model.encoder.layers.3.self_attn.q_proj.weight`` is the
@@ -49,10 +50,12 @@ class CLIPTextOutput:
   """``hidden_states`` as transformers' output_hidden_states: the embeddings, then each
   layer's output (no final layer norm). diffusers' ``clip_skip=k`` is
   ``final_layer_norm(hidden_states[-(k + 1)])``, with the params under
-  ``text_model/final_layer_norm`` (SD2 checkpoints instead drop their last layer)."""
+  ``text_model/final_layer_norm`` (SD2 checkpoints instead drop their last layer); SDXL
+  takes ``hidden_states[-(k + 2)]`` with no final norm."""
   last_hidden_state: jax.Array  # after final_layer_norm
   pooler_output: jax.Array  # last_hidden_state at the EOS token
   hidden_states: tuple[jax.Array, ...]
+  text_embeds: Optional[jax.Array] = None  # text_projection(pooler_output)
 
 
 @flax.struct.dataclass
@@ -250,17 +253,25 @@ class CLIPTextTransformer(_Tower):
 
 
 class CLIPTextModel(CLIPTextTransformer):
-  """transformers' CLIPTextModel: the transformer under ``text_model``.
+  """transformers' CLIPTextModel: the transformer under ``text_model``; with a
+  ``projection_dim``, CLIPTextModelWithProjection (SDXL's second text encoder), whose
+  ``text_projection`` (no bias) of the pooled output is ``text_embeds``.
 
   ``apply({'params': p}, input_ids [b, t] int, attention_mask=None [b, t], lora=None)``
   returns a ``CLIPTextOutput``.
   """
+  projection_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None,
                lora: Optional[LoRATree] = None) -> CLIPTextOutput:
-    return CLIPTextTransformer(**_fields(self, CLIPTextTransformer), name='text_model')(
+    out = CLIPTextTransformer(**_fields(self, CLIPTextTransformer), name='text_model')(
         input_ids, attention_mask, lora)
+    if self.projection_dim is None:
+      return out
+    embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                      name='text_projection')(out.pooler_output)
+    return out.replace(text_embeds=embeds)
 
   def dummy_inputs(self) -> tuple:
     return (jnp.zeros((1, self.max_position_embeddings), jnp.int32),)
@@ -356,8 +367,15 @@ def _build(cls: type, config: Mapping[str, Any], dtype: Any, **overrides) -> nn.
 
 
 def text_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> CLIPTextModel:
-  """A CLIPTextModel from a transformers CLIPConfig or CLIPTextConfig dict."""
-  return _build(CLIPTextModel, _tower_config(config, 'text'), dtype)
+  """A CLIP text tower from a transformers CLIPConfig or CLIPTextConfig dict.
+
+  Every CLIPTextConfig has a projection_dim; only a config whose architectures is
+  ['CLIPTextModelWithProjection'] gets the projection (a CLIPModel's text_projection
+  belongs to the full model, so its text tower gets none).
+  """
+  with_projection = config.get('architectures') == ['CLIPTextModelWithProjection']
+  return _build(CLIPTextModel, _tower_config(config, 'text'), dtype,
+                projection_dim=config.get('projection_dim', 512) if with_projection else None)
 
 
 def vision_from_config(config: Mapping[str, Any],

@@ -1,9 +1,14 @@
-"""UNet2DConditionModel (SD 1.x / 2.x / tiny) in Flax linen, NHWC.
+"""UNet2DConditionModel (SD 1.x / 2.x / SDXL / tiny) in Flax linen, NHWC.
 
 Module names mirror diffusers' so `convert.core.torch_to_flax` loads a diffusers
 ``unet/`` folder without per-model renaming. Every Dense can carry LoRA factors: the
 ``lora`` tree (see `hyperlora_jax.lora`) is threaded through as an argument, never
 stored in the module.
+
+SDXL is the same network with per-block transformer depths, linear projections and
+diffusers' ``addition_embed_type='text_time'``: the pooled text embedding and the
+micro-conditioning time ids (original size, crop top-left, target size), embedded
+sinusoidally, feed ``add_embedding``, whose output joins the timestep embedding.
 """
 import math
 from typing import Any, NamedTuple, Optional, Sequence
@@ -22,19 +27,20 @@ MID = 'UNetMidBlock2DCrossAttn'
 # diffusers config keys with the only value we implement. Anything else is refused.
 _FIXED = {
     'act_fn': 'silu', 'center_input_sample': False, 'class_embed_type': None,
-    'addition_embed_type': None, 'encoder_hid_dim': None, 'encoder_hid_dim_type': None,
+    'encoder_hid_dim': None, 'encoder_hid_dim_type': None,
     'time_cond_proj_dim': None, 'conv_in_kernel': 3, 'conv_out_kernel': 3,
     'resnet_time_scale_shift': 'default', 'time_embedding_type': 'positional',
     'timestep_post_act': None, 'dual_cross_attention': False, 'num_class_embeds': None,
     'class_embeddings_concat': False, 'mid_block_type': MID, 'attention_type': 'default',
-    'cross_attention_norm': None, 'addition_time_embed_dim': None,
-    'projection_class_embeddings_input_dim': None, 'time_embedding_dim': None,
+    'cross_attention_norm': None, 'time_embedding_dim': None,
     'time_embedding_act_fn': None, 'mid_block_only_cross_attention': None,
     'reverse_transformer_layers_per_block': None, 'resnet_skip_time_act': False,
     'resnet_out_scale_factor': 1.0, 'mid_block_scale_factor': 1, 'dropout': 0.0,
     'only_cross_attention': False, 'addition_embed_type_num_heads': 64,
 }
 _IGNORED = {'_class_name', '_diffusers_version', '_name_or_path', 'sample_size'}
+# SDXL's micro-conditioning: original size (h, w), crop top-left (y, x), target size (h, w).
+NUM_TIME_IDS = 6
 
 
 def timestep_embedding(t: jnp.ndarray, dim: int, flip_sin_to_cos: bool,
@@ -319,7 +325,13 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-  """UNet2DConditionModel. Use `from_config` to build it from a diffusers config."""
+  """UNet2DConditionModel. Use `from_config` to build it from a diffusers config.
+
+  ``transformer_layers`` are per down block; up block i mirrors down block n-1-i and the
+  mid block takes the last one, as diffusers reverses ``transformer_layers_per_block``.
+  ``addition_time_embed_dim`` set: SDXL's ``text_time`` added conditioning, whose
+  ``add_embedding`` takes ``projection_class_embeddings_input_dim`` inputs.
+  """
   in_channels: int = 4
   out_channels: int = 4
   down_block_types: Sequence[str] = (CROSS_ATTN_DOWN,) * 3 + (DOWN,)
@@ -335,15 +347,54 @@ class UNet(nn.Module):
   freq_shift: float = 0
   use_linear_projection: bool = False
   upcast_attention: bool = False
+  addition_time_embed_dim: Optional[int] = None
+  projection_class_embeddings_input_dim: Optional[int] = None
   dtype: Dtype = jnp.float32
+
+  @property
+  def pooled_text_dim(self) -> Optional[int]:
+    """Width of the pooled text embedding (``text_embeds``) an SDXL UNet takes."""
+    if not self.addition_time_embed_dim:
+      return None
+    return self.projection_class_embeddings_input_dim - NUM_TIME_IDS * self.addition_time_embed_dim
 
   def dummy_inputs(self):
     size = 2 ** (len(self.block_out_channels) - 1)
-    return (jnp.zeros((1, size, size, self.in_channels)), jnp.zeros((1,)),
-            jnp.zeros((1, 2, self.cross_attention_dim)))
+    inputs = (jnp.zeros((1, size, size, self.in_channels)), jnp.zeros((1,)),
+              jnp.zeros((1, 2, self.cross_attention_dim)))
+    if not self.addition_time_embed_dim:
+      return inputs
+    return inputs + (None, jnp.zeros((1, self.pooled_text_dim)), jnp.zeros((1, NUM_TIME_IDS)))
+
+  def _added_embedding(self, text_embeds, time_ids, batch, lora):
+    """SDXL's add_embedding(concat(text_embeds, sinusoidal(time_ids))), as diffusers'
+    ``addition_embed_type='text_time'``; None for UNets without it."""
+    if not self.addition_time_embed_dim:
+      if text_embeds is not None or time_ids is not None:
+        raise ValueError('text_embeds / time_ids given to a UNet without SDXL added '
+                         "conditioning (its config has no addition_embed_type='text_time').")
+      return None
+    if text_embeds is None or time_ids is None:
+      raise ValueError("This UNet has SDXL added conditioning (addition_embed_type="
+                       "'text_time'): pass text_embeds [B, pooled] and time_ids [B, 6].")
+    time_ids = jnp.asarray(time_ids, jnp.float32)
+    time_ids = jnp.broadcast_to(time_ids, (batch, time_ids.shape[-1]))
+    time_embeds = timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
+                                     self.flip_sin_to_cos, self.freq_shift).reshape(batch, -1)
+    text_embeds = jnp.broadcast_to(text_embeds, (batch, text_embeds.shape[-1]))
+    added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+    if added.shape[-1] != self.projection_class_embeddings_input_dim:
+      raise ValueError(
+          f'text_embeds ({text_embeds.shape[-1]}) + {time_ids.shape[-1]} time ids x '
+          f'{self.addition_time_embed_dim} = {added.shape[-1]} inputs, but the UNet\'s '
+          f'add_embedding takes projection_class_embeddings_input_dim='
+          f'{self.projection_class_embeddings_input_dim}.')
+    return TimestepEmbedding(4 * self.block_out_channels[0], self.dtype, name='add_embedding')(
+        added.astype(self.dtype), lora)
 
   @nn.compact
   def __call__(self, sample, timesteps, context, lora: Optional[lora_lib.LoRATree] = None,
+               text_embeds=None, time_ids=None,
                down_block_additional_residuals: Optional[Sequence[jnp.ndarray]] = None,
                mid_block_additional_residual: Optional[jnp.ndarray] = None,
                ip_tokens: Optional[jnp.ndarray] = None, ip_scale: Any = 1.0):
@@ -354,6 +405,10 @@ class UNet(nn.Module):
       timesteps: [B] or scalar diffusion timesteps.
       context: [B, L, cross_attention_dim] text encoder states.
       lora: optional LoRA tree keyed by Dense paths (shared or per-sample factors).
+      text_embeds: SDXL only: [B, pooled] projected pooled text embedding
+        (diffusers' ``added_cond_kwargs['text_embeds']``).
+      time_ids: SDXL only: [B, 6] or [6] micro-conditioning ids
+        (``added_cond_kwargs['time_ids']``).
       down_block_additional_residuals: ControlNet residuals, one per skip connection
         (`controlnet.ControlNetModel`'s first output), added to the skips after the
         last down block, as diffusers does.
@@ -367,6 +422,9 @@ class UNet(nn.Module):
     temb = timestep_embedding(timesteps, ch0, self.flip_sin_to_cos, self.freq_shift)
     temb = temb.astype(self.dtype)
     temb = TimestepEmbedding(4 * ch0, self.dtype, name='time_embedding')(temb, lora)
+    added = self._added_embedding(text_embeds, time_ids, sample.shape[0], lora)
+    if added is not None:
+      temb = temb + added
     x = _conv(ch0, 'conv_in', self.dtype)(sample.astype(self.dtype))
     context = context.astype(self.dtype)
     if ip_tokens is not None:
@@ -457,8 +515,32 @@ def _per_block(value, n, name):
   if isinstance(value, (list, tuple)):
     if len(value) != n:
       raise ValueError(f'UNet config {name} has {len(value)} entries for {n} blocks.')
+    if not all(isinstance(v, int) for v in value):
+      # Per-layer lists (SSD-1B-style asymmetric UNets) are not implemented.
+      raise ValueError(f'UNet config {name}={value!r}: only one int per block is supported.')
     return tuple(value)
   return (value,) * n
+
+
+def _added_conditioning(config: dict) -> dict:
+  """The UNet fields of diffusers' addition_embed_type: None, or SDXL's 'text_time'."""
+  kind = config.get('addition_embed_type')
+  time_dim = config.get('addition_time_embed_dim')
+  input_dim = config.get('projection_class_embeddings_input_dim')
+  if kind is None:
+    if time_dim is not None or input_dim is not None:
+      raise ValueError('UNet config sets addition_time_embed_dim / projection_class_'
+                       'embeddings_input_dim without addition_embed_type.')
+    return {}
+  if kind != 'text_time':
+    raise ValueError(f"UNet config addition_embed_type={kind!r} is not supported (only "
+                     "None, or 'text_time' as SDXL).")
+  if not time_dim or not input_dim or input_dim <= NUM_TIME_IDS * time_dim:
+    raise ValueError(
+        f"addition_embed_type='text_time' needs addition_time_embed_dim and a projection_"
+        f"class_embeddings_input_dim above {NUM_TIME_IDS} x addition_time_embed_dim (room "
+        f"for the pooled text embedding); got {time_dim} and {input_dim}.")
+  return dict(addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=input_dim)
 
 
 def from_config(config: dict, dtype: Dtype = jnp.float32) -> UNet:
@@ -472,7 +554,8 @@ def from_config(config: dict, dtype: Dtype = jnp.float32) -> UNet:
       'block_out_channels', 'layers_per_block', 'attention_head_dim', 'num_attention_heads',
       'transformer_layers_per_block', 'cross_attention_dim', 'norm_num_groups', 'norm_eps',
       'flip_sin_to_cos', 'freq_shift', 'use_linear_projection', 'upcast_attention',
-      'downsample_padding'}
+      'downsample_padding', 'addition_embed_type', 'addition_time_embed_dim',
+      'projection_class_embeddings_input_dim'}
   unknown = sorted(set(config) - known)
   if unknown:
     raise ValueError(f'Unknown UNet config keys: {unknown}')
@@ -507,5 +590,6 @@ def from_config(config: dict, dtype: Dtype = jnp.float32) -> UNet:
       cross_attention_dim=cross, norm_num_groups=config.get('norm_num_groups', 32),
       norm_eps=config.get('norm_eps', 1e-5), flip_sin_to_cos=config.get('flip_sin_to_cos', True),
       freq_shift=config.get('freq_shift', 0),
-      use_linear_projection=config.get('use_linear_projection', False),
-      upcast_attention=config.get('upcast_attention', False), dtype=dtype)
+      use_linear_projection=bool(config.get('use_linear_projection')),
+      upcast_attention=bool(config.get('upcast_attention')),  # SDXL's config says null
+      dtype=dtype, **_added_conditioning(config))
