@@ -3,9 +3,12 @@ r"""Export a run's LoRA or hypernetwork for other tools.
   python -m hyperlora_jax.export --workdir=RUN --context=item.png \
       --format=diffusers --out=item_lora.safetensors
 
-Formats:
-  diffusers    diffusers/peft LoRA file (StableDiffusionPipeline.load_lora_weights)
-  kohya        kohya/A1111 LoRA file (ComfyUI, A1111)
+Formats, by the tool that reads them:
+  kohya        kohya/sd-scripts LoRA file: ComfyUI's and A1111's LoRA loaders (SDXL
+               LoRAs get SDXL's LDM module names); diffusers' load_lora_weights reads it
+               too. ``comfyui`` and ``a1111`` are the same format.
+  diffusers    diffusers/peft LoRA file (StableDiffusion[XL]Pipeline.load_lora_weights,
+               peft); ComfyUI does not map its UNet attention layers: use kohya there
   merged-unet  the UNet with the LoRA merged in, a diffusers unet/ folder
                (a run without a LoRA, e.g. unet_full: its UNet as trained)
   hypernet     the hypernetwork itself: hypernet.safetensors + hypernet.json in
@@ -29,14 +32,17 @@ from hyperlora_jax.convert import pipeline
 from hyperlora_jax.data import images
 
 FORMATS = ('diffusers', 'kohya', 'merged-unet', 'hypernet')
+# Names of a format by the tool that reads it.
+ALIASES = {'comfyui': 'kohya', 'a1111': 'kohya'}
 
 
 def export_lora(run: runs.Run, fmt: str, out: str, context=None,
                 metadata: Optional[dict] = None) -> None:
   """Writes the run's LoRA (predicted for `context` [1, H, W, 3] in [-1, 1] when its
   LoRA comes from context images) as `fmt`: 'diffusers', 'kohya' or 'merged-unet'."""
+  fmt = ALIASES.get(fmt, fmt)
   if fmt not in FORMATS[:3]:
-    raise ValueError(f'Unknown LoRA format {fmt!r}; one of {FORMATS[:3]}.')
+    raise ValueError(f'Unknown LoRA format {fmt!r}; one of {FORMATS[:3] + tuple(ALIASES)}.')
   unet_params = runs.base_params(run)['unet']
   if run.spec.lora_kind is None:
     if fmt != 'merged-unet':
@@ -57,7 +63,8 @@ def export_lora(run: runs.Run, fmt: str, out: str, context=None,
   if fmt == 'diffusers':
     lora_files.save_diffusers_lora(tree, out, metadata=header)
   elif fmt == 'kohya':
-    lora_files.save_kohya_lora(tree, out, metadata=header)
+    lora_files.save_kohya_lora(tree, out, metadata=header,
+                               unet_config=run.objective.models.unet_config)
   else:
     lora_files.save_merged_unet(unet_params, run.objective.models.unet_config, tree, out)
 
@@ -82,7 +89,7 @@ def main(argv):
   if f.context:
     images.image_files(f.context)  # Fails before the slow restore.
   run = runs.restore(f.workdir, f.step)
-  if f.format == 'hypernet':
+  if ALIASES.get(f.format, f.format) == 'hypernet':
     save_hypernet(run, f.out)
   else:
     context = None
@@ -101,7 +108,9 @@ def _flags():
   flags.DEFINE_string('workdir', None, 'A training run.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('context', None, 'The context image (hyperlora runs).')
-  flags.DEFINE_enum('format', None, FORMATS, 'What to write.')
+  flags.DEFINE_enum('format', None, FORMATS + tuple(ALIASES),
+                    'What to write: kohya (= comfyui, a1111) for ComfyUI and A1111, '
+                    'diffusers for diffusers/peft, merged-unet, hypernet.')
   flags.DEFINE_string('out', None, 'File (diffusers, kohya) or folder.')
   flags.mark_flags_as_required(['workdir', 'format', 'out'])
 

@@ -29,20 +29,23 @@ from PIL import Image
 from hyperlora_jax import cli
 from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import objectives
 from hyperlora_jax import runs
 from hyperlora_jax.convert import lora_files
 from hyperlora_jax.data import images as image_io
-from hyperlora_jax.models import clip, vae
+from hyperlora_jax.models import vae
 
 
 class _Static(NamedTuple):
   """Everything the compiled sampler specializes on (hashable: jit static)."""
   unet: Any
-  text: Any
+  text_towers: tuple
   vae: Any
+  zero_uncond: bool  # SDXL: the empty prompt's embeddings are zeros.
   lora: Any  # the objective's (trainable, frozen, inputs) -> tree, or None: no LoRA
-  base: Any  # the objective's (trainable, frozen) -> {'unet', 'text'}
+  base: Any  # the objective's (trainable, frozen) -> {'unet', 'text'[, 'text2']}
   latent_shape: tuple
+  resolution: int
   num_steps: int
   sampler: str
   guided: bool
@@ -62,9 +65,15 @@ def _sample(static: _Static, params, frozen, schedule, ids, inputs, seed, image_
     lora = _scaled(static.lora(params, frozen, inputs), lora_scale)
     if static.guided:  # The per-sample factors for the [uncond; cond] batch.
       lora = lora_lib.tile_samples(lora, 2)
-  tokens = static.text.apply({'params': base['text']}, ids).last_hidden_state
+  # ids: per text tower, [uncond; cond] prompts when guided. The LoRA tree's text-tower
+  # layers adapt the text towers, its UNet layers the UNet.
+  cond = objectives.encode_prompts(static.text_towers, base, ids, lora)
+  if static.guided and static.zero_uncond:
+    n = ids[0].shape[0] // 2
+    cond = jax.tree.map(lambda c: c.at[:n].set(0), cond)
+  extra = objectives.time_ids(static.unet, static.resolution)
   unet = lambda x, t: static.unet.apply(
-      {'params': base['unet']}, x, t, tokens, lora=lora)
+      {'params': base['unet']}, x, t, lora=lora, **cond, **extra)
   # Noise from (seed, image id): an image does not depend on its batch.
   key = jax.random.key(seed)
   noise = jax.vmap(lambda i: jax.random.normal(
@@ -116,18 +125,18 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
                        f'{"none" if context is None else len(context)}.')
     inputs = {'context': jnp.asarray(context)}
   guided = guidance is not None and guidance != 1.0
-  ids = clip.tokenize(models.tokenizer, prompts, models.max_length)
+  ids = objectives.tokenize(models, prompts)
   if guided:
-    uncond = clip.tokenize(models.tokenizer, [''], models.max_length)
-    ids = np.concatenate([np.repeat(uncond, len(prompts), 0), ids])
-  static = _Static(models.unet, models.text, models.vae,
+    ids = tuple(np.concatenate([np.repeat(u, len(prompts), 0), i])
+                for u, i in zip(objectives.tokenize(models, ['']), ids))
+  resolution = resolution or run.config.data.resolution
+  static = _Static(models.unet, models.text_towers, models.vae, models.zero_uncond,
                    run.objective.lora if use_lora else None, run.objective.base,
-                   _latent_shape(models, resolution or run.config.data.resolution),
-                   num_steps, sampler, guided)
+                   _latent_shape(models, resolution), resolution, num_steps, sampler, guided)
   if image_ids is None:
     image_ids = np.arange(len(prompts))
   return _sample(static, run.params, run.objective.frozen, models.schedule,
-                 jnp.asarray(ids), inputs, jnp.asarray(seed, jnp.uint32),
+                 tuple(jnp.asarray(i) for i in ids), inputs, jnp.asarray(seed, jnp.uint32),
                  jnp.asarray(image_ids, jnp.uint32),
                  jnp.asarray(guidance or 1.0, jnp.float32),
                  jnp.asarray(lora_scale, jnp.float32))

@@ -119,12 +119,14 @@ def place(tree, shardings):
   return jax.tree.map(one, tree, shardings)
 
 
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-  """Per-host batch slices -> global jax.Arrays split over the batch axes.
+def host_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict:
+  """Per-host batch slices (a pytree of arrays) -> global jax.Arrays split over
+  the batch axes.
 
   Each process passes its own rows (global batch / process count of them);
   the global batch is their concatenation in process order.
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return jax.tree.map(
+      lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+      dict(batch))

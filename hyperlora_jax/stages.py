@@ -41,7 +41,8 @@ def export_pipeline(workdir: str) -> str:
     m, params = run.objective.models, runs.base_params(run)
     if jax.process_index() == 0:
       pipeline.save_pipeline(folder, params['unet'], m.unet_config, params['text'],
-                             m.text_config, m.tokenizer_folder, m.scheduler_config)
+                             m.text_config, m.tokenizer_folder, m.scheduler_config,
+                             params.get('text2'), m.text2_config, m.tokenizer2_folder)
   return folder
 
 

@@ -117,7 +117,7 @@ def test_cli(run, tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['--workdir=RUN', '--format=lora'], 'flag --format=lora: value should be one '
-     'of <diffusers|kohya|merged-unet|hypernet>'),
+     'of <diffusers|kohya|merged-unet|hypernet|comfyui|a1111>'),
     (['--workdir=/nonexistent/run', '--format=kohya'],
      'Error: No training run at /nonexistent/run'),
     (['--workdir=RUN', '--format=kohya', '--context=BAD'], 'Error: Cannot read the image'),
@@ -131,3 +131,13 @@ def test_cli_errors(run, tmp_path, args, message):
   result = run_cli('export', run['dirs'], *args, f'--out={tmp_path / "x"}')
   assert result.returncode == 1
   assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_comfyui_is_the_kohya_format(run, tmp_path):
+  paths = [str(tmp_path / f'{fmt}.safetensors') for fmt in ('kohya', 'comfyui')]
+  for fmt, path in zip(('kohya', 'comfyui'), paths):
+    export.export_lora(run['run'], fmt, path, run['context'])
+  kohya, comfyui = (core.read_safetensors(p) for p in paths)
+  assert kohya.keys() == comfyui.keys() and all(k.startswith('lora_unet_') for k in kohya)
+  for k, v in kohya.items():
+    np.testing.assert_array_equal(comfyui[k], v)

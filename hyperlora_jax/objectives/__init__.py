@@ -11,7 +11,8 @@ write a module with a ``SPEC`` (see `base.Spec`, `base.diffusion_objective`) and
 in ``REGISTRY``.
 """
 from hyperlora_jax.objectives import hyperlora, unet_full, unet_lora
-from hyperlora_jax.objectives.base import Models, Objective, Spec  # noqa: F401
+from hyperlora_jax.objectives.base import (  # noqa: F401  (what the tools use)
+    Models, Objective, Spec, encode_prompts, time_ids, tokenize)
 
 REGISTRY = {s.name: s for s in (hyperlora.SPEC, unet_lora.SPEC, unet_full.SPEC)}
 

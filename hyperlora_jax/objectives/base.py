@@ -48,12 +48,27 @@ class Models(NamedTuple):
   text_config: dict
   tokenizer: Any
   tokenizer_folder: str
-  max_length: int
   schedule: diffusion.Schedule
   scheduler_config: dict
   vae: Optional[Any]
   hypernet: Optional[Any]
   targets: tuple
+  # SDXL's second text tower (its params are 'text2' beside 'text'); None for SD 1.x/2.x.
+  text2: Optional[Any] = None
+  text2_config: Optional[dict] = None
+  tokenizer2: Optional[Any] = None
+  tokenizer2_folder: Optional[str] = None
+  # Classifier-free guidance's empty prompt is zeros, not the encoded '' (diffusers'
+  # SDXL force_zeros_for_empty_prompt).
+  zero_uncond: bool = False
+
+  @property
+  def text_towers(self) -> tuple:
+    return (self.text,) if self.text2 is None else (self.text, self.text2)
+
+  @property
+  def tokenizers(self) -> tuple:
+    return (self.tokenizer,) if self.text2 is None else (self.tokenizer, self.tokenizer2)
 
 
 class Objective(NamedTuple):
@@ -74,18 +89,20 @@ def compute_dtype(config):
 
 
 def load_base(config, rng):
-  """(pipeline.Pipeline, tokenizer folder) from config.model.pretrained or from scratch."""
+  """(pipeline.Pipeline, the folder holding its tokenizer/ [and tokenizer_2/]) from
+  config.model.pretrained or from scratch (a closed-vocabulary tokenizer written to a
+  temporary folder)."""
   dtype = compute_dtype(config)
   if config.model.pretrained is None:
     raise ValueError('config.model.pretrained is not set: give the path of a local '
                      'diffusers Stable Diffusion folder (--config.model.pretrained=...).')
   if config.model.pretrained:
-    return pipeline.load_pipeline(config.model.pretrained, dtype), \
-        f'{config.model.pretrained}/tokenizer'
+    return pipeline.load_pipeline(config.model.pretrained, dtype), config.model.pretrained
   from hyperlora_jax.data import synthetic  # from-scratch models speak the synthetic task
   folder = tempfile.mkdtemp(prefix='hyperlora_tokenizer_')
-  clip_folders.write_tokenizer(synthetic.vocabulary(), folder, config.model.max_length)
-  tokenizer = clip_folders.load_tokenizer(folder)
+  clip_folders.write_tokenizer(synthetic.vocabulary(), f'{folder}/tokenizer',
+                               config.model.max_length)
+  tokenizer = clip_folders.load_tokenizer(f'{folder}/tokenizer')
   unet_config = config.model.unet.to_dict()
   text_config = dict(config.model.text.to_dict(), vocab_size=len(tokenizer),
                      max_position_embeddings=config.model.max_length,
@@ -107,26 +124,48 @@ def base_models(config, rng, hypernet_fn=None):
 
   hypernet_fn: targets -> a hypernetwork module, for objectives that have one.
   """
-  base, tokenizer_folder = load_base(config, rng)
+  base, folder = load_base(config, rng)
   targets = lora_lib.find_targets(base.unet_params, config.model.targets)
+  xl = base.text2 is not None
   models = Models(base.unet, base.unet_config, base.text, base.text_config, base.tokenizer,
-                  tokenizer_folder, clip.model_max_length(base.tokenizer), base.schedule,
-                  base.scheduler_config, base.vae, hypernet_fn and hypernet_fn(targets),
-                  targets)
+                  f'{folder}/tokenizer', base.schedule, base.scheduler_config, base.vae,
+                  hypernet_fn and hypernet_fn(targets), targets, base.text2,
+                  base.text2_config, base.tokenizer2, f'{folder}/tokenizer_2' if xl else None,
+                  base.force_zeros_for_empty_prompt)
   frozen = {'unet': base.unet_params, 'text': base.text_params}
+  if xl:
+    frozen['text2'] = base.text2_params
   if base.vae is not None:
     frozen['vae'] = base.vae_params
   return models, frozen
 
 
+BASE_PARTS = ('unet', 'text', 'text2')  # What `base` returns ('text2': SDXL only).
+
+
 def frozen_base(trainable, frozen):
   """``base`` of the objectives that train no base-model params."""
   del trainable
-  return {'unet': frozen['unet'], 'text': frozen['text']}
+  return {k: frozen[k] for k in BASE_PARTS if k in frozen}
 
 
-def encode_prompts(models: Models, text_params, ids):
-  return models.text.apply({'params': text_params}, ids).last_hidden_state
+def tokenize(models: Models, prompts) -> tuple:
+  """One [B, L] int32 id array per text tower."""
+  return pipeline.tokenize_prompts(models.tokenizers, list(prompts))
+
+
+def encode_prompts(text_towers, params, ids, lora=None) -> dict:
+  """The UNet's text conditioning (keyword arguments of its call) from
+  `Models.text_towers`, `base`'s params and `tokenize`'s ids, the LoRA tree's text-tower
+  layers applied (`pipeline.encode_prompts`: SD's last hidden state; SDXL's two towers
+  and pooled embedding)."""
+  texts = (params['text'],) + ((params['text2'],) if 'text2' in params else ())
+  return pipeline.encode_prompts(text_towers, texts, ids, lora)
+
+
+def time_ids(unet_module, resolution: int) -> dict:
+  """SDXL's micro-conditioning for square images of `resolution` pixels ({} for SD)."""
+  return pipeline.time_ids(unet_module, (resolution, resolution))
 
 
 def _latents(models: Models, vae_params, images, rng):
@@ -142,21 +181,22 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
   """An Objective whose loss is the diffusion loss of the UNet ``base`` gives, with the
   LoRA ``lora`` gives, on the batch's targets and prompts (prompt dropout to the empty
   prompt, min-SNR weighting by config). ``metrics(trainable)`` adds scalars to the log."""
-  uncond_ids = jnp.asarray(clip.tokenize(models.tokenizer, [''], models.max_length)[0])
+  uncond_ids = [jnp.asarray(i[0]) for i in tokenize(models, [''])]
+  extra = time_ids(models.unet, config.data.resolution)
 
   def loss_fn(trainable, frozen, batch, rng):
     params = base(trainable, frozen)
     tree = lora(trainable, frozen, batch)
     rng_drop, rng_t, rng_noise, rng_vae = jax.random.split(rng, 4)
     ids = batch['input_ids']
-    drop = jax.random.bernoulli(rng_drop, config.model.prompt_dropout, ids.shape[:1])
-    ids = jnp.where(drop[:, None], uncond_ids[None], ids)
-    context = encode_prompts(models, params['text'], ids)
+    drop = jax.random.bernoulli(rng_drop, config.model.prompt_dropout, ids[0].shape[:1])
+    ids = [jnp.where(drop[:, None], u[None], i) for u, i in zip(uncond_ids, ids)]
+    cond = encode_prompts(models.text_towers, params, ids, tree)
     x0 = _latents(models, frozen.get('vae'), batch['target'], rng_vae)
     t = diffusion.random_timesteps(rng_t, models.schedule, x0.shape[0])
     noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
     pred = models.unet.apply({'params': params['unet']}, diffusion.add_noise(
-        models.schedule, x0, noise, t), t, context, lora=tree)
+        models.schedule, x0, noise, t), t, lora=tree, **cond, **extra)
     losses = diffusion.diffusion_loss(
         pred.astype(jnp.float32), diffusion.training_target(models.schedule, x0, noise, t),
         t, models.schedule, config.model.min_snr_gamma)
@@ -170,9 +210,8 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
     prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in batch['prompt']]
     missing = sorted(set(prompts) - set(token_cache))
     if missing:
-      token_cache.update(zip(missing, clip.tokenize(models.tokenizer, missing,
-                                                    models.max_length)))
-    out = {'input_ids': np.stack([token_cache[p] for p in prompts]),
+      token_cache.update(zip(missing, zip(*tokenize(models, missing))))
+    out = {'input_ids': tuple(np.stack(ids) for ids in zip(*(token_cache[p] for p in prompts))),
            'target': np.asarray(batch['target'], np.float32)}
     out.update({k: np.asarray(batch[k]) for k in spec.lora_inputs})
     return out
