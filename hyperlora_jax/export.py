@@ -118,7 +118,7 @@ def _flags():
 def run():
   """The console script (`hyperlora-export`)."""
   _flags()
-  app.run(cli.main_with_errors(main))
+  cli.run(__name__, cli.main_with_errors(main))
 
 
 if __name__ == '__main__':

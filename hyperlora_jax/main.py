@@ -36,6 +36,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hyperlora_jax import cli
 from hyperlora_jax import defaults
 from hyperlora_jax import evaluate
 from hyperlora_jax import objectives
@@ -112,7 +113,7 @@ def main(argv):
 
 def run():
   """The console script (`hyperlora-train`)."""
-  app.run(main, flags_parser=parse_flags)
+  cli.run(__name__, main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -231,7 +231,7 @@ def main(argv):
 def run():
   """The console script (`hyperlora-sample`)."""
   _flags()
-  app.run(cli.main_with_errors(main))
+  cli.run(__name__, cli.main_with_errors(main))
 
 
 if __name__ == '__main__':

@@ -48,12 +48,12 @@ before a multi-host run) and prints its splits, counts and one batch.
 import functools
 import os
 
-from absl import app
 from absl import flags
 import grain
 from ml_collections import config_flags
 import numpy as np
 
+from hyperlora_jax import cli
 from hyperlora_jax import defaults
 from hyperlora_jax.data import builders
 from hyperlora_jax.data import images
@@ -196,7 +196,7 @@ def run():
   # Flags only here: importing the module must not define global flags.
   config_flags.DEFINE_config_dict('data', defaults.get_config().data)
   flags.DEFINE_bool('rebuild', False, 'Rebuild even if built.')
-  app.run(main)
+  cli.run(__name__, main)
 
 
 if __name__ == '__main__':
