@@ -47,13 +47,18 @@ from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip
 
 # mode -> (prompt, the kind of LoRA it applies: the run's `Spec.lora_kind`, or None for
-# the base model alone)
+# the base model alone, the context images: the split's own or the robustness split's,
+# drawn by `synthetic.robust_context` for the same held-out items)
 MODES = {
-    'hyperlora': ('scene', 'predicted'),
-    'single_lora': ('scene', 'shared'),
-    'no_lora': ('scene', None),
-    'oracle': ('full', None),
+    'hyperlora': ('scene', 'predicted', 'dataset'),
+    'hyperlora_robust': ('scene', 'predicted', 'robust'),
+    'single_lora': ('scene', 'shared', 'dataset'),
+    'no_lora': ('scene', None, 'dataset'),
+    'oracle': ('full', None, 'dataset'),
 }
+# Per attribute value, the accuracy of the metric that reads it.
+BREAKDOWNS = {'color': ('color_acc', synthetic.COLORS),
+              'pattern': ('pattern_acc', synthetic.PATTERNS)}
 SYNTHETIC = ('color_acc', 'pattern_acc')
 CLIP_METRICS = ('C2G', 'T2G', 'T2Gdiff', 'CLIP-T')
 
@@ -61,7 +66,7 @@ CLIP_METRICS = ('C2G', 'T2G', 'T2Gdiff', 'CLIP-T')
 def own_mode(spec: objectives.Spec) -> str:
   """The mode of a run's own output: its LoRA's, or the oracle (the base model it
   trains, given the full prompt) for runs without a LoRA."""
-  return next((m for m, (_, kind) in MODES.items() if kind and kind == spec.lora_kind),
+  return next((m for m, (_, kind, _) in MODES.items() if kind and kind == spec.lora_kind),
               'oracle')
 
 
@@ -78,15 +83,15 @@ def check_mode_name(mode: str) -> None:
 
 def check_mode(config, mode: str) -> None:
   check_mode_name(mode)
-  prompt, kind = MODES[mode]
+  prompt, kind, contexts = MODES[mode]
   spec = objectives.spec(config.objective)
   if kind is not None and kind != spec.lora_kind:
     having = [s.name for s in objectives.REGISTRY.values() if s.lora_kind == kind]
     raise ValueError(f'Mode {mode!r} needs a {" or ".join(having)} run; '
                      f'this is a {spec.name} run.')
-  if prompt == 'full' and config.data.name != 'synthetic':
-    raise ValueError(f'Mode {mode!r} needs full prompts (synthetic data); the '
-                     f'run uses {config.data.name!r} data.')
+  if (prompt == 'full' or contexts == 'robust') and config.data.name != 'synthetic':
+    raise ValueError(f'Mode {mode!r} needs the synthetic task (full prompts, the '
+                     f'robustness split); the run uses {config.data.name!r} data.')
 
 
 def _prompts(batch, kind: str) -> list:
@@ -195,16 +200,32 @@ def clip_scores(scorer: CLIPScorer, generated, context, target,
 # ---------------------------------------------------------------- one mode
 
 
-def _summary(per_seed: Sequence[Mapping[str, np.ndarray]]) -> dict:
-  """metric -> mean, std over examples (of each example's mean over seeds)
-  and, with several seeds, seed_std (of the per-seed means); plus
-  'num_examples'."""
+def _summary(per_seed: Sequence[Mapping[str, np.ndarray]],
+             labels: Optional[Mapping[str, np.ndarray]] = None) -> dict:
+  """metric -> mean, std over examples (of each example's mean over seeds), se (the
+  standard error of the mean over examples) and, with several seeds, seed_std (of the
+  per-seed means); plus 'num_examples'. With the examples' ground-truth `labels`
+  ('color', 'pattern'), 'by_color' / 'by_pattern': name -> mean, se, n of the metric
+  that reads that attribute, over the examples of each value."""
   out = {'num_examples': len(next(iter(per_seed[0].values()), ()))}
   for name in per_seed[0]:
     a = np.stack([s[name] for s in per_seed])  # [seeds, examples]
-    out[name] = {'mean': float(a.mean()), 'std': float(a.mean(0).std())}
+    per_example = a.mean(0)
+    out[name] = {'mean': float(a.mean()), 'std': float(per_example.std()),
+                 'se': float(per_example.std() / np.sqrt(len(per_example)))}
     if len(a) > 1:
       out[name]['seed_std'] = float(a.mean(1).std())
+  for attr, (metric, names) in BREAKDOWNS.items():
+    if labels is None or attr not in labels or metric not in per_seed[0]:
+      continue
+    per_example = np.stack([s[metric] for s in per_seed]).mean(0)
+    groups = {}
+    for value, name in enumerate(names):
+      x = per_example[labels[attr] == value]
+      if len(x):
+        groups[name] = {'mean': float(x.mean()), 'se': float(x.std() / np.sqrt(len(x))),
+                        'n': int(len(x))}
+    out[f'by_{attr}'] = groups
   return out
 
 
@@ -216,22 +237,25 @@ def evaluate_mode(run: runs.Run, mode: str, **kwargs):
     (metrics, kept): metrics as `_summary`; kept holds
     'context', 'target', 'generated' [<= keep, H, W, 3] of the first seed.
   """
-  per_seed, kept = score_mode(run, mode, **kwargs)
-  return _summary(per_seed), kept
+  per_seed, kept, labels = score_mode(run, mode, **kwargs)
+  return _summary(per_seed, labels), kept
 
 
 def score_mode(run: runs.Run, mode: str, *, split='test',
                num_examples: Optional[int] = None, num_steps=25, guidance=3.0,
                seeds=(0,), sampler='ddim', batch_size: Optional[int] = None,
                scorer: Optional[CLIPScorer] = None, keep: int = 0):
-  """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept)."""
+  """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept,
+  the examples' ground-truth {'color', 'pattern'} on synthetic data)."""
   check_mode(run.config, mode)
-  prompt_kind, lora_kind = MODES[mode]
-  per_seed, kept = [], collections.defaultdict(list)
+  prompt_kind, lora_kind, contexts = MODES[mode]
+  per_seed, kept, labels = [], collections.defaultdict(list), collections.defaultdict(list)
   for i, seed in enumerate(seeds):
     scores = collections.defaultdict(list)
     for batch, n in batches(run.config, split, num_examples,
                             batch_size or run.config.train.batch_size):
+      if contexts == 'robust':
+        batch = dict(batch, context=robust_contexts(batch, run.config.data))
       prompts = _prompts(batch, prompt_kind)
       images = np.asarray(sample.generate(
           run, batch['context'], prompts, num_steps=num_steps, guidance=guidance,
@@ -245,13 +269,25 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
                                  batch['target'], described))
       for name, values in found.items():
         scores[name].append(values[:n])
+      if i == 0 and 'color' in batch:
+        for attr in BREAKDOWNS:
+          labels[attr].append(np.asarray(batch[attr])[:n])
       room = keep - sum(len(x) for x in kept['generated'])
       if i == 0 and room > 0:
         for name, x in (('context', batch['context']),
                         ('target', batch['target']), ('generated', images)):
           kept[name].append(np.asarray(x)[:min(n, room)])
     per_seed.append({k: np.concatenate(v) for k, v in scores.items()})
-  return per_seed, {k: np.concatenate(v) for k, v in kept.items() if v}
+  return (per_seed, {k: np.concatenate(v) for k, v in kept.items() if v},
+          {k: np.concatenate(v) for k, v in labels.items()})
+
+
+def robust_contexts(batch, data) -> np.ndarray:
+  """The robustness split's contexts [B, R, R, 3] in [-1, 1] for a synthetic batch: the
+  same held-out items, drawn by `synthetic.robust_context`."""
+  return image_io.normalize(np.stack([synthetic.robust_context(
+      int(i), *(int(batch[k][j]) for k in ('shape', 'color', 'pattern', 'color2')),
+      resolution=data.resolution, seed=data.seed) for j, i in enumerate(batch['index'])]))
 
 
 # ---------------------------------------------------------------- compare
@@ -273,6 +309,29 @@ def _gaps(rows: dict) -> None:
         for k in SYNTHETIC if k in row['metrics']}
 
 
+def _breakdown_tables(rows: dict) -> list:
+  """Markdown lines: each row's accuracy per item color and per pattern, and how far
+  its worst value falls below its mean."""
+  lines = []
+  for attr, (metric, names) in BREAKDOWNS.items():
+    groups = [r['metrics'].get(f'by_{attr}') for r in rows.values()]
+    if not any(groups):
+      continue
+    counts = next(g for g in groups if g)
+    head = ['Row'] + [f'{n} (n={counts[n]["n"]})' for n in names if n in counts]
+    head.append('worst - mean')
+    lines += ['', f'Per item {attr} ({metric}, %):', '',
+              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for (name, row), group in zip(rows.items(), groups):
+      if not group:
+        continue
+      cells = [name] + [f'{100 * group[n]["mean"]:.0f} ± {100 * group[n]["se"]:.0f}'
+                        for n in names if n in group]
+      worst = min(v['mean'] for v in group.values()) - row['metrics'][metric]['mean']
+      lines.append('| ' + ' | '.join(cells + [f'{100 * worst:+.0f}']) + ' |')
+  return lines
+
+
 def markdown_table(results: dict) -> str:
   rows = results['rows']
   first = next(iter(rows.values()))['metrics']
@@ -286,7 +345,7 @@ def markdown_table(results: dict) -> str:
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, row in rows.items():
     m = row['metrics']
-    spread = lambda v: v.get('seed_std', v['std']) if seeds > 1 else v['std']
+    spread = lambda v: v.get('seed_std', v['std']) if seeds > 1 else v['se']
     cells = [name, row['mode']]
     cells += [f'{100 * m[k]["mean"]:.1f} ± {100 * spread(m[k]):.1f}' for k in synth]
     if gaps:
@@ -295,13 +354,16 @@ def markdown_table(results: dict) -> str:
                 for k in synth]
     cells += [f'{m[k]["mean"]:.3f} ± {m[k]["std"]:.3f}' for k in clip_cols]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += _breakdown_tables(rows)
   s = results['settings']
   notes = [f'{first["num_examples"]} {s["split"]} examples, {s["num_steps"]} '
            f'{s["sampler"]} steps, guidance {s["guidance"]}, sampling seeds '
            f'{s["seeds"]}. Accuracy ± is the std over '
            + (f'the {seeds} seeds (rows of several runs: one run per training '
               'seed, sampled with its seed; other rows: the sampling seeds).'
-              if seeds > 1 else 'examples.')]
+              if seeds > 1 else 'examples, divided by sqrt(examples): the standard '
+              'error.') + ' Per color / pattern: accuracy ± its standard error over that '
+           "value's examples."]
   if clip_cols:
     notes.append('CLIP metrics: mean ± std over examples.')
   if gaps:
@@ -321,8 +383,10 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   spread is over those runs. A single run is sampled with every seed.
 
   Writes out_dir/results.json, results.md (one table row per entry, in
-  order) and grid.png (first `grid_examples` examples; columns: context,
-  ground truth, then each row, its first run). Returns the results dict.
+  order; then each row's accuracy per item color and per pattern) and grid.png
+  (first `grid_examples` examples; columns: context, ground truth, then each
+  row, its first run, after its own contexts where they are other images:
+  the robustness split's). Returns the results dict.
   """
   for name, (workdirs, mode) in rows.items():
     check_mode_name(mode)
@@ -330,31 +394,35 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
       raise ValueError(f'Row {name!r} has {len(workdirs)} runs but there are '
                        f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
-  restored, results, columns = {}, {}, []
+  restored, results, columns, labels = {}, {}, [], ['context', 'ground truth']
   for name, (workdirs, mode) in rows.items():
     pairs = (list(zip(workdirs, [(s,) for s in seeds]))
              if isinstance(workdirs, (list, tuple)) else [(workdirs, tuple(seeds))])
-    per_seed = []
+    per_seed, truth = [], None
     for k, (workdir, run_seeds) in enumerate(pairs):
       if workdir not in restored:
         restored[workdir] = runs.restore(workdir)
       run = restored[workdir]
       logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, workdir, run_seeds)
-      scores, kept = score_mode(
+      scores, kept, truth = score_mode(
           run, mode, split=split, num_examples=num_examples,
           num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
           batch_size=batch_size, scorer=scorer, keep=grid_examples if k == 0 else 0)
       per_seed += scores
       if k == 0:
-        if columns and not np.array_equal(kept['context'], columns[0]):
+        if columns and not np.array_equal(kept['target'], columns[1]):
           raise ValueError(f'Row {name!r} ({workdir}) sees other {split} examples '
                            'than the first row: compare runs of one data config.')
         columns = columns or [kept['context'], kept['target']]
+        if not np.array_equal(kept['context'], columns[0]):
+          columns.append(kept['context'])
+          labels.append(f'{name}: context')
         columns.append(kept['generated'])
+        labels.append(name)
     results[name] = {'workdir': [str(w) for w, _ in pairs] if len(pairs) > 1
                                 else str(pairs[0][0]),
                      'mode': mode, 'objective': run.spec.name,
-                     'metrics': _summary(per_seed)}
+                     'metrics': _summary(per_seed, truth)}
   _gaps(results)
   out = {'settings': dict(split=split, num_examples=num_examples,
                           num_steps=num_steps, guidance=guidance,
@@ -365,8 +433,7 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
     json.dump(out, f, indent=2)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(markdown_table(out))
-  image_io.grid(np.stack(columns, axis=1), ['context', 'ground truth'] + list(rows)
-                ).save(os.path.join(out_dir, 'grid.png'))
+  image_io.grid(np.stack(columns, axis=1), labels).save(os.path.join(out_dir, 'grid.png'))
   return out
 
 
@@ -386,7 +453,7 @@ def evaluate_fn(config, objective, params, step, writer):
       num_examples=settings.num_examples, num_steps=settings.num_steps,
       guidance=settings.guidance, keep=4)
   scalars = {f'eval/{mode}/{k}': v['mean'] for k, v in metrics.items()
-             if isinstance(v, dict)}
+             if isinstance(v, dict) and 'mean' in v}
   logging.info('step %d  %s', step,
                '  '.join(f'{k} {v:.3f}' for k, v in scalars.items()))
   if writer is not None:

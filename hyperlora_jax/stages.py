@@ -69,7 +69,9 @@ def report(config, workdir: str) -> dict:
   """Compares the stages on held-out items; writes <workdir>/report/.
 
   Rows: the base model with the S* prompt and no LoRA, the single shared LoRA, each
-  hypernetwork, and the oracle (the base model given the full prompt). A row that
+  hypernetwork, each hypernetwork on the robustness split's contexts (the same items
+  drawn by other code: `synthetic.robust_context`), and the oracle (the base model
+  given the full prompt). A row that
   ``report.runs`` maps to several stages (one per report seed, differing in their
   training seed) reports the spread over those runs (`evaluate.compare`). The first
   hypernetwork's predicted LoRA for one test context is exported in diffusers format.
@@ -88,6 +90,7 @@ def report(config, workdir: str) -> dict:
   rows = {'no LoRA (S* prompt)': (first_hyper, 'no_lora')}
   rows.update({n: (row(n), 'single_lora') for n in runs_of if lora_kind(n) == 'shared'})
   rows.update({n: (row(n), 'hyperlora') for n in hyper})
+  rows.update({f'{n} (robust contexts)': (row(n), 'hyperlora_robust') for n in hyper})
   rows['oracle (full prompt)'] = (first_hyper, 'oracle')
   out_dir = os.path.join(workdir, 'report')
   results = evaluate.compare(rows, out_dir, num_examples=r.num_examples,

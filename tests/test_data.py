@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 from hyperlora_jax import defaults
-from hyperlora_jax.data import builders
+from hyperlora_jax.data import augment, builders
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
 
@@ -295,3 +295,49 @@ def test_build_cli(tmp_path):
       cwd=pathlib.Path(__file__).parents[1])
   assert 'train: 6 examples' in out.stdout
   assert 'context (2, 32, 32, 3) float32' in out.stdout
+
+
+def test_augmented_contexts_are_seeded_and_resume(synthetic_data):
+  """Training contexts vary in framing (not the targets); the draws follow the stream
+  position, so a resumed run gets the same augmented batches and a new epoch new ones."""
+  data = synthetic_data.copy_and_resolve_references()
+  data.augment.p = 1.0
+  make = lambda: pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                         augment=True)
+  plain = pipeline.create_dataset(synthetic_data, 'train', process_index=0, process_count=1)
+  it = make()
+  a, b = next(it), next(plain)
+  np.testing.assert_array_equal(a['index'], b['index'])
+  np.testing.assert_array_equal(a['target'], b['target'])
+  assert np.abs(a['context'] - b['context']).mean() > 0.05
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(10)]  # Crosses the epoch boundary.
+  resumed = make()
+  resumed.set_state(state)
+  for w in want:
+    np.testing.assert_array_equal(next(resumed)['context'], w['context'])
+  # The same record in the next epoch is drawn anew.
+  first, later = {}, {}
+  for batch in [a] + want:
+    for i, ctx in zip(batch['index'], batch['context']):
+      (later if int(i) in first else first).setdefault(int(i), ctx)
+  repeated = sorted(set(first) & set(later))
+  assert repeated and any(np.abs(first[i] - later[i]).max() > 0 for i in repeated)
+
+
+def test_augment_draws():
+  config = defaults.get_config().data.augment
+  ex = synthetic.example(3, 'train', resolution=32)
+  assert augment.context(ex['context'], np.random.default_rng(0), config) is ex['context']
+  config.p = 1.0
+  outs = [augment.context(ex['context'], np.random.default_rng(i), config)
+          for i in range(20)]
+  assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+  np.testing.assert_array_equal(outs[0], augment.context(ex['context'],
+                                                         np.random.default_rng(0), config))
+  # Smaller, moved items: the share of item-colored pixels varies widely.
+  item = synthetic.COLOR_RGB[ex['color']].astype(int)
+  share = [np.mean(np.abs(o.astype(int) - item).max(-1) < 40) for o in outs]
+  assert min(share) < 0.5 * max(share)
+  # New backdrops: the corners are not always the generator's white.
+  assert sum(np.abs(o[0, 0].astype(int) - 248).max() > 30 for o in outs) >= 5

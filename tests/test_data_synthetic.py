@@ -121,3 +121,19 @@ def test_fast_enough():
   t = time.perf_counter()
   synthetic.generate(1000, 'train', start=50)
   assert time.perf_counter() - t < 1.0  # ~5k/s on one CI core.
+
+
+def test_robust_contexts_are_other_drawings_of_the_item():
+  g = synthetic.generate(30, 'test', resolution=32)
+  shares = []
+  for i in range(30):
+    item = tuple(int(g[k][i]) for k in ('shape', 'color', 'pattern', 'color2'))
+    robust = synthetic.robust_context(i, *item, resolution=32)
+    assert robust.shape == (32, 32, 3) and robust.dtype == np.uint8
+    np.testing.assert_array_equal(robust, synthetic.robust_context(i, *item, resolution=32))
+    assert np.abs(robust.astype(int) - g['context'][i]).mean() > 10
+    # The item is there: pixels near its primary color (soft edges and JPEG allowed).
+    near = np.abs(robust.astype(int) - synthetic.COLOR_RGB[item[1]]).max(-1) < 60
+    assert near.sum() >= 3, i  # The smallest: a diamond at 30% of the side, JPEG'd.
+    shares.append(near.mean())
+  assert np.mean(shares) > 0.1

@@ -53,7 +53,7 @@ def test_compare_writes_table_and_grid(runs, tmp_path):
   for name, row in results['rows'].items():
     assert row['mode'] == rows[name][1]
     for k in evaluate.SYNTHETIC:
-      assert set(row['metrics'][k]) == {'mean', 'std', 'seed_std'}
+      assert set(row['metrics'][k]) == {'mean', 'std', 'se', 'seed_std'}
     assert row['metrics']['num_examples'] == 6
   table = (tmp_path / 'results.md').read_text().splitlines()
   assert table[0].startswith('| Row | Mode | color acc (%) | pattern acc (%) | '
@@ -185,7 +185,8 @@ def test_cli(runs, clip_folder):
   results = json.loads(open(os.path.join(out, 'results.json')).read())
   assert list(results['rows']) == ['hyperlora', 'no_lora', 'oracle']
   assert set(results['rows']['hyperlora']['metrics']) == {
-      'color_acc', 'pattern_acc', 'C2G', 'T2G', 'T2Gdiff', 'CLIP-T', 'num_examples'}
+      'color_acc', 'pattern_acc', 'C2G', 'T2G', 'T2Gdiff', 'CLIP-T', 'num_examples',
+      'by_color', 'by_pattern'}
   assert '| hyperlora | hyperlora |' in open(os.path.join(out, 'results.md')).read()
 
 
@@ -200,3 +201,47 @@ def test_cli_errors(runs, args, message):
   result = run_cli('evaluate', runs['dirs'], *args)
   assert result.returncode == 1
   assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+def test_accuracy_per_color_and_pattern():
+  """The breakdown groups each example's (seed-averaged) correctness by its ground truth,
+  with a standard error per value; the table shows it and the worst value's shortfall."""
+  labels = {'color': np.array([0, 0, 0, 1, 1, 2]), 'pattern': np.array([0, 1, 1, 1, 2, 2])}
+  per_seed = [{'color_acc': np.array([1, 1, 0, 0, 0, 1.]), 'pattern_acc': np.ones(6)},
+              {'color_acc': np.array([1, 0, 0, 0, 1, 1.]), 'pattern_acc': np.zeros(6)}]
+  m = evaluate._summary(per_seed, labels)
+  red, orange, yellow = (m['by_color'][c] for c in synthetic.COLORS[:3])
+  assert (red['n'], orange['n'], yellow['n']) == (3, 2, 1)
+  assert red['mean'] == pytest.approx(0.5) and orange['mean'] == pytest.approx(0.25)
+  assert red['se'] == pytest.approx(np.std([1, 0.5, 0]) / np.sqrt(3))
+  assert yellow['mean'] == 1.0 and 'green' not in m['by_color']
+  assert m['by_pattern']['stripes']['mean'] == pytest.approx(0.5)
+  assert m['color_acc']['se'] == pytest.approx(np.std([1, .5, 0, 0, .5, 1]) / np.sqrt(6))
+  results = {'rows': {'a': {'mode': 'hyperlora', 'metrics': m}},
+             'settings': dict(split='test', num_examples=6, num_steps=2, guidance=3.0,
+                              seeds=[0, 1], sampler='ddim')}
+  table = evaluate.markdown_table(results)
+  assert '| Row | red (n=3) | orange (n=2) | yellow (n=1) | worst - mean |' in table
+  assert '| a | 50 ± 24 | 25 ± 18 | 100 ± 0 | -25 |' in table
+
+
+def test_robust_contexts_row(runs, tmp_path):
+  """The robustness split: the same held-out items and targets, other context images."""
+  rows = {'HyperLoRA': (runs['hyper'], 'hyperlora'),
+          'robust': (runs['hyper'], 'hyperlora_robust')}
+  results = evaluate.compare(rows, str(tmp_path), num_examples=4, num_steps=2,
+                             batch_size=4, grid_examples=2)
+  plain, robust = (results['rows'][n]['metrics'] for n in rows)
+  assert plain['num_examples'] == robust['num_examples'] == 4
+  assert set(robust['by_color']) == set(plain['by_color'])  # the same items
+  # Grid: context, ground truth, HyperLoRA, then the robust row's own contexts and images.
+  grid = np.asarray(Image.open(tmp_path / 'grid.png'))
+  assert grid.shape[1] == 5 * (96 + 2) + 2
+  config = runs_lib.restore(runs['hyper']).config
+  batch, _ = next(evaluate.batches(config, 'test', 1, 4))
+  drawn = evaluate.robust_contexts(batch, config.data)
+  assert drawn.shape == batch['context'].shape
+  assert np.abs(drawn - batch['context']).mean() > 0.1
+  with pytest.raises(ValueError, match='needs the synthetic task'):
+    config.data.name = 'paired'
+    evaluate.check_mode(config, 'hyperlora_robust')

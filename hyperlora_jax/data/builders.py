@@ -430,7 +430,7 @@ def make_builder(data):
     return Synthetic(config=synthetic_config(
         data.resolution, data.num_train, data.num_test, data.seed,
         data.holdout_seed, data.test_fraction,
-        # Configs saved before the field existed (restore_run) lack it.
+        # Configs saved before the field existed lack it.
         data.get('item_frac', synthetic.ITEM_FRAC)), **kwargs)
   if data.name not in _FOLDER_BUILDERS:
     raise ValueError(f'unknown data.name {data.name!r}: expected synthetic, '

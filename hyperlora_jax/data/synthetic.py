@@ -262,6 +262,84 @@ def generate(num, split='train', *, start=0, **kwargs):
           else np.stack([e[k] for e in exs]) for k in exs[0]}
 
 
+def _item_polygon(shape, cx, cy, half):
+  """The item outline as PIL points, or None for the circle (an ellipse)."""
+  if shape == 0:
+    return [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half),
+            (cx - half, cy + half)]
+  if shape == 2:
+    return [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+  if shape == 3:
+    return [(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)]
+  return None
+
+
+def _draw_item(draw, shape, cx, cy, half, fill):
+  polygon = _item_polygon(shape, cx, cy, half)
+  if polygon is None:
+    draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+  else:
+    draw.polygon(polygon, fill=fill)
+
+
+def robust_context(index, shape, color, pattern, color2, *, resolution=32, seed=0):
+  """A context image of the item drawn as a user's photo might show it: the robustness
+  split's contexts (`evaluate`), by drawing code of their own.
+
+  Unlike `example`'s contexts (hard-edged masks, large, centered, on white), the item
+  is drawn with PIL's vector primitives at 4x and downsampled (soft edges), at 30-85% of
+  the side anywhere in the frame, on a random flat, gradient or noise backdrop, and
+  JPEG-compressed at quality 40-90. A pure function of (seed, index, the item).
+  """
+  # Imported here: PIL is the one dependency of this module beyond numpy, and only
+  # this drawer needs it.
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng([seed, 7919, index])
+  k, r = 4, resolution
+  big = r * k
+  kind = rng.integers(3)
+  a, b = rng.integers(0, 256, (2, 3))
+  if kind == 0:
+    backdrop = np.broadcast_to(a, (big, big, 3))
+  elif kind == 1:
+    backdrop = np.broadcast_to(a + (b - a) * np.linspace(0, 1, big)[:, None, None],
+                               (big, big, 3))
+  else:
+    backdrop = a + rng.normal(0, 25, (big, big, 3))
+  canvas = Image.fromarray(np.clip(backdrop, 0, 255).astype(np.uint8))
+  half = rng.uniform(0.15, 0.425) * big
+  cx, cy = rng.uniform(half, big - half, 2)
+  item = Image.new('RGB', (big, big))
+  draw = ImageDraw.Draw(item)
+  _draw_item(draw, shape, cx, cy, half, tuple(int(c) for c in COLOR_RGB[color]))
+  if pattern:
+    # The pattern inside the border, clipped to the inner outline.
+    texture = Image.new('RGB', (big, big), tuple(int(c) for c in COLOR_RGB[color]))
+    tdraw = ImageDraw.Draw(texture)
+    fill = tuple(int(c) for c in COLOR_RGB[color2])
+    cell = 2 * half / _CELLS
+    for i in range(_CELLS):
+      for j in range(_CELLS):
+        x, y = cx - half + j * cell, cy - half + i * cell
+        if (pattern == 1 and i % 2) or (pattern == 3 and (i + j) % 2):
+          tdraw.rectangle([x, y, x + cell, y + cell], fill=fill)
+    if pattern == 2:
+      for du, dv in _DOTS[shape]:
+        x, y, rad = cx + du * half, cy + dv * half, _DOT_RADIUS * half
+        tdraw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=fill)
+    inner = Image.new('L', (big, big), 0)
+    _draw_item(ImageDraw.Draw(inner), shape, cx, cy, half * (1 - _BORDER), 255)
+    item.paste(texture, mask=inner)
+  outline = Image.new('L', (big, big), 0)
+  _draw_item(ImageDraw.Draw(outline), shape, cx, cy, half, 255)
+  canvas.paste(item, mask=outline)
+  small = canvas.resize((r, r), Image.LANCZOS)
+  buffer = io.BytesIO()
+  small.save(buffer, 'JPEG', quality=int(rng.integers(40, 91)))
+  return np.asarray(Image.open(buffer).convert('RGB'))
+
+
 def color_and_pattern_of(image, box):
   """Reads (color id, pattern id) of the item in `box` from pixels alone.
 
