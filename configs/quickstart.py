@@ -22,7 +22,7 @@ from hyperlora_jax.data import synthetic
 
 SIZES = {
     # resolution, item side as a fraction of it, unet channels, text width, base / lora /
-    # hypernet steps, batch, decoders, training seeds (each trained row once per seed),
+    # hypernet steps, the hypernetworks' learning rate, batch, decoders, training seeds (each trained row once per seed),
     # held-out items scored (160 on CPU: a standard error under 4 points at any
     # accuracy), data loader processes, the base model's prediction type (the later
     # stages read it from the base's scheduler folder)
@@ -34,17 +34,19 @@ SIZES = {
     # v-prediction: the item's color is settled at the noisiest steps, where an epsilon loss
     # gives it almost no weight (oracle color after 400 base steps: 90% vs 12%; RESULTS.md).
     'cpu': dict(resolution=16, item_frac=0.7, channels=(32, 64, 64), text=64, base=800,
-                lora=100, hyper=200, batch=16, decoders=('heads',), num_train=4000,
+                lora=100, hyper=400, hyper_lr=3e-3, batch=16, decoders=('heads',),
+                num_train=4000,
                 seeds=(0,), eval_examples=160, eval_steps=20, dtype='float32', workers=0,
                 prediction='v_prediction'),
     'gpu': dict(resolution=64, item_frac=synthetic.ITEM_FRAC, channels=(64, 128, 256),
-                text=128, base=4000, lora=500, hyper=1000, batch=128,
+                text=128, base=4000, lora=500, hyper=1000, hyper_lr=1e-3, batch=128,
                 decoders=('heads', 'transformer', 'perceiver'), num_train=20000,
                 seeds=(0, 1, 2), eval_examples=200, eval_steps=25, dtype='bfloat16',
                 workers=-1, prediction='v_prediction'),
     # The smallest end-to-end run (the Colab notebook's test): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=synthetic.ITEM_FRAC, channels=(16, 32), text=32,
-                  base=4, lora=2, hyper=2, batch=4, decoders=('heads',), num_train=64,
+                  base=4, lora=2, hyper=2, hyper_lr=1e-3, batch=4, decoders=('heads',),
+                  num_train=64,
                   seeds=(0,), eval_examples=4, eval_steps=2, dtype='float32', workers=0,
                   prediction='v_prediction'),
 }
@@ -96,6 +98,7 @@ def get_config(size='cpu'):
       stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
       stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
       stage.data.augment.p = 0.5
+      stage.optim.lr = s['hyper_lr']
       add(f'hyperlora_{decoder}', seed, stage)
   c.stage_order = tuple(order)
   # Rows of several runs report the spread over training seeds, run k sampled with
