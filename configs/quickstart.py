@@ -33,13 +33,15 @@ SIZES = {
     # so the base model sees 2x the images in about the same time.
     # v-prediction: the item's color is settled at the noisiest steps, where an epsilon loss
     # gives it almost no weight (oracle color after 400 base steps: 90% vs 12%; RESULTS.md).
+    # gpu: 3,000 hypernetwork steps took the transformer decoder from 54% to 89% of the
+    # held-out pattern gap (RESULTS.md, the H200 sweep).
     'cpu': dict(resolution=16, item_frac=0.7, channels=(32, 64, 64), text=64, base=800,
                 lora=100, hyper=400, hyper_lr=3e-3, batch=16, decoders=('heads',),
                 num_train=4000,
                 seeds=(0,), eval_examples=160, eval_steps=20, dtype='float32', workers=0,
                 prediction='v_prediction'),
     'gpu': dict(resolution=64, item_frac=synthetic.ITEM_FRAC, channels=(64, 128, 256),
-                text=128, base=4000, lora=500, hyper=1000, hyper_lr=1e-3, batch=128,
+                text=128, base=4000, lora=500, hyper=3000, hyper_lr=1e-3, batch=128,
                 decoders=('heads', 'transformer', 'perceiver'), num_train=20000,
                 seeds=(0, 1, 2), eval_examples=200, eval_steps=25, dtype='bfloat16',
                 workers=-1, prediction='v_prediction'),
