@@ -9,9 +9,15 @@ writes RUN/eval/results.json, results.md and grid.png for the run's modes:
   no_lora      scene prompt, base model alone
   oracle       full prompt (names the item), base model alone (synthetic only)
 
+and, on synthetic data, each one's edit twin (hyperlora_edit, single_lora_edit,
+no_lora_edit, oracle_edit; not run unless --modes names them): the same context
+image and LoRA, the prompt asking for another scene than the example's
+(`edit_prompts`), every metric scored against that asked scene: editability.
+
 Synthetic metrics: each generated image's item color and pattern are read at
-the ground-truth box with `synthetic.color_and_pattern_of` and compared with
-the held-out item's; accuracy over examples (and sampling seeds).
+the ground-truth box with `synthetic.color_and_pattern_of`, its background and
+figure position with `synthetic.scene_of`, and compared with the held-out
+example's; accuracy over examples (and sampling seeds).
 
 CLIP metrics (the recontextualization paper, after Ruiz et al.): cosine
 similarities of CLIP image embeddings, C2G (context, generated), T2G (target,
@@ -54,7 +60,12 @@ MODES = {
     'no_lora': ('scene', None),
     'oracle': ('full', None),
 }
+# Each mode's edit twin (editability): the same subject (context image, LoRA) asked
+# for another scene than its example's, scored against the asked scene (`edit_batch`).
+EDIT = '_edit'
+MODES.update({mode + EDIT: value for mode, value in list(MODES.items())})
 SYNTHETIC = ('color_acc', 'pattern_acc')
+SCENE = ('background_acc', 'position_acc')  # synthetic too; no gap columns
 CLIP_METRICS = ('C2G', 'T2G', 'T2Gdiff', 'CLIP-T')
 
 
@@ -87,6 +98,9 @@ def check_mode(config, mode: str) -> None:
   if prompt == 'full' and config.data.name != 'synthetic':
     raise ValueError(f'Mode {mode!r} needs full prompts (synthetic data); the '
                      f'run uses {config.data.name!r} data.')
+  if mode.endswith(EDIT) and config.data.name != 'synthetic':
+    raise ValueError(f'Mode {mode!r} asks for other synthetic scenes; the run uses '
+                     f'{config.data.name!r} data.')
 
 
 def _prompts(batch, kind: str) -> list:
@@ -110,12 +124,66 @@ def batches(config, split: str, num_examples: Optional[int], batch_size: int):
 
 
 def score_synthetic(images, batch) -> dict:
-  """Per-example correctness {color_acc, pattern_acc} [B] of images [B, H, W,
-  3] against the batch's ground truth, read at its item boxes."""
+  """Per-example correctness {color_acc, pattern_acc, background_acc,
+  position_acc} [B] of images [B, H, W, 3] against the batch's ground truth:
+  the item read at its box, the scene with `synthetic.scene_of`."""
   read = np.array([synthetic.color_and_pattern_of(image, box)
                    for image, box in zip(np.asarray(images), batch['box'])])
+  scene = np.array([synthetic.scene_of(image, box[2] - box[0])
+                    for image, box in zip(np.asarray(images), batch['box'])])
   return {'color_acc': (read[:, 0] == batch['color']).astype(np.float32),
-          'pattern_acc': (read[:, 1] == batch['pattern']).astype(np.float32)}
+          'pattern_acc': (read[:, 1] == batch['pattern']).astype(np.float32),
+          'background_acc': (scene[:, 0] == batch['background']).astype(np.float32),
+          'position_acc': (scene[:, 1] == batch['position']).astype(np.float32)}
+
+
+def edit_prompts(batch, seed: int, kind: str = 'scene'):
+  """Prompts that ask each example's item into another scene than its own.
+
+  The asked scene differs from the example's in both background and position,
+  so a model that draws the example's own scene whatever the prompt says
+  scores zero on both; it is drawn from (seed, the example's index), so every
+  row of a comparison asks for the same scenes.
+
+  Args:
+    batch: a synthetic batch (its item attributes, scene and 'index').
+    seed: the draw's seed (`score_mode` passes the sampling seed).
+    kind: 'scene' (S* for the item, as the LoRA modes) or 'full' (the item in
+      words, the oracle's).
+
+  Returns:
+    (prompts [B], background [B], position [B]): the asked scenes' ids.
+  """
+  prompts, backgrounds, positions = [], [], []
+  for i in range(len(batch['index'])):
+    own = int(batch['background'][i]), int(batch['position'][i])
+    rng = np.random.default_rng([seed, int(batch['index'][i])])
+    background, position = (
+        int(rng.choice([x for x in range(n) if x != own[k]]))
+        for k, n in enumerate((len(synthetic.BACKGROUNDS), len(synthetic.POSITIONS))))
+    item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    prompts.append(synthetic.prompts(*item, background, position)[f'prompt_{kind}'])
+    backgrounds.append(background)
+    positions.append(position)
+  return prompts, np.array(backgrounds, np.int32), np.array(positions, np.int32)
+
+
+def edit_batch(batch, seed: int) -> dict:
+  """The batch asking for `edit_prompts`' scenes: its prompts, scene ids, item
+  boxes and targets (the ground truth of the asked scene, rendered) replaced;
+  the context images, items and indices kept."""
+  scene, background, position = edit_prompts(batch, seed)
+  full = edit_prompts(batch, seed, 'full')[0]
+  resolution, size = batch['target'].shape[1], int(batch['box'][0][2] - batch['box'][0][0])
+  targets, boxes = [], []
+  for i in range(len(scene)):
+    item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    target, _, box = synthetic.target_image(item, background[i], position[i],
+                                            resolution, size)
+    targets.append(image_io.normalize(target))
+    boxes.append(box)
+  return dict(batch, prompt_scene=scene, prompt_full=full, background=background,
+              position=position, box=np.stack(boxes), target=np.stack(targets))
 
 
 # ---------------------------------------------------------------- CLIP
@@ -232,6 +300,8 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
     scores = collections.defaultdict(list)
     for batch, n in batches(run.config, split, num_examples,
                             batch_size or run.config.train.batch_size):
+      if mode.endswith(EDIT):
+        batch = edit_batch(batch, seed)
       prompts = _prompts(batch, prompt_kind)
       images = np.asarray(sample.generate(
           run, batch['context'], prompts, num_steps=num_steps, guidance=guidance,
@@ -259,13 +329,15 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
 
 def _gaps(rows: dict) -> None:
   """Adds gap_recovered = (row - no_lora) / (oracle - no_lora) per synthetic
-  metric to every row, when a no_lora and an oracle row exist."""
-  ends = [next((r for r in rows.values() if r['mode'] == m), None)
-          for m in ('no_lora', 'oracle')]
-  if None in ends:
-    return
-  low, high = (e['metrics'] for e in ends)
+  metric to every row, when a no_lora and an oracle row exist (for edit rows:
+  no_lora_edit and oracle_edit, which were asked for the same scenes)."""
   for row in rows.values():
+    suffix = EDIT if row['mode'].endswith(EDIT) else ''
+    ends = [next((r for r in rows.values() if r['mode'] == m + suffix), None)
+            for m in ('no_lora', 'oracle')]
+    if None in ends:
+      continue
+    low, high = (e['metrics'] for e in ends)
     row['gap_recovered'] = {
         k: (row['metrics'][k]['mean'] - low[k]['mean'])
         / (high[k]['mean'] - low[k]['mean'])
@@ -277,12 +349,13 @@ def markdown_table(results: dict) -> str:
   rows = results['rows']
   first = next(iter(rows.values()))['metrics']
   synth = [k for k in SYNTHETIC if k in first]
+  scene = [k for k in SCENE if k in first]
   clip_cols = [k for k in CLIP_METRICS if k in first]
   gaps = any('gap_recovered' in r for r in rows.values())
   seeds = len(results['settings']['seeds'])
   head = (['Row', 'Mode'] + [k.replace('_acc', ' acc (%)') for k in synth]
           + [f'{k.split("_")[0]} gap recovered' for k in synth if gaps]
-          + clip_cols)
+          + [k.replace('_acc', ' acc (%)') for k in scene] + clip_cols)
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, row in rows.items():
     m = row['metrics']
@@ -293,6 +366,7 @@ def markdown_table(results: dict) -> str:
       gap = row.get('gap_recovered', {})
       cells += ['' if gap.get(k) is None else f'{round(100 * gap[k])}%'
                 for k in synth]
+    cells += [f'{100 * m[k]["mean"]:.1f} ± {100 * spread(m[k]):.1f}' for k in scene]
     cells += [f'{m[k]["mean"]:.3f} ± {m[k]["std"]:.3f}' for k in clip_cols]
     lines.append('| ' + ' | '.join(cells) + ' |')
   s = results['settings']
@@ -306,6 +380,9 @@ def markdown_table(results: dict) -> str:
     notes.append('CLIP metrics: mean ± std over examples.')
   if gaps:
     notes.append('Gap recovered: (row - no_lora) / (oracle - no_lora).')
+  if any(row['mode'].endswith(EDIT) for row in rows.values()):
+    notes.append(f'Modes *{EDIT} ask for another scene than the example\'s; their '
+                 'accuracies are against the asked scene (editability).')
   notes += [results['clip_note']] if results.get('clip_note') else []
   return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
 

@@ -28,18 +28,20 @@ def runs(tmp_path_factory):
 
 def test_scorer_reads_ground_truth_targets(runs):
   config = runs_lib.restore(runs['hyper']).config
-  found = {'color_acc': [], 'pattern_acc': []}
-  wrong = []
+  found = {k: [] for k in evaluate.SYNTHETIC + evaluate.SCENE}
+  wrong = {'pattern_acc': [], 'position_acc': []}
   for batch, n in evaluate.batches(config, 'test', None, 8):
     for k, v in evaluate.score_synthetic(batch['target'], batch).items():
       found[k].append(v[:n])
     # The same items read from the wrong place: far from perfect.
-    shifted = np.roll(batch['target'], 8, axis=2)
-    wrong.append(evaluate.score_synthetic(shifted, batch)['pattern_acc'][:n])
+    shifted = evaluate.score_synthetic(np.roll(batch['target'], 11, axis=2), batch)
+    for k in wrong:
+      wrong[k].append(shifted[k][:n])
   assert len(np.concatenate(found['color_acc'])) == 16  # The whole test split.
-  assert np.mean(np.concatenate(found['color_acc'])) >= 0.99
-  assert np.mean(np.concatenate(found['pattern_acc'])) >= 0.99
-  assert np.mean(np.concatenate(wrong)) < 0.7
+  for k, v in found.items():
+    assert np.mean(np.concatenate(v)) >= 0.99, k
+  for k, v in wrong.items():
+    assert np.mean(np.concatenate(v)) < 0.7, k
 
 
 def test_compare_writes_table_and_grid(runs, tmp_path):
@@ -56,8 +58,8 @@ def test_compare_writes_table_and_grid(runs, tmp_path):
       assert set(row['metrics'][k]) == {'mean', 'std', 'seed_std'}
     assert row['metrics']['num_examples'] == 6
   table = (tmp_path / 'results.md').read_text().splitlines()
-  assert table[0].startswith('| Row | Mode | color acc (%) | pattern acc (%) | '
-                             'color gap recovered')
+  assert table[0] == ('| Row | Mode | color acc (%) | pattern acc (%) | color gap recovered | '
+                      'pattern gap recovered | background acc (%) | position acc (%) |')
   assert [line.split(' | ')[0] for line in table[2:6]] == [f'| {r}' for r in rows]
   assert 'std over the 2 seeds' in table[-1]
   # Grid: 3 examples x (context, ground truth, 4 rows); the HyperLoRA column
@@ -98,6 +100,54 @@ def test_gap_recovered():
   assert rows['b']['gap_recovered']['color_acc'] == pytest.approx(0.625)
   assert rows['b']['gap_recovered']['pattern_acc'] is None  # No gap to close.
   assert rows['c']['gap_recovered']['color_acc'] == pytest.approx(1.0)
+  # Edit rows are measured against the edit ends, which were asked the same scenes.
+  rows.update(d=dict(mode='hyperlora_edit', metrics=metrics(0.5, 0.3)),
+              e=dict(mode='no_lora_edit', metrics=metrics(0.0, 0.3)),
+              f=dict(mode='oracle_edit', metrics=metrics(1.0, 0.3)))
+  evaluate._gaps(rows)
+  assert rows['d']['gap_recovered']['color_acc'] == pytest.approx(0.5)
+  assert rows['b']['gap_recovered']['color_acc'] == pytest.approx(0.625)
+
+
+def test_edit_prompts_ask_for_other_scenes(runs):
+  config = runs_lib.restore(runs['hyper']).config
+  batch, n = next(evaluate.batches(config, 'test', None, 16))
+  prompts, background, position = evaluate.edit_prompts(batch, seed=0)
+  assert (background != batch['background']).all()
+  assert (position != batch['position']).all()
+  assert len(set(zip(background.tolist(), position.tolist()))) > 3
+  again = evaluate.edit_prompts(batch, seed=0)
+  assert again[0] == prompts
+  assert evaluate.edit_prompts(batch, seed=1)[0] != prompts
+  for i, prompt in enumerate(prompts):
+    item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    assert prompt == synthetic.prompts(*item, background[i], position[i])['prompt_scene']
+    assert 'S*' in prompt and 'S*' not in evaluate.edit_prompts(batch, 0, 'full')[0][i]
+  edited = evaluate.edit_batch(batch, seed=0)
+  np.testing.assert_array_equal(edited['context'], batch['context'])
+  assert edited['prompt_scene'] == prompts
+  # The asked scene's ground truth scores perfectly against the asked scene;
+  # the example's own target, the item right but the scene not, scores zero there.
+  for k, v in evaluate.score_synthetic(edited['target'], edited).items():
+    assert v[:n].mean() == 1.0, k
+  own = evaluate.score_synthetic(batch['target'], edited)
+  assert own['background_acc'].max() == 0 and own['position_acc'].max() == 0
+
+
+def test_edit_mode_samples_and_scores_the_asked_scene(runs):
+  run = runs_lib.restore(runs['hyper'])
+  per_seed, kept = evaluate.score_mode(run, 'hyperlora_edit', num_examples=4, num_steps=2,
+                                       seeds=(1,), batch_size=4, keep=4)
+  batch, _ = next(evaluate.batches(run.config, 'test', 4, 4))
+  edited = evaluate.edit_batch(batch, seed=1)
+  image = sample.generate(run, batch['context'], edited['prompt_scene'], num_steps=2,
+                          seed=1, image_ids=batch['index'])
+  np.testing.assert_array_equal(kept['generated'], image)
+  np.testing.assert_array_equal(kept['target'], edited['target'])
+  expected = evaluate.score_synthetic(image, edited)
+  assert set(per_seed[0]) == set(evaluate.SYNTHETIC + evaluate.SCENE)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(per_seed[0][k], v)
 
 
 def test_modes(runs):
@@ -108,6 +158,13 @@ def test_modes(runs):
     evaluate.check_mode(config, 'hyperlora')
   with pytest.raises(ValueError, match="Unknown mode 'lora'"):
     evaluate.compare({'x': (runs['lora'], 'lora')}, '/unused')
+  evaluate.check_mode(config, 'single_lora_edit')
+  with pytest.raises(ValueError, match="'hyperlora_edit' needs a hyperlora run"):
+    evaluate.check_mode(config, 'hyperlora_edit')
+  folders = config.copy_and_resolve_references()
+  folders.data.name = 'single'
+  with pytest.raises(ValueError, match="'no_lora_edit' asks for other synthetic scenes"):
+    evaluate.check_mode(folders, 'no_lora_edit')
 
 
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -185,7 +242,8 @@ def test_cli(runs, clip_folder):
   results = json.loads(open(os.path.join(out, 'results.json')).read())
   assert list(results['rows']) == ['hyperlora', 'no_lora', 'oracle']
   assert set(results['rows']['hyperlora']['metrics']) == {
-      'color_acc', 'pattern_acc', 'C2G', 'T2G', 'T2Gdiff', 'CLIP-T', 'num_examples'}
+      'color_acc', 'pattern_acc', 'background_acc', 'position_acc', 'C2G', 'T2G', 'T2Gdiff',
+      'CLIP-T', 'num_examples'}
   assert '| hyperlora | hyperlora |' in open(os.path.join(out, 'results.md')).read()
 
 
