@@ -1,4 +1,5 @@
-r"""Evaluation: synthetic-task accuracy, CLIP metrics, comparison tables and grids.
+r"""Evaluation: synthetic-task accuracy, CLIP metrics, comparison tables and grids; the
+HyperDreamBooth paper's DINO, CLIP-I and CLIP-T on folders of images.
 
   python -m hyperlora_jax.evaluate --workdir=RUN --split=test [--clip=CLIP_FOLDER]
 
@@ -28,6 +29,17 @@ tower with its projection. Means and stds over examples.
 `compare` evaluates rows from several runs on the same examples and seeds, and
 reports the fraction of the no-LoRA -> oracle gap each row recovers.
 `evaluate_fn` is the training loop's eval hook.
+
+Folder mode, for images made anywhere (`score_folders`):
+
+  python -m hyperlora_jax.evaluate --generated=DIR --references=DIR \
+    [--prompts=PROMPTS.json] --dino=DINO_FOLDER --clip=CLIP_FOLDER --out=DIR
+
+pairs each generated image with the reference of the same file name and writes
+results.json (mean, std and every pair's scores) and results.md: DINO (cosine of a
+DINO ViT's CLS embeddings, e.g. facebook/dino-vits16), CLIP-I (of CLIP image
+embeddings), CLIP-T (generated image vs its prompt, from {name: prompt}), as
+DreamBooth defines them and HyperDreamBooth reports them.
 """
 import collections
 import functools
@@ -46,11 +58,11 @@ from hyperlora_jax import cli
 from hyperlora_jax import objectives
 from hyperlora_jax import runs
 from hyperlora_jax import sample
-from hyperlora_jax.convert import clip_folders, core
+from hyperlora_jax.convert import clip_folders, core, vit_folders
 from hyperlora_jax.data import images as image_io
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
-from hyperlora_jax.models import clip
+from hyperlora_jax.models import clip, vit
 
 # mode -> (prompt, the kind of LoRA it applies: the run's `Spec.lora_kind`, or None for
 # the base model alone)
@@ -447,6 +459,139 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   return out
 
 
+# ---------------------------------------------------------------- folders: DINO, CLIP-I, CLIP-T
+
+FOLDER_METRICS = ('DINO', 'CLIP-I', 'CLIP-T')
+
+
+class DINOScorer(NamedTuple):
+  module: Any  # models.vit.ViTModel
+  params: Any
+  preprocess: dict  # vit.preprocess_images' settings from the folder
+
+
+def load_dino(folder: str) -> DINOScorer:
+  """A DINO ViT (e.g. facebook/dino-vits16) from a local transformers ViTModel folder."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'No such DINO folder: {folder}')
+  module, params, _ = vit_folders.load_vit(folder)
+  return DINOScorer(module, params, vit_folders.load_image_processor(folder, module))
+
+
+_vit_pixels = jax.jit(vit.preprocess_images, static_argnames=('size', 'resample', 'mean', 'std'))
+_clip_pixels = jax.jit(clip.preprocess_images, static_argnums=1)
+
+
+def dino_embeddings(scorer: DINOScorer, images: Sequence[np.ndarray]) -> np.ndarray:
+  """Unit DINO embeddings [N, D] (the CLS token after the final layernorm) of uint8
+  images [h, w, 3], each of any size."""
+  pixels = jnp.concatenate([_vit_pixels(x, **scorer.preprocess) for x in images])
+  return np.asarray(_unit(_apply(scorer.module, scorer.params, pixels).last_hidden_state[:, 0]))
+
+
+def clip_image_embeddings(scorer: CLIPScorer, images: Sequence[np.ndarray]) -> np.ndarray:
+  """`image_embeddings` of uint8 images [h, w, 3], each of any size (CLIPImageProcessor's
+  8-bit resize, as image files are)."""
+  size = scorer.vision.image_size
+  pixels = jnp.concatenate([_clip_pixels(x, size) for x in images])
+  return np.asarray(_unit(_apply(scorer.vision, scorer.vision_params, pixels).image_embeds))
+
+
+def _read_prompts(path: str, names: Sequence[str]) -> dict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No such prompts file: {path}')
+  with open(path) as f:
+    try:
+      prompts = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not JSON ({e}); give {{image name: prompt}}.') from None
+  if not isinstance(prompts, dict):
+    raise ValueError(f'{path} holds a {type(prompts).__name__}; give {{image name: prompt}}.')
+  missing = [n for n in names if not isinstance(prompts.get(n), str)]
+  if missing:
+    raise ValueError(f'{path} has no prompt for {len(missing)} generated images: '
+                     + ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else ''))
+  return prompts
+
+
+def score_folders(generated: str, references: str, out_dir: str, *,
+                  prompts_file: Optional[str] = None, dino_folder: Optional[str] = None,
+                  clip_folder: Optional[str] = None, batch_size: int = 16) -> dict:
+  """The HyperDreamBooth paper's metrics (DreamBooth's definitions) of generated images
+  against their references, paired by file name (`images.pair_images`):
+
+    DINO    cosine of the DINO ViT's embeddings of the generated and reference image
+    CLIP-I  cosine of their CLIP image embeddings
+    CLIP-T  cosine of the generated image's CLIP embedding and its prompt's
+            (`prompts_file`: JSON {image name: prompt}; needs a CLIPModel folder)
+
+  Writes out_dir/results.json (settings, mean and std over pairs, per-image scores)
+  and results.md. Returns the results dict.
+  """
+  if not dino_folder and not clip_folder:
+    raise ValueError('Nothing to score: give a DINO folder (--dino) and/or a CLIP folder '
+                     '(--clip).')
+  if prompts_file and not clip_folder:
+    raise ValueError('CLIP-T (--prompts) needs a CLIP folder (--clip).')
+  pairs = image_io.pair_images(generated, references)
+  names = [name for name, _, _ in pairs]
+  prompts = _read_prompts(prompts_file, names) if prompts_file else None
+  dino = load_dino(dino_folder) if dino_folder else None
+  scorer = load_clip(clip_folder) if clip_folder else None
+  scores = collections.defaultdict(list)
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    n = len(chunk)
+    chunk = chunk + chunk[-1:] * (batch_size - n)  # One batch shape: one compile.
+    gen, ref = ([image_io.read_rgb(p[k]) for p in chunk] for k in (1, 2))
+    if dino is not None:
+      g, r = dino_embeddings(dino, gen), dino_embeddings(dino, ref)
+      scores['DINO'].append(np.sum(g * r, -1)[:n])
+    if scorer is not None:
+      g, r = clip_image_embeddings(scorer, gen), clip_image_embeddings(scorer, ref)
+      scores['CLIP-I'].append(np.sum(g * r, -1)[:n])
+      if prompts is not None and scorer.text is not None:
+        t = text_embeddings(scorer, [prompts[name] for name, _, _ in chunk])
+        scores['CLIP-T'].append(np.sum(t * g, -1)[:n])
+  scores = {k: np.concatenate(v) for k, v in scores.items()}
+  note = scorer.note if scorer is not None and prompts is not None else ''
+  results = {
+      'settings': dict(generated=generated, references=references, prompts=prompts_file,
+                       dino=dino_folder, clip=clip_folder),
+      'metrics': {'num_pairs': len(pairs),
+                  **{k: {'mean': float(v.mean()), 'std': float(v.std())}
+                     for k, v in scores.items()}},
+      'per_image': {name: {k: float(v[i]) for k, v in scores.items()}
+                    for i, name in enumerate(names)},
+      'clip_note': note}
+  os.makedirs(out_dir, exist_ok=True)
+  _write(os.path.join(out_dir, 'results.json'), json.dumps(results, indent=2))
+  _write(os.path.join(out_dir, 'results.md'), folder_table(results))
+  return results
+
+
+def folder_table(results: dict) -> str:
+  """`score_folders`' results as a markdown table (mean ± std) with its notes."""
+  m = results['metrics']
+  cols = [k for k in FOLDER_METRICS if k in m]
+  lines = ['| Pairs | ' + ' | '.join(cols) + ' |', '|' + '---|' * (len(cols) + 1),
+           f'| {m["num_pairs"]} | '
+           + ' | '.join(f'{m[k]["mean"]:.3f} ± {m[k]["std"]:.3f}' for k in cols) + ' |']
+  notes = ['Mean ± std over the pairs (generated, reference), paired by file name. '
+           "DreamBooth's metrics, as HyperDreamBooth reports them: DINO and CLIP-I are the "
+           'cosine similarities of the two images\' DINO ViT (CLS token) and CLIP image '
+           "embeddings, CLIP-T that of the generated image's CLIP embedding and its prompt's."]
+  notes += [results['clip_note']] if results.get('clip_note') else []
+  return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
+
+
+def _write(path: str, text: str) -> None:
+  """Writes under a temporary name, then renames: never a half-written file."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
 # ---------------------------------------------------------------- train hook
 
 
@@ -480,6 +625,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.generated:
+    return main_folders(f)
   modes = f.modes or default_modes(runs.load_config(f.workdir))
   out = f.out or os.path.join(f.workdir, 'eval')
   results = compare({m: (f.workdir, m) for m in modes}, out, split=f.split,
@@ -491,11 +638,34 @@ def main(argv):
   print(f'Wrote results.json, results.md and grid.png to {out}')
 
 
+def main_folders(f):
+  """The folder mode: `score_folders` on --generated and --references."""
+  for name, what in (('references', 'the folder of reference images'),
+                     ('out', 'the folder for results.json and results.md')):
+    if not f[name].value:
+      raise ValueError(f'--generated needs --{name}: {what}.')
+  results = score_folders(f.generated, f.references, f.out, prompts_file=f.prompts,
+                          dino_folder=f.dino, clip_folder=f.clip,
+                          batch_size=f.batch_size or 16)
+  print(folder_table(results))
+  print(f'Wrote results.json and results.md to {f.out}')
+
+
 def _flags():
   flags.DEFINE_string('workdir', None, 'A training run.')
+  flags.DEFINE_string('generated', None, 'Folder mode, instead of --workdir: a folder of '
+                      'generated images, scored against --references (DINO with --dino, '
+                      'CLIP-I and CLIP-T with --clip).')
+  flags.DEFINE_string('references', None, 'Folder mode: the reference images, one per '
+                      'generated image, of the same file name (any image extension).')
+  flags.DEFINE_string('prompts', None, 'Folder mode: a JSON file {image name: prompt} '
+                      '(names without extension) for CLIP-T.')
+  flags.DEFINE_string('dino', None, 'Folder mode: a local transformers ViTModel folder '
+                      '(e.g. facebook/dino-vits16) for the DINO score.')
   flags.DEFINE_string('split', 'test', 'Data split.')
   flags.DEFINE_string('clip', None, 'A local transformers CLIP folder: adds '
-                      'C2G, T2G, T2Gdiff (and CLIP-T with a text tower).')
+                      'C2G, T2G, T2Gdiff (and CLIP-T with a text tower); in folder '
+                      'mode CLIP-I (and CLIP-T with --prompts).')
   flags.DEFINE_list('modes', None, f'Modes ({", ".join(MODES)}); default: '
                     'every mode the run has.')
   flags.DEFINE_integer('num_examples', 200, 'Examples (0: the whole split).')
@@ -503,10 +673,14 @@ def _flags():
   flags.DEFINE_float('guidance', 3.0, 'Classifier-free guidance scale.')
   flags.DEFINE_list('seeds', ['0'], 'Sampling seeds.')
   flags.DEFINE_enum('sampler', 'ddim', ('ddim', 'dpmpp_2m'), 'Sampler.')
-  flags.DEFINE_integer('batch_size', None, 'Default: the run\'s batch size.')
+  flags.DEFINE_integer('batch_size', None, 'Default: the run\'s batch size (folder '
+                       'mode: 16 image pairs).')
   flags.DEFINE_integer('grid_examples', 8, 'Examples in grid.png.')
   flags.DEFINE_string('out', None, 'Output folder (default <workdir>/eval).')
-  flags.mark_flags_as_required(['workdir'])
+  flags.register_multi_flags_validator(
+      ['workdir', 'generated'], lambda v: bool(v['workdir']) != bool(v['generated']),
+      'Give --workdir (a run to sample and score) or --generated (a folder of images), '
+      'one of the two.')
 
 
 def run():

@@ -13,7 +13,7 @@ from hyperlora_jax import evaluate, sample
 from hyperlora_jax import runs as runs_lib
 from hyperlora_jax.data import images, synthetic
 from hyperlora_jax.convert import clip_folders
-from hyperlora_jax.models import clip
+from hyperlora_jax.models import clip, vit
 from tests.test_sample import make_run, run_cli, shared_dirs
 
 
@@ -258,3 +258,149 @@ def test_cli_errors(runs, args, message):
   result = run_cli('evaluate', runs['dirs'], *args)
   assert result.returncode == 1
   assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- folders
+
+
+@pytest.fixture(scope='module')
+def dino_folder(tmp_path_factory):
+  """A tiny random ViTModel saved as facebook/dino-vits16 is: no pooler, and a
+  ViTImageProcessor with ImageNet's statistics."""
+  folder = str(tmp_path_factory.mktemp('dino'))
+  torch.manual_seed(1)
+  config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, image_size=32, patch_size=8)
+  transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+  transformers.ViTImageProcessor(size={'height': 32, 'width': 32},
+                                 image_mean=list(vit.IMAGENET_MEAN),
+                                 image_std=list(vit.IMAGENET_STD)).save_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope='module')
+def image_folders(tmp_path_factory):
+  """generated/ and references/: 5 pairs of synthetic targets and contexts at the
+  models' 32 px and at 64 px (resized), one reference a JPEG; prompts.json."""
+  base = tmp_path_factory.mktemp('folders')
+  (base / 'generated').mkdir()
+  (base / 'references').mkdir()
+  prompts = {}
+  for i, resolution in enumerate((32, 64, 32, 64, 48)):
+    g = synthetic.example(i, 'test', resolution=resolution)
+    name = f'subject_{i}'
+    Image.fromarray(g['target']).save(base / 'generated' / f'{name}.png')
+    Image.fromarray(g['context']).save(base / 'references' / f'{name}.{"jpg" if i == 1 else "png"}')
+    prompts[name] = g['prompt_full']
+  (base / 'prompts.json').write_text(json.dumps(prompts))
+  return {k: str(base / k) for k in ('generated', 'references', 'prompts.json')}
+
+
+def transformers_folder_scores(folders, dino_folder, clip_folder):
+  """{name: (DINO, CLIP-I and CLIP-T of the pair, the pair's unit DINO and CLIP image
+  embeddings)}, computed by transformers alone."""
+  folder, model = clip_folder
+  dino = transformers.ViTModel.from_pretrained(dino_folder, add_pooling_layer=False).eval()
+  dino_processor = transformers.ViTImageProcessor.from_pretrained(dino_folder)
+  clip_processor = transformers.CLIPImageProcessor(size={'shortest_edge': 32},
+                                                   crop_size={'height': 32, 'width': 32})
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+  prompts = json.loads(open(folders['prompts.json']).read())
+  unit = lambda t: (t / t.norm(dim=-1, keepdim=True)).numpy()
+  out = {}
+  for name in sorted(prompts):
+    pair = [Image.open(os.path.join(folders[d], f)).convert('RGB')
+            for d in ('generated', 'references') for f in os.listdir(folders[d])
+            if f.startswith(name + '.')]
+    with torch.no_grad():
+      d = unit(dino(**dino_processor(images=pair, return_tensors='pt')).last_hidden_state[:, 0])
+      c = model.get_image_features(**clip_processor(images=pair, return_tensors='pt'))
+      c = unit(getattr(c, 'pooler_output', c))
+      ids = tokenizer([prompts[name]], padding='max_length', max_length=24, truncation=True,
+                      return_tensors='pt').input_ids
+      t = model.get_text_features(input_ids=ids)
+      t = unit(getattr(t, 'pooler_output', t))
+    out[name] = ({'DINO': float(d[0] @ d[1]), 'CLIP-I': float(c[0] @ c[1]),
+                  'CLIP-T': float(t[0] @ c[0])}, {'DINO': d, 'CLIP': c})
+  return out
+
+
+def test_folder_metrics_match_transformers(image_folders, dino_folder, clip_folder, tmp_path):
+  results = evaluate.score_folders(
+      image_folders['generated'], image_folders['references'], str(tmp_path),
+      prompts_file=image_folders['prompts.json'], dino_folder=dino_folder,
+      clip_folder=clip_folder[0], batch_size=4)  # 5 pairs: a padded second batch
+  assert json.loads((tmp_path / 'results.json').read_text()) == results
+  expected = transformers_folder_scores(image_folders, dino_folder, clip_folder)
+  assert list(results['per_image']) == list(expected)
+  dino, scorer = evaluate.load_dino(dino_folder), evaluate.load_clip(clip_folder[0])
+  pairs = {name: (g, r) for name, g, r in images.pair_images(image_folders['generated'],
+                                                            image_folders['references'])}
+  for name, (scores, embeddings) in expected.items():
+    pixels = [images.read_rgb(p) for p in pairs[name]]
+    # Pixels resized by PIL and by jax.image.resize differ by one 8-bit level at most;
+    # at the models' own size they are the same pixels.
+    same = pixels[0].shape[:2] == (32, 32)
+    tol, embedding_tol = (1e-5, 1e-6) if same else (2e-4, 5e-4)
+    ours = {'DINO': evaluate.dino_embeddings(dino, pixels),
+            'CLIP': evaluate.clip_image_embeddings(scorer, pixels)}
+    for k, v in embeddings.items():
+      np.testing.assert_allclose(ours[k], v, atol=embedding_tol, err_msg=f'{name} {k}')
+    for k, v in scores.items():
+      assert results['per_image'][name][k] == pytest.approx(v, abs=tol), (name, k)
+  for k in evaluate.FOLDER_METRICS:
+    values = np.array([s[k] for s, _ in expected.values()])
+    assert np.ptp(values) > 1e-3  # Different pairs, different scores.
+    assert results['metrics'][k]['mean'] == pytest.approx(values.mean(), abs=1e-3)
+    assert results['metrics'][k]['std'] == pytest.approx(values.std(), abs=1e-3)
+  assert results['metrics']['num_pairs'] == 5
+  table = (tmp_path / 'results.md').read_text().splitlines()
+  assert table[0] == '| Pairs | DINO | CLIP-I | CLIP-T |'
+  assert table[2].startswith(f'| 5 | {results["metrics"]["DINO"]["mean"]:.3f} ± ')
+
+
+def test_folder_errors(image_folders, dino_folder, clip_folder, tmp_path):
+  gen, ref = image_folders['generated'], image_folders['references']
+  score = lambda g=gen, r=ref, **kw: evaluate.score_folders(
+      g, r, str(tmp_path / 'out'), **{'dino_folder': dino_folder, **kw})
+  partial = tmp_path / 'partial'
+  partial.mkdir()
+  for name in ('subject_0.png', 'subject_2.png', 'stray.png'):
+    Image.new('RGB', (8, 8)).save(partial / name)
+  with pytest.raises(ValueError, match=r'1 generated images have none of the same name in '
+                     r'.*references: stray; 3 reference images have none of the same name '
+                     r'in .*partial: subject_1, subject_3, subject_4\.'):
+    score(g=str(partial))
+  (partial / 'stray.png').write_bytes(b'not a png')
+  with pytest.raises(ValueError, match='Cannot read the image .*stray.png'):
+    score(g=str(partial))
+  with pytest.raises(FileNotFoundError, match='No such reference folder: /nonexistent'):
+    score(r='/nonexistent')
+  with pytest.raises(ValueError, match=r'is not a ViT folder: .*model_type \'clip\''):
+    score(dino_folder=clip_folder[0])
+  with pytest.raises(ValueError, match='Nothing to score'):
+    score(dino_folder=None)
+  with pytest.raises(ValueError, match=r'CLIP-T \(--prompts\) needs a CLIP folder'):
+    score(prompts_file=image_folders['prompts.json'])
+  prompts = tmp_path / 'prompts.json'
+  prompts.write_text(json.dumps({'subject_0': 'a figure'}))
+  with pytest.raises(ValueError, match='has no prompt for 4 generated images: subject_1, '):
+    score(prompts_file=str(prompts), clip_folder=clip_folder[0])
+  assert not (tmp_path / 'out').exists()  # Nothing written before the inputs are known good.
+
+
+def test_folder_cli(runs, image_folders, dino_folder, clip_folder, tmp_path):
+  out = tmp_path / 'cli'
+  result = run_cli('evaluate', runs['dirs'], f'--generated={image_folders["generated"]}',
+                   f'--references={image_folders["references"]}',
+                   f'--prompts={image_folders["prompts.json"]}', f'--dino={dino_folder}',
+                   f'--clip={clip_folder[0]}', f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ['results.json', 'results.md']
+  results = json.loads((out / 'results.json').read_text())
+  assert set(results['metrics']) == {'num_pairs', 'DINO', 'CLIP-I', 'CLIP-T'}
+  assert '| Pairs | DINO | CLIP-I | CLIP-T |' in result.stdout
+  missing = run_cli('evaluate', runs['dirs'], f'--generated={image_folders["generated"]}',
+                    f'--dino={dino_folder}')
+  assert missing.returncode == 1
+  assert 'Error: --generated needs --references' in missing.stderr.splitlines()[-1]
