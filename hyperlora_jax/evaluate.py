@@ -168,11 +168,11 @@ def edit_prompts(batch, seed: int, kind: str = 'scene'):
   """
   prompts, backgrounds, positions = [], [], []
   for i in range(len(batch['index'])):
-    own = int(batch['background'][i]), int(batch['position'][i])
     rng = np.random.default_rng([seed, int(batch['index'][i])])
-    background, position = (
-        int(rng.choice([x for x in range(n) if x != own[k]]))
-        for k, n in enumerate((len(synthetic.BACKGROUNDS), len(synthetic.POSITIONS))))
+    background = int(rng.choice([b for b in range(len(synthetic.BACKGROUNDS))
+                                 if b != batch['background'][i]]))
+    position = int(rng.choice([p for p in range(len(synthetic.POSITIONS))
+                               if p != batch['position'][i]]))
     item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
     prompts.append(synthetic.prompts(*item, background, position)[f'prompt_{kind}'])
     backgrounds.append(background)
@@ -653,15 +653,6 @@ def main_folders(f):
 
 def _flags():
   flags.DEFINE_string('workdir', None, 'A training run.')
-  flags.DEFINE_string('generated', None, 'Folder mode, instead of --workdir: a folder of '
-                      'generated images, scored against --references (DINO with --dino, '
-                      'CLIP-I and CLIP-T with --clip).')
-  flags.DEFINE_string('references', None, 'Folder mode: the reference images, one per '
-                      'generated image, of the same file name (any image extension).')
-  flags.DEFINE_string('prompts', None, 'Folder mode: a JSON file {image name: prompt} '
-                      '(names without extension) for CLIP-T.')
-  flags.DEFINE_string('dino', None, 'Folder mode: a local transformers ViTModel folder '
-                      '(e.g. facebook/dino-vits16) for the DINO score.')
   flags.DEFINE_string('split', 'test', 'Data split.')
   flags.DEFINE_string('clip', None, 'A local transformers CLIP folder: adds '
                       'C2G, T2G, T2Gdiff (and CLIP-T with a text tower); in folder '
@@ -677,6 +668,15 @@ def _flags():
                        'mode: 16 image pairs).')
   flags.DEFINE_integer('grid_examples', 8, 'Examples in grid.png.')
   flags.DEFINE_string('out', None, 'Output folder (default <workdir>/eval).')
+  flags.DEFINE_string('generated', None, 'Folder mode, instead of --workdir: a folder of '
+                      'generated images, scored against --references (DINO with --dino, '
+                      'CLIP-I and CLIP-T with --clip).')
+  flags.DEFINE_string('references', None, 'Folder mode: the reference images, one per '
+                      'generated image, of the same file name (any image extension).')
+  flags.DEFINE_string('prompts', None, 'Folder mode: a JSON file {image name: prompt} '
+                      '(names without extension) for CLIP-T.')
+  flags.DEFINE_string('dino', None, 'Folder mode: a local transformers ViTModel folder '
+                      '(e.g. facebook/dino-vits16) for the DINO score.')
   flags.register_multi_flags_validator(
       ['workdir', 'generated'], lambda v: bool(v['workdir']) != bool(v['generated']),
       'Give --workdir (a run to sample and score) or --generated (a folder of images), '

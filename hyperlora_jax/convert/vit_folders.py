@@ -32,24 +32,22 @@ def _rename_4x(key: str) -> str:
 
 
 def load_vit(folder: str, dtype: Any = jnp.float32, allow_pickle: bool = False):
-  """(module, params, config) from a transformers ViTModel folder (4.x or 5.x).
+  """(module, params, config) from a transformers ViTModel folder.
 
-  A ViTFor... folder (``vit.`` keys and a head) gives its ViT; a pooler is built where
-  the checkpoint has one. A folder of another model (a CLIP, a DINOv2) is refused,
-  naming its model_type; missing, unexpected and misshaped keys are named by
-  `core.torch_to_flax`.
+  A pooler is built where the checkpoint has one (DINO's have none). A folder of another
+  model (a CLIP, a DINOv2) is refused, naming its model_type; missing, unexpected and
+  misshaped keys are named by `core.torch_to_flax`.
   """
   config, state = core.read_model_folder(folder, allow_pickle=allow_pickle)
   try:
     module = vit.from_config(config, dtype)
   except ValueError as e:
-    raise ValueError(f'{folder} is not a ViT folder: {e}') from None
-  if any(k.startswith('vit.') for k in state):
-    state = {k[len('vit.'):]: v for k, v in state.items() if k.startswith('vit.')}
+    raise ValueError(f'{folder}: {e}') from None
   renamed = {_rename_4x(k): v for k, v in state.items()}
   module = module.clone(add_pooling_layer=any(k.startswith('pooler.') for k in renamed))
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))
   try:
+    # mask_token: masked image modeling's (use_mask_token), unused by the forward pass.
     params = core.torch_to_flax(renamed, shapes['params'],
                                 ignore=[r'^embeddings\.mask_token$'])
   except core.CheckpointError as e:

@@ -164,22 +164,18 @@ class ViTModel(nn.Module):
     return (jnp.zeros((1, self.image_size, self.image_size, self.num_channels), jnp.float32),)
 
 
-def from_config(config: Mapping[str, Any], dtype: Any = jnp.float32,
-                add_pooling_layer: bool = True) -> ViTModel:
+def from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> ViTModel:
   """A ViTModel from a transformers ViTConfig dict (model_type 'vit'); only the fields
   that shape the computation are read."""
   if config.get('model_type') != 'vit':
-    raise ValueError(f'Expected a ViT config (model_type \'vit\', e.g. facebook/dino-vits16), '
-                     f'got model_type {config.get("model_type")!r}')
+    raise ValueError(f'not a ViT: its model_type is {config.get("model_type")!r}, a ViTModel\'s '
+                     "is 'vit' (as facebook/dino-vits16's)")
   kwargs = {f.name: config[f.name] for f in dataclasses.fields(ViTModel)
             if f.init and f.name in config and f.name not in ('parent', 'name', 'dtype')}
-  module = ViTModel(**kwargs, add_pooling_layer=add_pooling_layer, dtype=dtype)
+  module = ViTModel(**kwargs, dtype=dtype)
   clip.activation(module.hidden_act)
   if module.pooler_act != 'tanh':
     clip.activation(module.pooler_act)
-  for field in ('image_size', 'patch_size'):
-    if not isinstance(getattr(module, field), int):
-      raise ValueError(f'Only square ViTs are supported; {field} is {getattr(module, field)}')
   if module.image_size % module.patch_size:
     raise ValueError(f'image_size {module.image_size} is not a multiple of patch_size '
                      f'{module.patch_size}')
