@@ -20,7 +20,8 @@ context images (each attribute value on its own is still seen in training).
 Every example is a pure function of (seed, split, index), so any range of a
 split can be generated independently and adding examples never changes the
 earlier ones. Rendering is aliasing-free (hard edges, exact palette colors),
-which makes `color_and_pattern_of` read ground-truth pixels back exactly.
+which makes `color_and_pattern_of` (the item) and `scene_of` (background and
+figure position, the editability scorer) read ground-truth pixels back exactly.
 Every item has a border of its primary color, so the primary color covers
 most of the item for every pattern (checks are 50/50 inside the border):
 "dominant color" is well defined.
@@ -332,6 +333,12 @@ def color_and_pattern_of(image, box):
 _FIGURE = len(_PALETTE) - 1  # The figure's gray, the palette's last entry.
 
 
+def _figure_and_item(labels):
+  """Pixels labeled an item color or the figure's gray: what moves with the scene's
+  position."""
+  return (labels < len(COLORS)) | (labels == _FIGURE)
+
+
 @functools.lru_cache(maxsize=64)
 def _position_centroids(resolution, size):
   """The figure-and-item mass's horizontal centroid at each position for an
@@ -341,7 +348,7 @@ def _position_centroids(resolution, size):
   out = []
   for position in range(len(POSITIONS)):
     image = target_image((0, 0, 0, -1), 0, position, resolution, size)[0]
-    out.append(np.nonzero(_labels(image) != len(COLORS))[1].mean())
+    out.append(np.nonzero(_figure_and_item(_labels(image)))[1].mean())
   return np.array(out)
 
 
@@ -371,7 +378,7 @@ def scene_of(image, item_size):
   votes = np.bincount(border[(border >= 0) & (border < len(BACKGROUNDS))],
                       minlength=len(BACKGROUNDS))
   background = int(votes.argmax()) if votes.sum() else -1
-  xs = np.nonzero((labels < len(COLORS)) | (labels == _FIGURE))[1]
+  xs = np.nonzero(_figure_and_item(labels))[1]
   if not xs.size:
     return background, -1
   centroids = _position_centroids(labels.shape[1], int(item_size))
