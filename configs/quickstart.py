@@ -22,10 +22,10 @@ from hyperlora_jax.data import synthetic
 
 SIZES = {
     # resolution, item side as a fraction of it, unet channels, text width, base / lora /
-    # hypernet steps, the hypernetworks' learning rate, batch, decoders, training seeds (each trained row once per seed),
-    # held-out items scored (160 on CPU: a standard error under 4 points at any
-    # accuracy), data loader processes, the base model's prediction type (the later
-    # stages read it from the base's scheduler folder)
+    # hypernet steps, the hypernetworks' learning rate, batch, decoders, training seeds
+    # (each trained row once per seed), held-out items scored (160 on CPU: a standard
+    # error under 4 points at any accuracy), data loader processes, the base model's
+    # prediction type (the later stages read it from the base's scheduler folder)
     #
     # cpu: 16 px with the item at 0.7 of the side: the item stays 11 px wide, as at 32 px
     # with 0.34 (the size the scorer reads exactly), but it is half of the target's pixels

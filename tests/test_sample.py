@@ -125,7 +125,8 @@ def test_restore_run_is_the_trained_run(run):
                jax.device_get(run['built'].frozen['unet']))
   # The default eval hook ran at the end, on the test split.
   (scalars,) = run['evals']
-  assert set(scalars) == {'eval/hyperlora/color_acc', 'eval/hyperlora/pattern_acc'}
+  assert set(scalars) == {f'eval/hyperlora/{k}' for k in ('color_acc', 'pattern_acc',
+                                                           'background_acc', 'position_acc')}
   assert all(0.0 <= v <= 1.0 for v in scalars.values())
 
 

@@ -1,5 +1,6 @@
 """Image files in and out: the one loader of context images for training, sampling,
-export and evaluation, and the picture grids the tools write."""
+export and evaluation, folders of images paired by name (evaluation), and the picture
+grids the tools write."""
 import io
 import os
 from typing import Sequence
@@ -59,6 +60,42 @@ def image_files(path: str) -> list:
     except (OSError, SyntaxError) as e:  # What PIL raises for bad files.
       raise ValueError(f'Cannot read the image {f}: {e}') from e
   return files
+
+
+def _images_by_name(folder: str, what: str) -> dict:
+  """{file name without extension: path} of a folder's images, each checked readable."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'No such {what} folder: {folder}')
+  paths = image_files(folder)
+  names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f'{folder} has several images named {", ".join(twice)}: names pair '
+                     'generated and reference images, so each must be unique.')
+  return dict(zip(names, paths))
+
+
+def pair_images(generated: str, references: str) -> list:
+  """[(name, generated path, reference path)] of two folders' images, paired by file
+  name without extension (x.png with x.jpg), sorted by name. An image without a
+  partner is an error naming it: a pair missing is a result missing."""
+  gen, ref = _images_by_name(generated, 'generated'), _images_by_name(references, 'reference')
+  problems = []
+  for alone, what, other in ((sorted(set(gen) - set(ref)), 'generated', references),
+                             (sorted(set(ref) - set(gen)), 'reference', generated)):
+    if alone:
+      problems.append(f'{len(alone)} {what} images have none of the same name in {other}: '
+                      + ', '.join(alone[:5]) + (', ...' if len(alone) > 5 else ''))
+  if problems:
+    raise ValueError('Generated and reference images pair by file name (without its '
+                     'extension); ' + '; '.join(problems) + '.')
+  return [(name, gen[name], ref[name]) for name in sorted(gen)]
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """An image file's pixels [h, w, 3] uint8, as they are (no resize)."""
+  with Image.open(path) as image:
+    return np.asarray(image.convert('RGB'))
 
 
 def load_images(path: str, resolution: int):

@@ -20,7 +20,8 @@ context images (each attribute value on its own is still seen in training).
 Every example is a pure function of (seed, split, index), so any range of a
 split can be generated independently and adding examples never changes the
 earlier ones. Rendering is aliasing-free (hard edges, exact palette colors),
-which makes `color_and_pattern_of` read ground-truth pixels back exactly.
+which makes `color_and_pattern_of` (the item) and `scene_of` (background and
+figure position, the editability scorer) read ground-truth pixels back exactly.
 Every item has a border of its primary color, so the primary color covers
 most of the item for every pattern (checks are 50/50 inside the border):
 "dominant color" is well defined.
@@ -200,6 +201,27 @@ def _paste(canvas, shape, color, pattern, color2, size, x0, y0):
   return full
 
 
+def item_box(position, resolution, size):
+  """(x0, y0, x1, y1), end-exclusive: the box of an item of side `size` on the
+  figure's torso at `position`, moved inward where it would leave the image."""
+  x0 = min(max(int(round(_POSITION_X[position] * resolution - size / 2)), 0),
+           resolution - size)
+  y0 = min(max(int(round(0.47 * resolution - size / 2)), 0), resolution - size)
+  return x0, y0, x0 + size, y0 + size
+
+
+def target_image(item, background, position, resolution, size):
+  """A target: the scene (`background`, `position`) with its figure wearing
+  `item` (shape, color, pattern, color2), of side `size`.
+
+  Returns (image [R, R, 3] uint8, item mask [R, R] bool, box [4] int32).
+  """
+  box = item_box(position, resolution, size)
+  image = _scene(resolution, background, position).copy()
+  mask = _paste(image, *item, size, box[0], box[1])
+  return image, mask, np.array(box, np.int32)
+
+
 def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
             test_fraction=0.2, item_frac=ITEM_FRAC):
   """Example `index` of `split`: a dict of numpy arrays and prompt strings.
@@ -235,16 +257,10 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   item = (shape, color, pattern, color2)
   _paste(context, *item, size_c, cx0, cy0)
 
-  size_t = int(round(item_frac * r))
-  x0 = min(max(int(round(_POSITION_X[position] * r - size_t / 2)), 0),
-           r - size_t)
-  y0 = min(max(int(round(0.47 * r - size_t / 2)), 0), r - size_t)
-  target = _scene(r, background, position).copy()
-  mask = _paste(target, *item, size_t, x0, y0)
-
+  target, mask, box = target_image(item, background, position, r,
+                                   int(round(item_frac * r)))
   out = {
-      'context': context, 'target': target, 'mask': mask,
-      'box': np.array([x0, y0, x0 + size_t, y0 + size_t], np.int32),
+      'context': context, 'target': target, 'mask': mask, 'box': box,
       'context_box': np.array([cx0, cy0, cx0 + size_c, cy0 + size_c],
                               np.int32),
   }
@@ -340,6 +356,15 @@ def robust_context(index, shape, color, pattern, color2, *, resolution=32, seed=
   return np.asarray(Image.open(buffer).convert('RGB'))
 
 
+def _labels(image):
+  """Each pixel's nearest palette entry [H, W]: item colors, then scene ones."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    image = np.clip((image + 1) * 127.5, 0, 255)
+  dist = ((image.astype(np.int32)[..., None, :] - _PALETTE)**2).sum(-1)
+  return dist.argmin(-1)
+
+
 def color_and_pattern_of(image, box):
   """Reads (color id, pattern id) of the item in `box` from pixels alone.
 
@@ -357,15 +382,10 @@ def color_and_pattern_of(image, box):
   Returns:
     (color, pattern) ints; (-1, -1) if no item-colored pixel is in the box.
   """
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    image = np.clip((image + 1) * 127.5, 0, 255)
   x0, y0, x1, y1 = (int(b) for b in box)
-  crop = image[max(y0, 0):y1, max(x0, 0):x1].astype(np.int32)
-  if crop.size == 0:
+  labels = _labels(np.asarray(image)[max(y0, 0):y1, max(x0, 0):x1])
+  if labels.size == 0:
     return -1, -1
-  dist = ((crop[..., None, :] - _PALETTE)**2).sum(-1)
-  labels = dist.argmin(-1)
   is_item = labels < len(COLORS)
   counts = np.bincount(labels[is_item], minlength=len(COLORS))
   if counts.sum() == 0:
@@ -386,3 +406,58 @@ def color_and_pattern_of(image, box):
   corners = ((b[1:, 1:] & b[:-1, :-1] & ~b[1:, :-1] & ~b[:-1, 1:]).sum()
              + (b[1:, :-1] & b[:-1, 1:] & ~b[1:, 1:] & ~b[:-1, :-1]).sum())
   return int(first), 2 if corners < 2 and frac2 < 0.3 else 3
+
+
+_FIGURE = len(_PALETTE) - 1  # The figure's gray, the palette's last entry.
+
+
+def _figure_and_item(labels):
+  """Pixels labeled an item color or the figure's gray: what moves with the scene's
+  position."""
+  return (labels < len(COLORS)) | (labels == _FIGURE)
+
+
+@functools.lru_cache(maxsize=64)
+def _position_centroids(resolution, size):
+  """The figure-and-item mass's horizontal centroid at each position for an
+  item of side `size` (a solid square: every shape is symmetric about the box's
+  vertical axis). The item is moved inward at the sides, so at large items
+  the centroids sit closer together than the figures do."""
+  out = []
+  for position in range(len(POSITIONS)):
+    image = target_image((0, 0, 0, -1), 0, position, resolution, size)[0]
+    out.append(np.nonzero(_figure_and_item(_labels(image)))[1].mean())
+  return np.array(out)
+
+
+def scene_of(image, item_size):
+  """Reads (background id, position id) of a target from pixels alone.
+
+  The scorer of editability: does the image show the scene its prompt asked
+  for? Pixels are labeled by nearest palette color as in
+  `color_and_pattern_of`. The background is the most frequent scene color on
+  the image's border (the figure never reaches it; a large item may, so only
+  scene-colored pixels vote). The position is the one whose ground-truth
+  centroid of figure-and-item pixels (item or figure colors, wherever they
+  are) lies nearest to the image's: the figure and its item move together,
+  and every such pixel votes, so a blurred figure or a misplaced item moves
+  the reading only in proportion to its mass.
+
+  Args:
+    image: [H, W, 3] with H == W, uint8 in [0, 255] or float in [-1, 1].
+    item_size: the item's side in pixels (an example's box width).
+
+  Returns:
+    (background, position) ints; -1 for what has no pixel to read.
+  """
+  labels = _labels(image)
+  border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0],
+                           labels[1:-1, -1]]) - len(COLORS)
+  votes = np.bincount(border[(border >= 0) & (border < len(BACKGROUNDS))],
+                      minlength=len(BACKGROUNDS))
+  background = int(votes.argmax()) if votes.sum() else -1
+  xs = np.nonzero(_figure_and_item(labels))[1]
+  if not xs.size:
+    return background, -1
+  centroids = _position_centroids(labels.shape[1], int(item_size))
+  return background, int(np.abs(centroids - xs.mean()).argmin())
