@@ -10,7 +10,6 @@ trains through the diffusion loss only says what is trained and how it becomes a
 The config keys are documented in `hyperlora_jax.defaults`.
 """
 import dataclasses
-import tempfile
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -83,8 +82,7 @@ def load_base(config, rng):
     return pipeline.load_pipeline(config.model.pretrained, dtype), \
         f'{config.model.pretrained}/tokenizer'
   from hyperlora_jax.data import synthetic  # from-scratch models speak the synthetic task
-  folder = tempfile.mkdtemp(prefix='hyperlora_tokenizer_')
-  clip_folders.write_tokenizer(synthetic.vocabulary(), folder, config.model.max_length)
+  folder = clip_folders.cached_tokenizer_folder(synthetic.vocabulary(), config.model.max_length)
   tokenizer = clip_folders.load_tokenizer(folder)
   unet_config = config.model.unet.to_dict()
   text_config = dict(config.model.text.to_dict(), vocab_size=len(tokenizer),
