@@ -25,7 +25,6 @@ reports the fraction of the no-LoRA -> oracle gap each row recovers.
 """
 import collections
 import functools
-import json
 import os
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax import cli
+from hyperlora_jax import files
 from hyperlora_jax import objectives
 from hyperlora_jax import runs
 from hyperlora_jax import sample
@@ -226,6 +226,8 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
                scorer: Optional[CLIPScorer] = None, keep: int = 0):
   """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept)."""
   check_mode(run.config, mode)
+  if num_examples is not None and num_examples < 0:
+    raise ValueError(f'num_examples={num_examples}: must be >= 0 (0 or None: all).')
   prompt_kind, lora_kind = MODES[mode]
   per_seed, kept = [], collections.defaultdict(list)
   for i, seed in enumerate(seeds):
@@ -360,13 +362,11 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
                           num_steps=num_steps, guidance=guidance,
                           seeds=list(seeds), sampler=sampler),
          'rows': results, 'clip_note': scorer.note if scorer else ''}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-    json.dump(out, f, indent=2)
-  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(markdown_table(out))
-  image_io.grid(np.stack(columns, axis=1), ['context', 'ground truth'] + list(rows)
-                ).save(os.path.join(out_dir, 'grid.png'))
+  files.write_json(os.path.join(out_dir, 'results.json'), out)
+  files.write_text(os.path.join(out_dir, 'results.md'), markdown_table(out))
+  files.save_image(image_io.grid(np.stack(columns, axis=1),
+                                 ['context', 'ground truth'] + list(rows)),
+                   os.path.join(out_dir, 'grid.png'))
   return out
 
 
@@ -403,8 +403,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  modes = f.modes or default_modes(runs.load_config(f.workdir))
+  cli.check_flags(positive=('num_steps', 'batch_size'),
+                  non_negative=('num_examples', 'grid_examples'))
   out = f.out or os.path.join(f.workdir, 'eval')
+  cli.check_output(out)
+  cli.use_compilation_cache(f.compilation_cache)
+  modes = f.modes or default_modes(runs.load_config(f.workdir))
   results = compare({m: (f.workdir, m) for m in modes}, out, split=f.split,
                     num_examples=f.num_examples or None, num_steps=f.num_steps,
                     guidance=f.guidance, seeds=[int(s) for s in f.seeds],
@@ -429,6 +433,7 @@ def _flags():
   flags.DEFINE_integer('batch_size', None, 'Default: the run\'s batch size.')
   flags.DEFINE_integer('grid_examples', 8, 'Examples in grid.png.')
   flags.DEFINE_string('out', None, 'Output folder (default <workdir>/eval).')
+  cli.define_compilation_cache_flag()
   flags.mark_flags_as_required(['workdir'])
 
 

@@ -79,6 +79,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  cli.check_flags(non_negative=('step',))
+  cli.check_output(f.out)
   if f.context:
     images.image_files(f.context)  # Fails before the slow restore.
   run = runs.restore(f.workdir, f.step)
