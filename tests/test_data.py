@@ -331,13 +331,14 @@ def test_sample_and_export_see_the_training_pixels(tmp_path):
   assert (rotated[:3] > 150).all() and (rotated[-3:] < 50).all()
 
 
-def test_changed_source_folder_is_rebuilt(tmp_path):
+def test_changed_source_folder_is_rebuilt(tmp_path, capfd):
   src = tmp_path / 'src'
   for i in range(2):
     _save(src / f'id{i}.png', color=RED)
   data = _config(tmp_path, name='single', source_dir=str(src), resolution=8)
   count = lambda: builders.build(data).info.splits['train'].num_examples
   assert count() == 2
+  assert 'Unknown size' not in capfd.readouterr().out  # No TFDS download line for it.
   _save(src / 'id2.png', color=BLUE)  # Added.
   assert count() == 3
   _save(src / 'id0.png', color=BLUE, size=(30, 30))  # Replaced.
