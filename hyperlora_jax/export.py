@@ -81,6 +81,7 @@ def main(argv):
   f = flags.FLAGS
   cli.check_flags(non_negative=('step',))
   cli.check_output(f.out)
+  cli.use_compilation_cache(f.compilation_cache)
   if f.context:
     images.image_files(f.context)  # Fails before the slow restore.
   run = runs.restore(f.workdir, f.step)
@@ -105,6 +106,7 @@ def _flags():
   flags.DEFINE_string('context', None, 'The context image (hyperlora runs).')
   flags.DEFINE_enum('format', None, FORMATS, 'What to write.')
   flags.DEFINE_string('out', None, 'File (diffusers, kohya) or folder.')
+  cli.define_compilation_cache_flag()
   flags.mark_flags_as_required(['workdir', 'format', 'out'])
 
 
