@@ -9,8 +9,8 @@ from absl import flags
 # (128 + 15): schedulers that requeue on it do, and nothing takes it for success.
 PREEMPTED_EXIT = 143
 # Libraries whose INFO lines (and some warnings) a user cannot act on: TFDS preparing
-# a locally generated dataset, Orbax at every save, grain, JAX looking for a TPU.
-_NOISY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/etils/')
+# a locally generated dataset, Orbax at every save, grain, optax, JAX looking for a TPU.
+_NOISY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/etils/', '/optax/')
 _NOISY_LOGGERS = ('jax._src.xla_bridge', 'orbax', 'tensorflow_datasets', 'grain', 'absl')
 
 
