@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax import cli
+from hyperlora_jax import files
 from hyperlora_jax import objectives
 from hyperlora_jax import runs
 from hyperlora_jax import sample
@@ -328,6 +329,8 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
   """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept,
   the examples' ground-truth {'color', 'pattern'} on synthetic data)."""
   check_mode(run.config, mode)
+  if num_examples is not None and num_examples < 0:
+    raise ValueError(f'num_examples={num_examples}: must be >= 0 (0 or None: all).')
   prompt_kind, lora_kind, contexts = MODES[mode]
   per_seed, kept, labels = [], collections.defaultdict(list), collections.defaultdict(list)
   for i, seed in enumerate(seeds):
@@ -517,12 +520,10 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
                           num_steps=num_steps, guidance=guidance,
                           seeds=list(seeds), sampler=sampler),
          'rows': results, 'clip_note': scorer.note if scorer else ''}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-    json.dump(out, f, indent=2)
-  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(markdown_table(out))
-  image_io.grid(np.stack(columns, axis=1), labels).save(os.path.join(out_dir, 'grid.png'))
+  files.write_json(os.path.join(out_dir, 'results.json'), out)
+  files.write_text(os.path.join(out_dir, 'results.md'), markdown_table(out))
+  files.save_image(image_io.grid(np.stack(columns, axis=1), labels),
+                   os.path.join(out_dir, 'grid.png'))
   return out
 
 
@@ -631,9 +632,8 @@ def score_folders(generated: str, references: str, out_dir: str, *,
       'per_image': {name: {k: float(v[i]) for k, v in scores.items()}
                     for i, name in enumerate(names)},
       'clip_note': note}
-  os.makedirs(out_dir, exist_ok=True)
-  _write(os.path.join(out_dir, 'results.json'), json.dumps(results, indent=2))
-  _write(os.path.join(out_dir, 'results.md'), folder_table(results))
+  files.write_json(os.path.join(out_dir, 'results.json'), results)
+  files.write_text(os.path.join(out_dir, 'results.md'), folder_table(results))
   return results
 
 
@@ -650,13 +650,6 @@ def folder_table(results: dict) -> str:
            "embeddings, CLIP-T that of the generated image's CLIP embedding and its prompt's."]
   notes += [results['clip_note']] if results.get('clip_note') else []
   return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
-
-
-def _write(path: str, text: str) -> None:
-  """Writes under a temporary name, then renames: never a half-written file."""
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
 
 
 # ---------------------------------------------------------------- train hook
@@ -694,8 +687,12 @@ def main(argv):
   f = flags.FLAGS
   if f.generated:
     return main_folders(f)
-  modes = f.modes or default_modes(runs.load_config(f.workdir))
+  cli.check_flags(positive=('num_steps', 'batch_size'),
+                  non_negative=('num_examples', 'grid_examples'))
   out = f.out or os.path.join(f.workdir, 'eval')
+  cli.check_output(out)
+  cli.use_compilation_cache(f.compilation_cache)
+  modes = f.modes or default_modes(runs.load_config(f.workdir))
   results = compare({m: (f.workdir, m) for m in modes}, out, split=f.split,
                     num_examples=f.num_examples or None, num_steps=f.num_steps,
                     guidance=f.guidance, seeds=[int(s) for s in f.seeds],
@@ -748,6 +745,7 @@ def _flags():
       ['workdir', 'generated'], lambda v: bool(v['workdir']) != bool(v['generated']),
       'Give --workdir (a run to sample and score) or --generated (a folder of images), '
       'one of the two.')
+  cli.define_compilation_cache_flag()
 
 
 def run():

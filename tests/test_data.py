@@ -325,6 +325,7 @@ def test_augmented_contexts_are_seeded_and_resume(synthetic_data):
   assert repeated and any(np.abs(first[i] - later[i]).max() > 0 for i in repeated)
 
 
+
 def test_augment_draws():
   config = defaults.get_config().data.augment
   ex = synthetic.example(3, 'train', resolution=32)
@@ -341,3 +342,54 @@ def test_augment_draws():
   assert min(share) < 0.5 * max(share)
   # New backdrops: the corners are not always the generator's white.
   assert sum(np.abs(o[0, 0].astype(int) - 248).max() > 30 for o in outs) >= 5
+
+
+def _odd_images(folder):
+  """Files whose pixels differ from a naive decode: EXIF-rotated, transparent, 16-bit."""
+  folder.mkdir(parents=True, exist_ok=True)
+  a = np.zeros((16, 24, 3), np.uint8)
+  a[:, :8] = RED
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Rotate 90 degrees clockwise when displayed.
+  Image.fromarray(a).save(folder / 'rotated.jpg', exif=exif, quality=95)
+  rgba = np.zeros((16, 16, 4), np.uint8)
+  rgba[:, :8] = (*BLUE, 255)  # The right half is transparent: white when composited.
+  Image.fromarray(rgba, 'RGBA').save(folder / 'transparent.png')
+  gray16 = np.full((16, 16), 20000, np.uint16)  # 78 / 255, not clipped to white.
+  Image.fromarray(gray16).save(folder / 'deep.png')
+
+
+def test_sample_and_export_see_the_training_pixels(tmp_path):
+  """One loader: a file given to sample/export (`images.load_images`) is exactly the
+  pixels the input pipeline serves for it from the built dataset."""
+  from hyperlora_jax.data import images  # pylint: disable=import-outside-toplevel
+  _odd_images(tmp_path / 'src')
+  data = _config(tmp_path, name='single', source_dir=str(tmp_path / 'src'), resolution=16)
+  batch = next(pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                       num_epochs=1, shuffle=False, batch_size=3))
+  loaded, names = images.load_images(str(tmp_path / 'src'), 16)
+  served = dict(zip(batch['id'], batch['context']))
+  for name, pixels in zip(names, loaded):
+    np.testing.assert_array_equal(pixels, served[name], err_msg=name)
+  by_name = dict(zip(names, images.to_uint8(loaded)))
+  assert abs(int(by_name['deep'][0, 0, 0]) - 78) <= 1
+  assert (by_name['transparent'][:, 12:] == 255).all()
+  rotated = by_name['rotated'][..., 0]  # The red left stripe, displayed on top.
+  assert (rotated[:3] > 150).all() and (rotated[-3:] < 50).all()
+
+
+def test_changed_source_folder_is_rebuilt(tmp_path, capfd):
+  src = tmp_path / 'src'
+  for i in range(2):
+    _save(src / f'id{i}.png', color=RED)
+  data = _config(tmp_path, name='single', source_dir=str(src), resolution=8)
+  count = lambda: builders.build(data).info.splits['train'].num_examples
+  assert count() == 2
+  assert 'Unknown size' not in capfd.readouterr().out  # No TFDS download line for it.
+  _save(src / 'id2.png', color=BLUE)  # Added.
+  assert count() == 3
+  _save(src / 'id0.png', color=BLUE, size=(30, 30))  # Replaced.
+  batch = next(pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                       num_epochs=1, shuffle=False, batch_size=3))
+  first = dict(zip(batch['id'], batch['context']))['id0']
+  assert first[0, 0, 2] > first[0, 0, 0]  # Blue now, not the red it was built with.
