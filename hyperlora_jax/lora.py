@@ -230,29 +230,90 @@ class LoRABasis(nn.Module):
   """ByteDance HyperLoRA: learned basis LoRAs per target, predicted coefficients.
 
   An ID part (``num_id`` bases) and a Base part (``num_base`` bases) have separate
-  coefficients; ``use_id`` / ``use_base`` switch each off (e.g. at inference). The
-  bases stay shared factors; the coefficients become the per-sample ``mid`` diagonal,
-  so no per-sample d_out x d_in matrix is ever formed.
+  coefficients; ``use_id`` / ``use_base`` switch each off (e.g. at inference). Two ways
+  to mix the bases (``mix``):
+
+  * 'mid': each basis is a LoRA pair of its part's rank, and one coefficient scales it,
+    M = sum_k c_k U_k D_k. The bases stay shared factors; the coefficients become the
+    per-sample ``mid`` diagonal, so no per-sample matrix is formed at all.
+  * 'factors' (ByteDance's published HyperLoRALayer): the down and the up matrix are
+    each a combination of bases with coefficients of their own, down = sum_k a_k D_k,
+    up = sum_k b_k U_k, so a part is one LoRA of its rank per sample (ByteDance: ID rank
+    8, Base rank 4, K = 128). ``mid`` is then one entry per rank.
+
+  Either way ``mid`` lists the ID part's entries, then the Base part's (`mid_parts`), so
+  a caller can scale each part per sample. ``base_rank`` (0: ``rank``) is the Base
+  part's rank. ``per_part`` keeps each part's bases in params of their own (``id_*``,
+  ``base_*``; always so with 'factors'), so one part can train while the other is
+  frozen.
   """
   rank: int
   num_id: int
   num_base: int
   use_id: bool = True
   use_base: bool = True
+  mix: str = 'mid'
+  base_rank: int = 0
+  per_part: bool = False
+
+  @property
+  def ranks(self) -> tuple:
+    return self.rank, self.base_rank or self.rank
+
+  def part_sizes(self, d_in: int, d_out: int) -> tuple:
+    """Raw numbers per target of the ID part and of the Base part (raw lists the ID
+    part's first)."""
+    per_basis = 2 if self.mix == 'factors' else 1
+    return per_basis * self.num_id, per_basis * self.num_base
 
   def raw_size(self, d_in: int, d_out: int) -> int:
-    return self.num_id + self.num_base
+    return sum(self.part_sizes(d_in, d_out))
+
+  def mid_parts(self) -> tuple:
+    """Entries of ``mid`` that belong to the ID part and to the Base part."""
+    r_id, r_base = self.ranks
+    if self.mix == 'factors':
+      return r_id, r_base
+    return self.num_id * r_id, self.num_base * r_base
 
   @nn.compact
   def __call__(self, raw, d_in, d_out, first_index):
-    r, k = self.rank, self.num_id + self.num_base
+    if self.mix not in ('mid', 'factors'):
+      raise ValueError(f"Unknown basis mix {self.mix!r}; one of 'mid', 'factors'.")
     count = raw.shape[-2]
     init = lambda fan: nn.initializers.normal(fan ** -0.5)
-    down = self.param(f'down_{d_in}x{d_out}_{first_index}', init(d_in), (count, k * r, d_in))
-    up = self.param(f'up_{d_in}x{d_out}_{first_index}', init(k * r), (count, d_out, k * r))
-    switch = jnp.array([self.use_id] * self.num_id + [self.use_base] * self.num_base, raw.dtype)
-    mid = jnp.repeat(raw * switch, r, axis=-1)  # one coefficient per basis LoRA's r ranks
-    return {'down': down, 'up': up, 'mid': mid}
+    name = f'{d_in}x{d_out}_{first_index}'
+    (r_id, r_base), n_id = self.ranks, self.num_id
+    on = jnp.array([self.use_id] * self.mid_parts()[0] + [self.use_base] * self.mid_parts()[1],
+                   raw.dtype)
+    if self.mix == 'mid':
+      k = n_id * r_id + self.num_base * r_base
+      if self.per_part:
+        parts = [(p, n * r) for p, n, r in (('id', n_id, r_id), ('base', self.num_base, r_base))]
+        down = jnp.concatenate([self.param(f'{p}_down_{name}', init(d_in), (count, m, d_in))
+                                for p, m in parts if m], axis=1)
+        up = jnp.concatenate([self.param(f'{p}_up_{name}', init(k), (count, d_out, m))
+                              for p, m in parts if m], axis=2)
+      else:
+        down = self.param(f'down_{name}', init(d_in), (count, k, d_in))
+        up = self.param(f'up_{name}', init(k), (count, d_out, k))
+      # One coefficient per basis LoRA, repeated over its ranks.
+      mid = jnp.concatenate([jnp.repeat(raw[..., :n_id], r_id, axis=-1),
+                             jnp.repeat(raw[..., n_id:], r_base, axis=-1)], axis=-1)
+      return {'down': down, 'up': up, 'mid': mid * on}
+    downs, ups = [], []
+    for part, k, r, coeffs in (('id', n_id, r_id, raw[..., :2 * n_id]),
+                               ('base', self.num_base, r_base, raw[..., 2 * n_id:])):
+      if not k:
+        continue
+      bases_down = self.param(f'{part}_down_{name}', init(d_in), (count, k, r, d_in))
+      bases_up = self.param(f'{part}_up_{name}', init(r), (count, k, d_out, r))
+      # Unit-variance coefficients give unit-variance factors: / sqrt(K).
+      downs.append(jnp.einsum('btk,tkri->btri', coeffs[..., :k], bases_down) * k ** -0.5)
+      ups.append(jnp.einsum('btk,tkor->btor', coeffs[..., k:], bases_up) * k ** -0.5)
+    mid = jnp.broadcast_to(on, raw.shape[:-1] + on.shape)
+    return {'down': jnp.concatenate(downs, axis=-2), 'up': jnp.concatenate(ups, axis=-1),
+            'mid': mid}
 
 
 class VeRA(nn.Module):
@@ -290,7 +351,8 @@ def parameterization(config, targets: Sequence[Target]) -> nn.Module:
       'plain': lambda: PlainLoRA(config.rank),
       'lidb': lambda: LightweightDreamBooth(config.rank, config.a, config.b, config.seed),
       'basis': lambda: LoRABasis(config.rank, config.num_id, config.num_base,
-                                 config.use_id, config.use_base),
+                                 config.use_id, config.use_base, config.mix,
+                                 config.base_rank),
       'vera': lambda: VeRA(config.rank, config.seed, max(t.d_in for t in targets),
                            max(t.d_out for t in targets)),
   }

@@ -50,9 +50,11 @@ class CLIPEncoder(nn.Module):
   """The CLIP vision tower (or a ViT of any size built from a CLIPVisionConfig dict).
 
   Images arrive in [-1, 1] at any size; they are resized to the tower's resolution and
-  normalized with CLIP's mean and std. Returns the last hidden states and image_embeds.
+  normalized with CLIP's mean and std. Returns the hidden states of ``layer`` (-1: the
+  last; ByteDance HyperLoRA reads -2, the penultimate) and image_embeds.
   """
   tower: nn.Module
+  layer: int = -1
 
   @nn.compact
   def __call__(self, images):
@@ -63,7 +65,7 @@ class CLIPEncoder(nn.Module):
     x = (x - jnp.asarray(clip.CLIP_MEAN)) / jnp.asarray(clip.CLIP_STD)
     out = self.tower(x)
     pooled = out.pooler_output if out.image_embeds is None else out.image_embeds
-    return out.last_hidden_state, pooled
+    return out.hidden_states[self.layer], pooled
 
 
 class Block(nn.Module):
@@ -162,28 +164,68 @@ class ShallowHeads(nn.Module):
 
 
 class PerceiverDecoder(nn.Module):
-  """Perceiver Resampler (ByteDance HyperLoRA): learned queries, one per target,
-  attend to the image tokens together with themselves (as in Flamingo)."""
+  """Perceiver Resampler (ByteDance HyperLoRA): learned queries attend to the image
+  tokens; ``queries`` per target, whose outputs are concatenated into its raw numbers
+  (ByteDance: 2, one for the down and one for the up coefficients).
+
+  ``block``: 'joint' (Flamingo's: the queries attend to the tokens together with
+  themselves) or 'separate' (ByteDance's PerceiverAttentionBlock: self-attention among
+  the queries, cross-attention to the tokens, then to ``extra`` tokens when given, an
+  MLP; no biases in the attention, no norm before the heads). ``extra`` tokens [B, M,
+  D'] (an identity embedding's, `models.id_base`) have their own projection and
+  attention (``id_*`` params), so they can train while the rest stays frozen.
+  ``head_dim`` (0: width // heads) sets the attention's inner width.
+  """
   groups: Any
   raw_sizes: Sequence[int]
   width: int
   depth: int
   heads: int
+  queries: int = 1
+  block: str = 'joint'
+  head_dim: int = 0
 
   @nn.compact
-  def __call__(self, tokens, pooled):
-    num = sum(len(idx) for _, idx in self.groups)
+  def __call__(self, tokens, pooled, extra=None):
+    if self.block not in ('joint', 'separate'):
+      raise ValueError(f"Unknown perceiver block {self.block!r}; one of 'joint', 'separate'.")
+    if extra is not None and self.block != 'separate':
+      raise ValueError("Extra (identity) tokens need the perceiver's 'separate' block.")
+    bad = [s for s in self.raw_sizes if s % self.queries]
+    if bad:
+      raise ValueError(f'{self.queries} queries per target do not split raw sizes {bad}.')
+    num = sum(len(idx) for _, idx in self.groups) * self.queries
+    inner = self.heads * (self.head_dim or self.width // self.heads)
+    attn = lambda name: nn.MultiHeadDotProductAttention(
+        self.heads, qkv_features=inner, out_features=self.width,
+        use_bias=self.block == 'joint', name=name)
     memory = nn.Dense(self.width, name='memory_proj')(tokens)
+    if extra is not None:
+      extra = nn.Dense(self.width, name='id_memory_proj')(extra)
     x = jnp.broadcast_to(self.param('queries', nn.initializers.normal(0.02),
                                     (num, self.width)), (tokens.shape[0], num, self.width))
     for i in range(self.depth):
-      h = nn.LayerNorm(name=f'norm_q_{i}')(x)
-      kv = jnp.concatenate([nn.LayerNorm(name=f'norm_kv_{i}')(memory), h], axis=1)
-      x = x + nn.MultiHeadDotProductAttention(self.heads, name=f'attn_{i}')(h, kv)
+      if self.block == 'joint':
+        h = nn.LayerNorm(name=f'norm_q_{i}')(x)
+        kv = jnp.concatenate([nn.LayerNorm(name=f'norm_kv_{i}')(memory), h], axis=1)
+        x = x + attn(f'attn_{i}')(h, kv)
+      else:
+        h = nn.LayerNorm(name=f'norm_self_{i}')(x)
+        x = x + attn(f'self_attn_{i}')(h, h)
+        x = x + attn(f'attn_{i}')(nn.LayerNorm(name=f'norm_q_{i}')(x),
+                                  nn.LayerNorm(name=f'norm_kv_{i}')(memory))
+        if extra is not None:
+          x = x + attn(f'id_attn_{i}')(nn.LayerNorm(name=f'id_norm_q_{i}')(x),
+                                       nn.LayerNorm(name=f'id_norm_kv_{i}')(extra))
       h = nn.Dense(4 * self.width, name=f'mlp_in_{i}')(nn.LayerNorm(name=f'norm_mlp_{i}')(x))
       x = x + nn.Dense(self.width, name=f'mlp_out_{i}')(nn.gelu(h))
-    x = nn.LayerNorm(name='norm_out')(x)
-    return GroupHeads(self.groups, self.raw_sizes, per_target=False, name='heads')(x)
+    if self.block == 'joint':
+      x = nn.LayerNorm(name='norm_out')(x)
+    q = self.queries
+    x = x.reshape(x.shape[0], num // q, q, self.width)  # target-major: a target's queries
+    raw = GroupHeads(self.groups, [s // q for s in self.raw_sizes], per_target=False,
+                     name='heads')(x)
+    return [r.reshape(r.shape[:2] + (-1,)) for r in raw]
 
 
 class HyperNetwork(nn.Module):
@@ -208,11 +250,11 @@ class HyperNetwork(nn.Module):
     for ((d_in, d_out), idx), group_raw in zip(group_targets(self.targets), raw):
       factors = self.parameterization(group_raw, d_in, d_out, idx[0])
       for j, i in enumerate(idx):
-        tree[self.targets[i].path] = dict(_take(factors, j), scale=gamma)
+        tree[self.targets[i].path] = dict(target_factors(factors, j), scale=gamma)
     return tree
 
 
-def _take(factors, j):
+def target_factors(factors, j):
   """Target j of a group's factors: axis 1 for per-sample arrays (batch and target axes
   over a shared factor's), 0 for shared ones."""
   return {k: v[:, j] if v.ndim == lora_lib.SHARED_NDIM[k] + 2 else v[j]
@@ -234,24 +276,32 @@ def build(config, targets: Sequence[lora_lib.Target], encoder_tower: nn.Module =
   param = lora_lib.parameterization(config.param, targets)
   groups = group_targets(targets)
   raw_sizes = tuple(param.raw_size(*shape) for shape, _ in groups)
-  enc = config.encoder
+  return HyperNetwork(tuple(targets), build_encoder(config.encoder, encoder_tower),
+                      build_decoder(config.decoder, groups, raw_sizes), param,
+                      config.gamma_init)
+
+
+def build_encoder(enc, encoder_tower: nn.Module = None) -> nn.Module:
+  """The image encoder of a ``config.hypernet.encoder`` section (see `build`)."""
   if enc.kind == 'conv':
-    encoder = ConvEncoder(tuple(enc.channels))
-  elif enc.kind in ('vit', 'clip'):
+    return ConvEncoder(tuple(enc.channels))
+  if enc.kind in ('vit', 'clip'):
     tower = encoder_tower or clip.vision_from_config(enc.vit.to_dict())
-    encoder = CLIPEncoder(tower.clone(remat=enc.remat))
-  else:
-    raise ValueError(f'Unknown encoder kind {enc.kind!r}; one of conv, vit, clip.')
-  dec = config.decoder
+    return CLIPEncoder(tower.clone(remat=enc.remat), enc.layer)
+  raise ValueError(f'Unknown encoder kind {enc.kind!r}; one of conv, vit, clip.')
+
+
+def build_decoder(dec, groups, raw_sizes: Sequence[int]) -> nn.Module:
+  """The weight decoder of a ``config.hypernet.decoder`` section, predicting
+  ``raw_sizes`` numbers per target of each group."""
   if dec.kind == 'transformer':
-    decoder = TransformerDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads, dec.rounds)
-  elif dec.kind == 'heads':
-    decoder = ShallowHeads(groups, raw_sizes, dec.hidden)
-  elif dec.kind == 'perceiver':
-    decoder = PerceiverDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads)
-  else:
-    raise ValueError(f'Unknown decoder kind {dec.kind!r}; one of transformer, heads, perceiver.')
-  return HyperNetwork(tuple(targets), encoder, decoder, param, config.gamma_init)
+    return TransformerDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads, dec.rounds)
+  if dec.kind == 'heads':
+    return ShallowHeads(groups, raw_sizes, dec.hidden)
+  if dec.kind == 'perceiver':
+    return PerceiverDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads,
+                            dec.queries, dec.block, dec.head_dim)
+  raise ValueError(f'Unknown decoder kind {dec.kind!r}; one of transformer, heads, perceiver.')
 
 
 def predicted_size(param: nn.Module, targets: Sequence[lora_lib.Target]) -> int:
