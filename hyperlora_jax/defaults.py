@@ -40,6 +40,17 @@ config.data       the input pipeline (`data.pipeline`)
   augment         training contexts' variations (`data.augment` documents them): p (0.0:
                   off), scale ((0.35, 1.0)), background (0.5), jpeg (0.5), jpeg_quality
                   ((30, 95)), lowres (0.3), lowres_scale ((0.3, 0.8))
+  set_size        N > 0: each example is a subject's set of N context images with their
+                  identity regions and embeddings (`data.subjects`; synthetic: N renders
+                  of the item; 'subjects' folders: N of the subject's files); 0: one
+                  context image per example (0)
+  set_random      training draws 1..N images of each set (the rest masked out); else
+                  always N (True)
+  set_occlude     synthetic sets: probability that a render has part of its item covered
+                  by a random color, so one render may mislead where several agree (0.5)
+  id_embed_dim    the size of the precomputed identity embeddings ('subjects' folders:
+                  a .npy beside each image or embeddings.npz); another size is an error
+                  naming the file (512, ArcFace's)
 
 config.model
   pretrained      a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/,
@@ -53,12 +64,43 @@ config.model
   targets         LoRA targets (`lora.TARGET_SETS` names or regexes) ('cross_attn')
   prompt_dropout  probability of training on the empty prompt, for guidance (0.1)
   min_snr_gamma   min-SNR loss weighting (None = off)
+  init_from       a finished run whose trained hypernetwork params start this one's
+                  (matching params; 'stage:<name>' in a stages config), e.g. stage 2 of
+                  `hyperlora_basis` from stage 1 ('': none)
+  init_step       that run's step (-1: its newest; a stages config records it)
 
 config.lora       rank (4), alpha (4.0): the ``unet_lora`` objective's shared LoRA
 
+config.basis      ByteDance HyperLoRA's recipe (`objectives.hyperlora_basis`)
+  stage           'base' (stage 1: the Base-LoRA from contexts whose identity region is
+                  hidden) | 'id_clip' (stage 2: the ID-LoRA from the image encoder, Base
+                  frozen, the three conditions) | 'id_embed' (stage 3: the ID-LoRA also
+                  from the identity encoder, the image-encoder branch frozen) | 'joint'
+                  (one stage, end to end: everything, the plain loss) ('joint')
+  trigger         the rare words that call the ID-LoRA ('': S* on synthetic data, else
+                  the paper's 'fcsks fxhks fhyks'); added to prompts that lack it
+  conditions      the mixing ratio of the three conditions in stages 2 and 3 (each
+                  sample draws one): with the trigger ID + Base reconstruct the target;
+                  without it ID alone matches the base model, ID + Base the Base-LoRA
+                  ((0.5, 0.25, 0.25))
+  encoders        'separate' (each branch its own image encoder, so a trained encoder
+                  of one branch stays frozen with it) | 'shared' (one, e.g. a frozen CLIP
+                  tower: it trains in stage 1 and 'joint' only) ('separate')
+  region          how the Base branch hides each context's identity region: mode
+                  ('blur' | 'fill': the border's color | 'none'), blur (the Gaussian's
+                  sigma, fraction of the image side: 0.1)
+  identity        the identity encoder: kind ('none' | 'precomputed': the data's
+                  embedding per image | 'crop': a conv net over the region's crop),
+                  tokens (4), width (0: the decoder's), crop_size (16), channels
+                  ((32, 64)) ('crop' only)
+  normalize       each coefficient vector to unit RMS after the set mean (True)
+  trainable       a regex over hypernet param paths that overrides the stage's own
+                  ('': the stage's, `hyperlora_basis.TRAINABLE`)
+
 config.hypernet   see `models.hypernet.build`
   encoder         kind 'conv' | 'vit' | 'clip'; channels (conv); vit: a CLIPVisionConfig
-                  dict (ViT-L/14); pretrained: a CLIP vision folder for 'clip';
+                  dict (ViT-L/14); pretrained: a CLIP vision folder for 'clip'; layer: the
+                  tower's hidden states the tokens are (-1: the last; -2: ByteDance's);
                   trainable (True): False freezes the encoder; remat: what a trained
                   'vit'/'clip' encoder keeps per layer for the backward: 'none', 'full'
                   or a jax.checkpoint_policies name (default
@@ -67,9 +109,13 @@ config.hypernet   see `models.hypernet.build`
                   ViT-L layer's forward FLOPs, for ~5x less activation memory); not
                   'none' also runs the layers as one lax.scan (`clip.CLIPEncoder`)
   decoder         kind 'heads' | 'transformer' | 'perceiver'; hidden (heads), width,
-                  depth, heads, rounds (transformer)
+                  depth, heads, rounds (transformer); perceiver: queries per target (1;
+                  ByteDance: 2), block ('joint': Flamingo's | 'separate': ByteDance's),
+                  head_dim (0: width // heads)
   param           kind 'plain' | 'lidb' | 'basis' | 'vera'; rank; a, b (lidb); seed
-                  (lidb, vera aux matrices); num_id, num_base, use_id, use_base (basis)
+                  (lidb, vera aux matrices); num_id, num_base, use_id, use_base (basis);
+                  mix ('mid': one coefficient per basis LoRA | 'factors': ByteDance's,
+                  down and up each a combination of bases) and base_rank (0: rank) (basis)
   gamma_init      the one trainable scale of every delta starts here (0.0)
 
 config.train
@@ -153,19 +199,26 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
                 static_prompt='', on_bad_example='error', convert_modes=True, resolution=32,
                 prompt='scene', seed=0, num_train=1000, num_test=200, holdout_seed=0,
                 test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, batch_size=8,
-                num_threads=4, prefetch=4, num_workers=0,
+                num_threads=4, prefetch=4, num_workers=0, set_size=0, set_random=True,
+                set_occlude=0.5, id_embed_dim=512,
                 augment=dict(p=0.0, scale=(0.35, 1.0), background=0.5, jpeg=0.5,
                              jpeg_quality=(30, 95), lowres=0.3, lowres_scale=(0.3, 0.8)))
   c.model = dict(pretrained='', unet=tiny_unet(), text=tiny_text(), max_length=40,
                  scheduler=dict(prediction_type='epsilon'), targets='cross_attn',
-                 prompt_dropout=0.1, min_snr_gamma=ml_collections.config_dict.placeholder(float))
+                 prompt_dropout=0.1, min_snr_gamma=ml_collections.config_dict.placeholder(float),
+                 init_from='', init_step=-1)
   c.lora = dict(rank=4, alpha=4.0)
+  c.basis = dict(stage='joint', trigger='', conditions=(0.5, 0.25, 0.25), encoders='separate',
+                 region=dict(mode='blur', blur=0.1),
+                 identity=dict(kind='none', tokens=4, width=0, crop_size=16, channels=(32, 64)),
+                 normalize=True, trainable='')
   c.hypernet = dict(
       encoder=dict(kind='conv', channels=(32, 64, 128), pretrained='', trainable=True,
-                   remat='dots_with_no_batch_dims_saveable', vit=dict(VIT_L14)),
-      decoder=dict(kind='heads', hidden=64, width=128, depth=2, heads=4, rounds=2),
+                   remat='dots_with_no_batch_dims_saveable', vit=dict(VIT_L14), layer=-1),
+      decoder=dict(kind='heads', hidden=64, width=128, depth=2, heads=4, rounds=2,
+                   queries=1, block='joint', head_dim=0),
       param=dict(kind='plain', rank=2, a=100, b=50, seed=0, num_id=16, num_base=16,
-                 use_id=True, use_base=True),
+                 use_id=True, use_base=True, mix='mid', base_rank=0),
       gamma_init=0.0)
   c.train = dict(num_steps=1000, batch_size=8, grad_accum_steps=1, log_every=50,
                  eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,

@@ -24,6 +24,16 @@ single (HyperDreamBooth, one image per identity):
 triples (any paired task):
   root/<split>/<example id>/context.<ext>, target.<ext>, prompt.txt
   (prompt.txt optional: falls back to the static prompt).
+subjects (several images per identity: ByteDance HyperLoRA's recipe, `data.subjects`):
+  root/<split>/<subject>/<image>.<ext>   one or more images of the subject
+  beside an image X (all optional): X.json {"box": [x0, y0, x1, y1]}, its identity
+  region in its pixels; X.npy, its identity embedding (e.g. ArcFace's 512 numbers);
+  X.txt, its caption (else <subject>/prompt.txt, else the static prompt). Or one file
+  for all: root/regions.json {"<subject>/<image file>": [x0, y0, x1, y1]},
+  root/embeddings.npz {"<subject>/<image stem>": embedding}. Once any region (or
+  embedding) is given, every image needs one: a region file that does not cover an
+  image, or a region outside it, is a bad example naming the image; without any
+  region, an image's region is the whole image.
 
 Every example has 'context' (bytes), 'prompt', 'prompt_static' and 'id'
 (text); all but single have 'target' (bytes). Synthetic adds 'prompt_full',
@@ -44,16 +54,18 @@ warning; a split whose examples were all bad is always an error.
 import collections
 import dataclasses
 import hashlib
-
+import io
 import json
 import os
 import pathlib
 
 from absl import logging
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from hyperlora_jax.data import images as image_io
+from hyperlora_jax.data import subjects
 from hyperlora_jax.data import synthetic
 
 VERSION = '1.0.0'
@@ -375,6 +387,104 @@ class Triples(_FolderBuilder):
     return make
 
 
+class Subjects(_FolderBuilder):
+  """root/<split>/<subject>/<images>, with regions and embeddings (module docstring)."""
+
+  name = 'hyperlora_subjects'
+  STATIC_PROMPT = 'a photo of a person'
+
+  def _info(self):
+    object_list = lambda: tfds.features.Tensor(shape=(None,), dtype=np.object_)
+    features = _text_features('prompt_static', 'id')
+    features.update(images=object_list(), names=object_list(), prompts=object_list(),
+                    boxes=tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+                    sizes=tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+                    embeds=tfds.features.Tensor(shape=(None, None), dtype=np.float32))
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict({k: {} for k in _COUNTS}))
+
+  def _list_splits(self):
+    root = self._root
+    regions_file, embeds_file = root / 'regions.json', root / 'embeddings.npz'
+    self._regions = json.loads(regions_file.read_text()) if regions_file.exists() else {}
+    self._embeds = dict(np.load(embeds_file)) if embeds_file.exists() else {}
+    images = [p for p in root.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES]
+    self._has = {'region': bool(self._regions) or any(
+        p.with_suffix('.json').exists() for p in images),
+                 'embedding': bool(self._embeds) or any(
+                     p.with_suffix('.npy').exists() for p in images)}
+    self._embed_size = None
+    return {split: [(d.name, self._maker(d, split))
+                    for d in sorted((root / split).iterdir()) if d.is_dir()]
+            for split in ('train', 'test') if (root / split).is_dir()}
+
+  def _region(self, path, size):
+    sidecar = path.with_suffix('.json')
+    key = f'{path.parent.name}/{path.name}'
+    if sidecar.exists():
+      try:
+        box = json.loads(sidecar.read_text())['box']
+      except (ValueError, KeyError, TypeError) as e:
+        raise BadExample(f'{sidecar}: expected {{"box": [x0, y0, x1, y1]}} ({e!r})') from None
+      where = str(sidecar)
+    elif key in self._regions:
+      box, where = self._regions[key], f'{self._root / "regions.json"} [{key!r}]'
+    elif self._has['region']:
+      raise BadExample(f'{path} has no identity region: the region file does not cover '
+                       f'it (give {sidecar.name} or "{key}" in regions.json)')
+    else:
+      return [0, 0, *size]
+    try:
+      return subjects.check_box(box, *size, where)
+    except ValueError as e:
+      raise BadExample(str(e)) from None
+
+  def _embedding(self, path):
+    sidecar, key = path.with_suffix('.npy'), f'{path.parent.name}/{path.stem}'
+    if sidecar.exists():
+      vector, where = np.load(sidecar, allow_pickle=False), sidecar
+    elif key in self._embeds:
+      vector, where = self._embeds[key], f'{self._root / "embeddings.npz"} [{key!r}]'
+    elif self._has['embedding']:
+      raise BadExample(f'{path} has no identity embedding ({sidecar.name} or "{key}" in '
+                       'embeddings.npz), as other images have')
+    else:
+      return np.zeros(0, np.float32)
+    vector = np.asarray(vector, np.float32)
+    if vector.ndim != 1 or (self._embed_size and vector.size != self._embed_size):
+      raise BadExample(f'{where}: an identity embedding of shape {vector.shape}; the '
+                       f'others have ({self._embed_size},)' if self._embed_size else
+                       f'{where}: an identity embedding is one vector, not {vector.shape}')
+    self._embed_size = vector.size
+    return vector
+
+  def _maker(self, folder, split):
+    def make():
+      paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+      if not paths:
+        raise BadExample(f'{folder}: a subject with no images (a set needs at least one)')
+      caption = folder / 'prompt.txt'
+      caption = caption.read_text().strip() if caption.exists() else ''
+      rows = []
+      for path in paths:
+        data = self._image(path, split)
+        size = Image.open(io.BytesIO(data)).size
+        own = path.with_suffix('.txt')
+        prompt = own.read_text().strip() if own.exists() else caption
+        if not prompt:
+          self._counts[split]['static_prompt'] += 1
+        rows.append((data, f'{folder.name}/{path.name}', prompt or self._static_prompt,
+                     self._region(path, size), size, self._embedding(path)))
+      data, names, prompts, boxes, sizes, embeds = zip(*rows)
+      return {'images': np.array(data, object), 'names': np.array(names, object),
+              'prompts': np.array(prompts, object),
+              'boxes': np.array(boxes, np.float32), 'sizes': np.array(sizes, np.int32),
+              'embeds': np.stack(embeds), 'prompt_static': self._static_prompt,
+              'id': folder.name}
+    return make
+
+
 class Synthetic(_Builder):
   """The synthetic recontextualization task of synthetic.py."""
 
@@ -412,7 +522,7 @@ class Synthetic(_Builder):
 
 
 _FOLDER_BUILDERS = {'paired': PairedFolders, 'single': SingleImages,
-                    'triples': Triples}
+                    'triples': Triples, 'subjects': Subjects}
 
 
 def make_builder(data):

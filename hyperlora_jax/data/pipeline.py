@@ -37,6 +37,8 @@ Batch (numpy, leading dim B = per-host batch size):
   synthetic only: 'shape', 'color', 'pattern', 'color2', 'background',
                   'position' int32 [B]; 'box' int32 [B, 4] (x0, y0, x1, y1,
                   end-exclusive) of the item in the target.
+  data.set_size N > 0: 'context' is [B, N, R, R, 3], a subject's set, with
+                  'set_mask', 'region' and 'id_embed' (`data.subjects`).
 
 The config.data keys are documented, with their defaults, in `hyperlora_jax.defaults`.
 
@@ -58,6 +60,7 @@ from hyperlora_jax import defaults
 from hyperlora_jax.data import augment
 from hyperlora_jax.data import builders
 from hyperlora_jax.data import images
+from hyperlora_jax.data import subjects
 
 _PROMPT_KEYS = {'scene': 'prompt', 'static': 'prompt_static',
                 'full': 'prompt_full'}
@@ -75,6 +78,9 @@ def _load(source, stop, pad_index, data, index):
   valid = index < stop
   index = index if valid else pad_index
   ex = source[index]
+  if 'images' in ex:  # A subject's files: `subjects.make_set` decodes the ones it draws.
+    return dict(ex, id=_field(ex['id']), prompt_static=_field(ex['prompt_static']),
+                index=np.int64(index), valid=valid)
   out = {k: _field(v) for k, v in ex.items() if k not in ('context', 'target')}
   context = images.fit(ex['context'], data.resolution)
   target = images.fit(ex['target'], data.resolution) if 'target' in ex else context
@@ -119,7 +125,8 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
     shuffle: shuffle each epoch (seeded by data.seed) within the host's block.
     batch_size: global batch size (default data.batch_size), divided among
       the hosts.
-    augment: draw context-image variations (`data.augment`; for training).
+    augment: training draws: context-image variations (`data.augment`), or which
+      pictures of each subject's set count (`subjects.make_set`).
 
   Returns:
     A grain DatasetIterator of batch dicts (module docstring).
@@ -156,9 +163,18 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
       # Padding repeats a record of the host's own block, if it has one.
       functools.partial(_load, source, stop, start if start < stop else 0,
                         data))
-  if augment and data.augment.p:
+  if data.set_size:
+    if data.augment.p:
+      raise ValueError('data.augment varies single context images; a set of them '
+                       '(data.set_size) has its own variation: set data.augment.p=0.')
     # Seeded from the element's position in the stream: resumable, new each epoch.
+    ds = ds.random_map(functools.partial(subjects.make_set, data, augment, split),
+                       seed=data.seed)
+  elif augment and data.augment.p:
     ds = ds.random_map(functools.partial(_augment, data.augment), seed=data.seed)
+  elif 'images' in source[0]:
+    raise ValueError(f'{builder.data_path} holds sets of images per subject: give '
+                     'data.set_size (how many pictures of a subject an example shows).')
   ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
   if num_epochs is not None:
     ds = ds.map(functools.partial(_pad_batch, batch_size))

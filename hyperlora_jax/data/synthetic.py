@@ -271,6 +271,23 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   return out
 
 
+def subject_render(item, rng, resolution, occlude=0.0):
+  """Another picture of an item, for a subject's set of context images: on white, its
+  side 45-80% of the image, anywhere in the frame; with probability `occlude` a
+  rectangle of a random color covers 25-50% of it (so one picture may mislead where
+  several agree). Returns (image [R, R, 3] uint8, box [4] int32 of the whole item)."""
+  r = resolution
+  size = max(2, int(round(rng.uniform(0.45, 0.8) * r)))
+  x0, y0 = (int(v) for v in rng.integers(0, r - size + 1, 2))
+  image = np.broadcast_to(BACKGROUND_RGB[CONTEXT_BACKGROUND], (r, r, 3)).copy()
+  _paste(image, *item, size, x0, y0)
+  if rng.random() < occlude:
+    w, h = (max(1, int(round(f * size))) for f in rng.uniform(0.5, 0.7, 2))
+    ox, oy = x0 + int(rng.integers(0, size - w + 1)), y0 + int(rng.integers(0, size - h + 1))
+    image[oy:oy + h, ox:ox + w] = rng.integers(0, 256, 3)
+  return image, np.array([x0, y0, x0 + size, y0 + size], np.int32)
+
+
 def generate(num, split='train', *, start=0, **kwargs):
   """Examples start..start+num-1 of `split`, stacked; kwargs as `example`."""
   exs = [example(i, split, **kwargs) for i in range(start, start + num)]

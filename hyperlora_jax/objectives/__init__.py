@@ -1,6 +1,8 @@
 """What a run trains: one registry of objectives, each a small module.
 
 * ``hyperlora``: a hypernetwork predicts a per-sample LoRA from the context image.
+* ``hyperlora_basis``: ByteDance HyperLoRA's ID/Base recipe in stages, from a set of
+  context images per subject.
 * ``unet_lora``: one shared plain LoRA on the UNet.
 * ``unet_full``: the UNet and text tower themselves.
 
@@ -10,11 +12,12 @@ and stages use only these: none of them tests ``config.objective``. To add an ob
 write a module with a ``SPEC`` (see `base.Spec`, `base.diffusion_objective`) and list it
 in ``REGISTRY``.
 """
-from hyperlora_jax.objectives import hyperlora, unet_full, unet_lora
+from hyperlora_jax.objectives import hyperlora, hyperlora_basis, unet_full, unet_lora
 from hyperlora_jax.objectives.base import (  # noqa: F401  (what the tools use)
     Models, Objective, Spec, encode_prompts, time_ids, tokenize)
 
-REGISTRY = {s.name: s for s in (hyperlora.SPEC, unet_lora.SPEC, unet_full.SPEC)}
+REGISTRY = {s.name: s for s in (hyperlora.SPEC, hyperlora_basis.SPEC, unet_lora.SPEC,
+                                 unet_full.SPEC)}
 
 
 def spec(name: str) -> Spec:

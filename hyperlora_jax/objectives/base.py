@@ -31,12 +31,15 @@ class Spec:
   lora_inputs: the batch keys its LoRA is computed from, e.g. ('context',).
   trains_base: its trained UNet and text tower are a new base model, which a stage
     exports as a diffusers folder for later stages.
+  lora_parts: the parts its LoRA is the sum of, each of which sampling and export may
+    scale (``inputs['part_scales']`` {part: scale}), e.g. ('id', 'base').
   """
   name: str
   build: Callable[..., 'Objective']
   lora_kind: Optional[str] = None
   lora_inputs: tuple = ()
   trains_base: bool = False
+  lora_parts: tuple = ()
 
 
 class Models(NamedTuple):
@@ -81,6 +84,9 @@ class Objective(NamedTuple):
   base: Callable  # (trainable, frozen) -> {'unet': params, 'text': params}
   # (trainable, frozen) -> the hypernetwork's variables, for objectives that have one.
   hypernet_variables: Optional[Callable] = None
+  # (image paths, as_set) -> (the LoRA inputs, names) read from files, for objectives
+  # whose LoRA inputs are more than the images (None: `runs.inputs_from_files`' images).
+  read_inputs: Optional[Callable] = None
 
 
 def compute_dtype(config):
@@ -167,7 +173,7 @@ def time_ids(unet_module, resolution: int) -> dict:
   return pipeline.time_ids(unet_module, (resolution, resolution))
 
 
-def _latents(models: Models, vae_params, images, rng):
+def latents(models: Models, vae_params, images, rng):
   """Targets in the space the UNet diffuses: VAE latents, or pixels without a VAE."""
   if models.vae is None:
     return images
@@ -191,7 +197,7 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
     drop = jax.random.bernoulli(rng_drop, config.model.prompt_dropout, ids[0].shape[:1])
     ids = [jnp.where(drop[:, None], u[None], i) for u, i in zip(uncond_ids, ids)]
     cond = encode_prompts(models.text_towers, params, ids, tree)
-    x0 = _latents(models, frozen.get('vae'), batch['target'], rng_vae)
+    x0 = latents(models, frozen.get('vae'), batch['target'], rng_vae)
     t = diffusion.random_timesteps(rng_t, models.schedule, x0.shape[0])
     noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
     pred = models.unet.apply({'params': params['unet']}, diffusion.add_noise(

@@ -14,7 +14,7 @@ from hyperlora_jax.objectives.base import (Objective, Spec, base_models, compute
                                           diffusion_objective)
 
 
-def _clip_tower(config):
+def clip_tower(config):
   """(module, params) of a pretrained CLIP vision tower for 'clip' encoders, else Nones."""
   enc = config.hypernet.encoder
   if enc.kind != 'clip':
@@ -37,7 +37,7 @@ def variables(trainable, frozen) -> dict:
 
 def build(config, rng) -> Objective:
   rng_base, rng_net = jax.random.split(rng)
-  tower_module, tower = _clip_tower(config)
+  tower_module, tower = clip_tower(config)
   models, frozen = base_models(
       config, rng_base, lambda targets: hypernet.build(config.hypernet, targets, tower_module))
   net = models.hypernet
