@@ -62,6 +62,7 @@ from hyperlora_jax import sample
 from hyperlora_jax.convert import clip_folders, core, vit_folders
 from hyperlora_jax.data import images as image_io
 from hyperlora_jax.data import pipeline
+from hyperlora_jax.data import subjects
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip, vit
 
@@ -322,13 +323,45 @@ def evaluate_mode(run: runs.Run, mode: str, **kwargs):
   return _summary(per_seed, labels), kept
 
 
+# Options of a row beside its mode (`compare`'s third element, `score_mode`'s keywords):
+#   lora_scale      a number, or {part: scale} for a LoRA of parts (`Spec.lora_parts`):
+#                   {'id': 1, 'base': 0} is a hyperlora_basis run's ID-LoRA alone
+#   trigger         False: the prompts without the synthetic task's trigger S*
+#   context_images  k: of each subject's set of context images, the first k only
+ROW_OPTIONS = ('lora_scale', 'trigger', 'context_images')
+
+
+def _lora_inputs(run: runs.Run, batch, context_images: Optional[int]):
+  """The run's LoRA inputs from a batch (`Spec.lora_inputs`), its sets cut to their
+  first `context_images` pictures."""
+  inputs = {k: batch[k] for k in run.spec.lora_inputs}
+  if context_images:
+    if 'set_mask' not in inputs:
+      raise ValueError(f'context_images={context_images}: a {run.spec.name} run reads one '
+                       'context image per example, not a set.')
+    mask = np.asarray(inputs['set_mask'])
+    inputs['set_mask'] = mask & (np.arange(mask.shape[1]) < context_images)
+  return inputs
+
+
+def _first_context(context) -> np.ndarray:
+  """One context image per example: the first of each set."""
+  context = np.asarray(context)
+  return context[:, 0] if context.ndim == 5 else context
+
+
 def score_mode(run: runs.Run, mode: str, *, split='test',
                num_examples: Optional[int] = None, num_steps=25, guidance=3.0,
                seeds=(0,), sampler='ddim', batch_size: Optional[int] = None,
-               scorer: Optional[CLIPScorer] = None, keep: int = 0):
+               scorer: Optional[CLIPScorer] = None, keep: int = 0, lora_scale=1.0,
+               trigger: bool = True, context_images: Optional[int] = None):
   """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept,
-  the examples' ground-truth {'color', 'pattern'} on synthetic data)."""
+  the examples' ground-truth {'color', 'pattern'} on synthetic data). `lora_scale`,
+  `trigger`, `context_images`: see `ROW_OPTIONS`."""
   check_mode(run.config, mode)
+  if not trigger and run.config.data.name != 'synthetic':
+    raise ValueError('trigger=False takes the synthetic task\'s S* out of its prompts; '
+                     f'the run uses {run.config.data.name!r} data.')
   if num_examples is not None and num_examples < 0:
     raise ValueError(f'num_examples={num_examples}: must be >= 0 (0 or None: all).')
   prompt_kind, lora_kind, contexts = MODES[mode]
@@ -342,15 +375,17 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
       if mode.endswith(EDIT):
         batch = edit_batch(batch, seed)
       prompts = _prompts(batch, prompt_kind)
+      if not trigger:
+        prompts = [subjects.without_trigger(p, synthetic.TOKEN) for p in prompts]
       images = np.asarray(sample.generate(
-          run, batch['context'], prompts, num_steps=num_steps, guidance=guidance,
-          sampler=sampler, seed=seed, use_lora=lora_kind is not None,
-          image_ids=batch['index']))
+          run, _lora_inputs(run, batch, context_images), prompts, num_steps=num_steps,
+          guidance=guidance, sampler=sampler, seed=seed, use_lora=lora_kind is not None,
+          image_ids=batch['index'], lora_scale=lora_scale))
       found = score_synthetic(images, batch) if 'color' in batch else {}
       if scorer is not None:
         # CLIP-T against what the image should show: the full prompt if any.
         described = _prompts(batch, 'full') if 'prompt_full' in batch else prompts
-        found.update(clip_scores(scorer, images, batch['context'],
+        found.update(clip_scores(scorer, images, _first_context(batch['context']),
                                  batch['target'], described))
       for name, values in found.items():
         scores[name].append(values[:n])
@@ -359,7 +394,7 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
           labels[attr].append(np.asarray(batch[attr])[:n])
       room = keep - sum(len(x) for x in kept['generated'])
       if i == 0 and room > 0:
-        for name, x in (('context', batch['context']),
+        for name, x in (('context', _first_context(batch['context'])),
                         ('target', batch['target']), ('generated', images)):
           kept[name].append(np.asarray(x)[:min(n, room)])
     per_seed.append({k: np.concatenate(v) for k, v in scores.items()})
@@ -468,11 +503,13 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
             num_examples: Optional[int] = 200, num_steps=25, guidance=3.0,
             seeds=(0,), sampler='ddim', batch_size: Optional[int] = None,
             grid_examples=8, clip_folder: Optional[str] = None) -> dict:
-  """Evaluates rows {name: (workdir, mode)} on the same examples and seeds.
+  """Evaluates rows {name: (workdir, mode[, options])} on the same examples and seeds.
 
   A row's workdir may be a list of runs that differ only in their training
   seed, as many as `seeds`: run k is sampled with seeds[k], and the row's
-  spread is over those runs. A single run is sampled with every seed.
+  spread is over those runs. A single run is sampled with every seed. Options
+  (a dict of `ROW_OPTIONS`) sample the row's run another way, e.g. one part of
+  its LoRA alone.
 
   Writes out_dir/results.json, results.md (one table row per entry, in
   order; then each row's accuracy per item color and per pattern) and grid.png
@@ -480,14 +517,20 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   row, its first run, after its own contexts where they are other images:
   the robustness split's). Returns the results dict.
   """
-  for name, (workdirs, mode) in rows.items():
+  rows = {name: (row[0], row[1], dict(row[2] if len(row) > 2 else {}))
+          for name, row in rows.items()}
+  for name, (workdirs, mode, options) in rows.items():
     check_mode_name(mode)
+    unknown = sorted(set(options) - set(ROW_OPTIONS))
+    if unknown:
+      raise ValueError(f'Row {name!r}: unknown options {unknown}; known: {ROW_OPTIONS}.')
     if isinstance(workdirs, (list, tuple)) and len(workdirs) != len(seeds):
       raise ValueError(f'Row {name!r} has {len(workdirs)} runs but there are '
                        f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
   restored, results, columns, labels = {}, {}, [], ['context', 'ground truth']
-  for name, (workdirs, mode) in rows.items():
+  truths = {}  # '' or EDIT -> the ground truth its rows are scored against
+  for name, (workdirs, mode, options) in rows.items():
     pairs = (list(zip(workdirs, [(s,) for s in seeds]))
              if isinstance(workdirs, (list, tuple)) else [(workdirs, tuple(seeds))])
     per_seed, truth = [], None
@@ -499,13 +542,21 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
       scores, kept, truth = score_mode(
           run, mode, split=split, num_examples=num_examples,
           num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
-          batch_size=batch_size, scorer=scorer, keep=grid_examples if k == 0 else 0)
+          batch_size=batch_size, scorer=scorer, keep=grid_examples if k == 0 else 0,
+          **options)
       per_seed += scores
       if k == 0:
-        if columns and not np.array_equal(kept['target'], columns[1]):
+        # Edit rows draw other scenes: their ground truth is the first edit row's.
+        family = EDIT if mode.endswith(EDIT) else ''
+        if family in truths and not np.array_equal(kept['target'], truths[family]):
           raise ValueError(f'Row {name!r} ({workdir}) sees other {split} examples '
                            'than the first row: compare runs of one data config.')
-        columns = columns or [kept['context'], kept['target']]
+        if not columns:
+          columns = [kept['context'], kept['target']]
+        elif family not in truths:
+          columns.append(kept['target'])
+          labels.append('other scene: ground truth')
+        truths.setdefault(family, kept['target'])
         if not np.array_equal(kept['context'], columns[0]):
           columns.append(kept['context'])
           labels.append(f'{name}: context')
@@ -514,7 +565,8 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
     results[name] = {'workdir': [str(w) for w, _ in pairs] if len(pairs) > 1
                                 else str(pairs[0][0]),
                      'mode': mode, 'objective': run.spec.name,
-                     'metrics': _summary(per_seed, truth)}
+                     'metrics': _summary(per_seed, truth),
+                     **({'options': options} if options else {})}
   _gaps(results)
   out = {'settings': dict(split=split, num_examples=num_examples,
                           num_steps=num_steps, guidance=guidance,

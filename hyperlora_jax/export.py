@@ -15,11 +15,13 @@ Formats, by the tool that reads them:
                the --out folder, read back by `convert.hypernet_files.load` (no Orbax)
 
 A run whose LoRA is predicted from context images exports the LoRA it predicts for
---context; a run with a shared LoRA exports that. LiDB, basis and VeRA LoRAs are
+--context (a set of images with --as_set); a run with a shared LoRA exports that. A
+LoRA of parts (hyperlora_basis: the ID-LoRA and the Base-LoRA) exports the parts
+--parts names (default all: their sum), each a standard LoRA file. LiDB, basis and VeRA LoRAs are
 written as the equivalent plain factors (lora.to_plain); the header's
 hyperlora_jax.ranks states their rank.
 """
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -37,9 +39,11 @@ ALIASES = {'comfyui': 'kohya', 'a1111': 'kohya'}
 
 
 def export_lora(run: runs.Run, fmt: str, out: str, context=None,
-                metadata: Optional[dict] = None) -> None:
-  """Writes the run's LoRA (predicted for `context` [1, H, W, 3] in [-1, 1] when its
-  LoRA comes from context images) as `fmt`: 'diffusers', 'kohya' or 'merged-unet'."""
+                metadata: Optional[dict] = None, parts: Optional[Sequence[str]] = None) -> None:
+  """Writes the run's LoRA (predicted for `context` [1, H, W, 3] in [-1, 1], or a
+  mapping of its LoRA inputs with one row, when its LoRA comes from context images) as
+  `fmt`: 'diffusers', 'kohya' or 'merged-unet'. `parts`: of a LoRA of parts
+  (`Spec.lora_parts`), the ones written (their sum; default all), e.g. ['id']."""
   fmt = ALIASES.get(fmt, fmt)
   if fmt not in FORMATS[:3]:
     raise ValueError(f'Unknown LoRA format {fmt!r}; one of {FORMATS[:3] + tuple(ALIASES)}.')
@@ -51,14 +55,20 @@ def export_lora(run: runs.Run, fmt: str, out: str, context=None,
     pipeline.save_model(unet_params, run.objective.models.unet_config, out,
                         pipeline.UNET_WEIGHTS)
     return
-  if context is not None and len(context) != 1:
-    raise ValueError(f'Export one context image at a time, not {len(context)}.')
-  inputs = None if context is None else {'context': context}
-  tree = runs.plain_loras(runs.lora(run, inputs))[0]
+  inputs = context if context is None or isinstance(context, Mapping) else {
+      'context': context}
+  rows = inputs and len(next(iter(inputs.values())))
+  if inputs is not None and rows != 1:
+    raise ValueError(f'Export one context image (or set) at a time, not {rows}.')
+  scales = None if parts is None else {p: float(p in parts) for p in run.spec.lora_parts}
+  if parts is not None:
+    runs.check_parts(run.spec, dict.fromkeys(parts, 1.0))
+  tree = runs.plain_loras(runs.lora(run, inputs, scales))[0]
   net = run.objective.models.hypernet
   header = {'hyperlora_jax.objective': run.spec.name,
             'hyperlora_jax.parameterization': (
                 run.config.hypernet.param.kind if net is not None else 'plain'),
+            **({'hyperlora_jax.parts': ','.join(parts)} if parts else {}),
             **(metadata or {})}
   if fmt == 'diffusers':
     lora_files.save_diffusers_lora(tree, out, metadata=header)
@@ -72,8 +82,9 @@ def export_lora(run: runs.Run, fmt: str, out: str, context=None,
 def save_hypernet(run: runs.Run, folder: str) -> None:
   """Writes a run's hypernetwork (`convert.hypernet_files`)."""
   net = run.objective.models.hypernet
-  if net is None:
-    raise ValueError(f'A {run.spec.name} run has no hypernetwork.')
+  if net is None or run.objective.hypernet_variables is None:
+    raise ValueError(f'A {run.spec.name} run has no hypernetwork that --format=hypernet '
+                     'writes; its LoRAs export as diffusers or kohya files.')
   hypernet_files.save(folder, net, run.objective.hypernet_variables(
       run.params, run.objective.frozen), run.config.hypernet.to_dict(),
                       run.config.data.resolution)
@@ -89,8 +100,7 @@ def main(argv):
   cli.check_flags(non_negative=('step',))
   cli.check_output(f.out)
   cli.use_compilation_cache(f.compilation_cache)
-  if f.context:
-    images.image_files(f.context)  # Fails before the slow restore.
+  paths = images.image_files(f.context) if f.context else []  # Fails before the restore.
   run = runs.restore(f.workdir, f.step)
   if ALIASES.get(f.format, f.format) == 'hypernet':
     save_hypernet(run, f.out)
@@ -99,11 +109,11 @@ def main(argv):
     if 'context' in run.spec.lora_inputs:
       if not f.context:
         raise ValueError(f'A {run.spec.name} run predicts its LoRA from --context; '
-                         'give one image.')
-      context = images.load_images(f.context, run.config.data.resolution)[0]
+                         'give one image (or a set with --as_set).')
+      context = runs.inputs_from_files(run, paths, f.as_set)[0]
     export_lora(run, f.format, f.out, context,
                 {'hyperlora_jax.source': f.workdir,
-                 'hyperlora_jax.context': f.context or ''})
+                 'hyperlora_jax.context': f.context or ''}, parts=f.parts)
   print(f'Wrote {f.format} to {f.out}')
 
 
@@ -115,6 +125,10 @@ def _flags():
                     'What to write: kohya (= comfyui, a1111) for ComfyUI and A1111, '
                     'diffusers for diffusers/peft, merged-unet, hypernet.')
   flags.DEFINE_string('out', None, 'File (diffusers, kohya) or folder.')
+  flags.DEFINE_list('parts', None, 'Of a LoRA of parts (hyperlora_basis: id, base), the '
+                    'ones written, summed (default: all): id (the ID-LoRA), base, id,base.')
+  flags.DEFINE_bool('as_set', False, 'The --context images (a folder) are one '
+                    "subject's set: one LoRA from all of them (hyperlora_basis runs).")
   cli.define_compilation_cache_flag()
   flags.mark_flags_as_required(['workdir', 'format', 'out'])
 

@@ -22,6 +22,7 @@ from hyperlora_jax import defaults
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import objectives
 from hyperlora_jax import sharding
+from hyperlora_jax.data import images as image_io
 
 class Run(NamedTuple):
   """A run's config, its objective (models and frozen params; its ``trainable`` is
@@ -107,17 +108,49 @@ def latent_factor(models: objectives.Models) -> int:
   return 2 ** (len(models.vae.block_out_channels) - 1)
 
 
-def lora(run: Run, inputs: Optional[dict] = None):
+def lora(run: Run, inputs: Optional[dict] = None, part_scales: Optional[dict] = None):
   """The LoRA tree the run applies, or None (a base model alone). `inputs` holds the
   arrays its objective computes the LoRA from (`Spec.lora_inputs`: a hyperlora run's
-  'context' images [B, H, W, 3] in [-1, 1]); a shared LoRA needs none."""
+  'context' images [B, H, W, 3] in [-1, 1]); a shared LoRA needs none. `part_scales`
+  ({part: scale}, `Spec.lora_parts`) scales the parts of a LoRA that has them."""
   inputs = dict(inputs or {})
   missing = [k for k in run.spec.lora_inputs if inputs.get(k) is None]
   if missing:
     raise ValueError(f'A {run.spec.name} run computes its LoRA from '
                      f'{", ".join(missing)}; none given.')
-  return _lora(run.objective.lora, run.params, run.objective.frozen,
-               {k: jnp.asarray(inputs[k]) for k in run.spec.lora_inputs})
+  arrays = {k: jnp.asarray(inputs[k]) for k in run.spec.lora_inputs}
+  if part_scales is not None:
+    arrays['part_scales'] = {k: jnp.asarray(v, jnp.float32)
+                             for k, v in check_parts(run.spec, part_scales).items()}
+  return _lora(run.objective.lora, run.params, run.objective.frozen, arrays)
+
+
+def check_parts(spec: objectives.Spec, part_scales: dict) -> dict:
+  """{part: scale} for every part of the run's LoRA (1.0 where not named); a part it does
+  not have is an error naming its parts."""
+  unknown = sorted(set(part_scales) - set(spec.lora_parts))
+  if unknown:
+    having = (f'its parts are {", ".join(spec.lora_parts)}' if spec.lora_parts
+              else 'its LoRA has no parts')
+    raise ValueError(f'A {spec.name} run has no LoRA part {", ".join(unknown)}: {having}.')
+  return {p: float(part_scales.get(p, 1.0)) for p in spec.lora_parts}
+
+
+def inputs_from_files(run: Run, paths, as_set: bool = False,
+                      resolution: Optional[int] = None):
+  """(the run's LoRA inputs, a name per row) read from context image files, one row per
+  file, or one row for them all (`as_set`, for runs that read sets of images); at
+  `resolution` (default the run's), the pixels its training data holds for the same
+  files."""
+  resolution = resolution or run.config.data.resolution
+  if run.objective.read_inputs is not None:
+    return run.objective.read_inputs(list(paths), resolution, as_set)
+  if as_set:
+    raise ValueError(f'A {run.spec.name} run predicts a LoRA from one image; a set of '
+                     'images is for runs that read sets (hyperlora_basis).')
+  loaded = [image_io.load_images(p, resolution) for p in paths]
+  return ({'context': np.concatenate([images for images, _ in loaded])},
+          [n for _, names in loaded for n in names])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -133,8 +166,10 @@ def base_params(run: Run) -> dict:
 def plain_loras(tree) -> list:
   """Plain (down, up, scale 1) shared trees, one per sample of a per-sample tree or one
   for a shared tree: what LoRA files hold (lora.to_plain folds LiDB, basis and VeRA
-  factors; the rank is then down.shape[0])."""
+  factors; the rank is then down.shape[0]). Ranks that are zero in every sample (a part
+  of the LoRA scaled to 0) are left out."""
   plain = jax.tree.map(np.asarray, {p: lora_lib.to_plain(f) for p, f in tree.items()})
+  plain = {p: _drop_zero_ranks(f) for p, f in plain.items()}
   # Shared bases with per-sample coefficients (basis, VeRA) fold into a per-sample down
   # or up only: the other factor stays shared.
   sizes = {v.shape[0] for f in plain.values() for v in f.values() if v.ndim == 3}
@@ -142,3 +177,14 @@ def plain_loras(tree) -> list:
     return [plain]
   return [{p: {k: v[i] if v.ndim == 3 else v for k, v in f.items()}
            for p, f in plain.items()} for i in range(sizes.pop())]
+
+
+def _drop_zero_ranks(factors: dict) -> dict:
+  """(down, up) without the ranks whose down rows are zero in every sample (at least
+  one rank stays, so a file keeps every layer)."""
+  down, up = factors['down'], factors['up']
+  live = np.any(down != 0, axis=tuple(range(down.ndim - 2)) + (down.ndim - 1,))
+  if live.all():
+    return factors
+  keep = np.flatnonzero(live) if live.any() else np.arange(1)
+  return {'down': np.take(down, keep, axis=-2), 'up': np.take(up, keep, axis=-1)}

@@ -17,7 +17,7 @@ none, in both CFG branches.
 import functools
 import os
 import re
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 from absl import app
 from absl import flags
@@ -50,6 +50,12 @@ class _Static(NamedTuple):
   num_steps: int
   sampler: str
   guided: bool
+
+
+def given_lora(trainable, frozen, inputs):
+  """The ``lora`` of a `generate` call given its LoRA tree (``inputs['lora']``)."""
+  del trainable, frozen
+  return inputs['lora']
 
 
 def _scaled(tree, gamma):
@@ -96,37 +102,56 @@ def _latent_shape(models, resolution: int) -> tuple:
 
 def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
              sampler='ddim', seed=0, lora_scale=1.0, use_lora=True, image_ids=None,
-             resolution=None) -> jax.Array:
+             resolution=None, lora=None) -> jax.Array:
   """Images [B, H, W, 3] in [-1, 1] from a run (`runs.restore` / `runs.from_pretrained`).
 
   Args:
     run: the run; its objective says which LoRA it applies.
     context: [B, H, W, 3] in [-1, 1], one per image, for runs whose LoRA is
-      predicted from context images (ignored otherwise, may be None).
+      predicted from context images (ignored otherwise, may be None); or a mapping
+      of the run's LoRA inputs (`Spec.lora_inputs`, B rows each), e.g. the sets of
+      `runs.inputs_from_files`.
     prompts: B strings (or one, for every image).
     num_steps, sampler: the diffusion sampler ('ddim' | 'dpmpp_2m').
     guidance: classifier-free guidance scale, the empty prompt being the
       unconditional one; None or 1 samples the conditional model alone.
     seed: noise seed; image i's noise comes from (seed, image_ids[i]).
-    lora_scale: multiplies every LoRA delta (0 = the base model).
+    lora_scale: multiplies every LoRA delta (0 = the base model); or {part: scale}
+      for a LoRA of parts (`Spec.lora_parts`, e.g. {'id': 1, 'base': 0}; parts not
+      named keep 1).
     use_lora: False samples the base model (or a unet_full run's own UNet).
     image_ids: [B] ints (default 0..B-1), e.g. dataset indices so that an
       example gets the same noise whatever batch it is generated in.
     resolution: output side (default config.data.resolution).
+    lora: a LoRA tree to apply instead of the run's own (shared, or per sample with
+      B rows), e.g. a slider's (`slider`).
   """
   models, spec = run.objective.models, run.spec
   if num_steps < 1:
     raise ValueError(f'num_steps={num_steps}: the sampler needs >= 1 step.')
+  inputs = dict(context) if isinstance(context, Mapping) else (
+      None if context is None else {'context': context})
+  rows = len(next(iter(inputs.values()))) if inputs else None
   if isinstance(prompts, str):
-    prompts = [prompts] * (len(context) if context is not None else 1)
+    prompts = [prompts] * (rows or 1)
   prompts = list(prompts)
-  use_lora = use_lora and spec.lora_kind is not None
-  inputs = {}
-  if use_lora and spec.lora_inputs:
-    if context is None or len(context) != len(prompts):
+  use_lora = use_lora and (spec.lora_kind is not None or lora is not None)
+  part_scales = None
+  if isinstance(lora_scale, Mapping):
+    part_scales, lora_scale = runs.check_parts(spec, lora_scale), 1.0
+  lora_fn = given_lora if lora is not None else run.objective.lora
+  if lora is not None:
+    inputs = {'lora': lora}
+  elif use_lora and spec.lora_inputs:
+    if rows != len(prompts):
       raise ValueError(f'{len(prompts)} prompts need as many context images; got '
-                       f'{"none" if context is None else len(context)}.')
-    inputs = {'context': jnp.asarray(context)}
+                       f'{rows or "none"}.')
+    inputs = {k: jnp.asarray(inputs[k]) for k in spec.lora_inputs}
+    if part_scales is not None:
+      inputs['part_scales'] = {k: jnp.full((rows,), v, jnp.float32)
+                               for k, v in part_scales.items()}
+  else:
+    inputs = {}
   guided = guidance is not None and guidance != 1.0
   ids = objectives.tokenize(models, prompts)
   if guided:
@@ -134,7 +159,7 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
                 for u, i in zip(objectives.tokenize(models, ['']), ids))
   resolution = resolution or run.config.data.resolution
   static = _Static(models.unet, models.text_towers, models.vae, models.zero_uncond,
-                   run.objective.lora if use_lora else None, run.objective.base,
+                   lora_fn if use_lora else None, run.objective.base,
                    _latent_shape(models, resolution), resolution, num_steps, sampler, guided)
   if image_ids is None:
     image_ids = np.arange(len(prompts))
@@ -143,6 +168,17 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
                  jnp.asarray(image_ids, jnp.uint32),
                  jnp.asarray(guidance or 1.0, jnp.float32),
                  jnp.asarray(lora_scale, jnp.float32))
+
+
+def parse_lora_scale(text: str):
+  """--lora_scale: '0.8' (every delta) or 'id=1,base=0.5' (per part of the LoRA)."""
+  try:
+    if '=' not in text:
+      return float(text)
+    return {k.strip(): float(v) for k, v in (p.split('=') for p in text.split(','))}
+  except ValueError:
+    raise ValueError(f"--lora_scale={text!r}: a number, or part=number pairs such as "
+                     "'id=1,base=0.5'.") from None
 
 
 # ---------------------------------------------------------------- CLI
@@ -158,7 +194,10 @@ def _flags():
   flags.DEFINE_float('guidance', 3.0, 'Classifier-free guidance scale.')
   flags.DEFINE_integer('seed', 0, 'Noise seed.')
   flags.DEFINE_enum('sampler', 'ddim', diffusion.SAMPLERS, 'Sampler.')
-  flags.DEFINE_float('lora_scale', 1.0, 'Multiplies the LoRA delta.')
+  flags.DEFINE_string('lora_scale', '1.0', "Multiplies the LoRA delta; or per part of a "
+                      "LoRA that has parts: 'id=1,base=0' (the ID-LoRA alone).")
+  flags.DEFINE_bool('as_set', False, 'The --context images are one subject\'s set: one '
+                    'LoRA from all of them (runs that read sets: hyperlora_basis).')
   flags.DEFINE_integer('resolution', None, 'Image side (default: the run\'s).')
   flags.DEFINE_integer('batch_size', 8, 'Images per compiled call.')
   flags.DEFINE_bool('save_lora', False, 'Also write each predicted LoRA '
@@ -186,8 +225,8 @@ def main(argv):
   if f.pretrained and (f.context or f.save_lora):
     raise ValueError('A --pretrained base model has no LoRA: --context and '
                      '--save_lora need a hyperlora --workdir.')
-  if f.context:
-    image_io.image_files(f.context)  # Fails before the slow restore.
+  lora_scale = parse_lora_scale(f.lora_scale)
+  paths = image_io.image_files(f.context) if f.context else []  # Fails before the restore.
   run = (runs.restore(f.workdir, f.step) if f.workdir
          else runs.from_pretrained(f.pretrained, f.resolution))
   resolution = f.resolution or run.config.data.resolution
@@ -199,19 +238,22 @@ def main(argv):
         f'this is a {run.spec.name} run.')
   if f.save_lora and run.spec.lora_kind is None:
     raise ValueError(f'--save_lora: a {run.spec.name} run has no LoRA.')
+  if isinstance(lora_scale, dict):
+    runs.check_parts(run.spec, lora_scale)
   if f.context:
-    contexts, names = image_io.load_images(f.context, resolution)
+    contexts, names = runs.inputs_from_files(run, paths, f.as_set, resolution)
   else:
     contexts, names = None, ['image']
   pairs = [(c, p) for c in range(len(names)) for p in range(len(f.prompt))]
   images = []
   for start in range(0, len(pairs), f.batch_size):
     chunk = pairs[start:start + f.batch_size]
+    rows = [c for c, _ in chunk]
     images.append(generate(
-        run, None if contexts is None else contexts[[c for c, _ in chunk]],
+        run, None if contexts is None else {k: v[rows] for k, v in contexts.items()},
         [f.prompt[p] for _, p in chunk], num_steps=f.num_steps,
         guidance=f.guidance, sampler=f.sampler, seed=f.seed,
-        lora_scale=f.lora_scale, image_ids=np.arange(start, start + len(chunk)),
+        lora_scale=lora_scale, image_ids=np.arange(start, start + len(chunk)),
         resolution=resolution))
   images = image_io.to_uint8(np.concatenate(images)).reshape(
       len(names), len(f.prompt), resolution, resolution, 3)
@@ -221,12 +263,13 @@ def main(argv):
                        os.path.join(f.out, f'{name}_{p}_{_slug(prompt)}.png'))
   cells, labels = images, list(f.prompt)
   if contexts is not None:
-    cells = np.concatenate([image_io.to_uint8(contexts)[:, None], images], axis=1)
+    shown = contexts['context'] if contexts['context'].ndim == 4 else contexts['context'][:, 0]
+    cells = np.concatenate([image_io.to_uint8(shown)[:, None], images], axis=1)
     labels = ['context'] + labels
   files.save_image(image_io.grid(cells, labels), os.path.join(f.out, 'grid.png'))
   if f.save_lora:
-    inputs = None if contexts is None else {'context': contexts}
-    loras = runs.plain_loras(runs.lora(run, inputs))
+    loras = runs.plain_loras(runs.lora(
+        run, contexts, lora_scale if isinstance(lora_scale, dict) else None))
     for name, tree in zip(names, loras):
       lora_files.save_diffusers_lora(
           tree, os.path.join(f.out, f'lora_{name}.safetensors'),

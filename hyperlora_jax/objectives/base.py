@@ -84,8 +84,9 @@ class Objective(NamedTuple):
   base: Callable  # (trainable, frozen) -> {'unet': params, 'text': params}
   # (trainable, frozen) -> the hypernetwork's variables, for objectives that have one.
   hypernet_variables: Optional[Callable] = None
-  # (image paths, as_set) -> (the LoRA inputs, names) read from files, for objectives
-  # whose LoRA inputs are more than the images (None: `runs.inputs_from_files`' images).
+  # (image paths, resolution, as_set) -> (the LoRA inputs, names) read from files, for
+  # objectives whose LoRA inputs are more than the images (None: the images alone,
+  # `runs.inputs_from_files`).
   read_inputs: Optional[Callable] = None
 
 

@@ -24,6 +24,7 @@ prediction, and ID + Base match the Base-LoRA's (both targets computed on the sa
 noisy input, without gradient). Sampling and export scale each part by
 ``inputs['part_scales']`` ({'id', 'base'}: `Spec.lora_parts`).
 """
+import json
 import re
 
 import jax
@@ -92,7 +93,8 @@ def _trained(config, paths):
 
 
 def _flat_config(config) -> dict:
-  return traverse_util.flatten_dict(config.to_dict(), sep='.')
+  """Key path -> value, as the config's JSON holds it (tuples are lists there)."""
+  return traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
 
 
 def _check_architecture(config, other, where: str) -> None:
@@ -273,8 +275,8 @@ def build(config, rng) -> Objective:
   embed_dim = (config.data.id_embed_dim if basis.identity.kind == 'precomputed'
                and use_identity else None)
 
-  def read_inputs(paths, as_set=False):
-    return subjects.read_context_files(paths, config.data.resolution, as_set, embed_dim)
+  def read_inputs(paths, resolution, as_set=False):
+    return subjects.read_context_files(paths, resolution, as_set, embed_dim)
 
   return Objective(SPEC, models, trainable, frozen, loss_fn, prepare, lora, frozen_base,
                    read_inputs=read_inputs)
