@@ -40,9 +40,9 @@ from hyperlora_jax import diffusion
 from hyperlora_jax import sharding
 from hyperlora_jax.data import subjects
 from hyperlora_jax.models import id_base
-from hyperlora_jax.objectives import hyperlora
 from hyperlora_jax.objectives.base import (Objective, Spec, base_models, encode_prompts,
                                           frozen_base, latents, time_ids, tokenize)
+from hyperlora_jax.objectives.hyperlora import clip_tower
 
 # What each stage trains: a regex over '/'-joined hypernetwork param paths ('encoder/' is
 # the ID branch's image encoder, or both branches' with basis.encoders='shared').
@@ -165,7 +165,7 @@ def build(config, rng) -> Objective:
     raise ValueError(f'basis.conditions={tuple(basis.conditions)}: three non-negative '
                      'weights, not all zero.')
   rng_base, rng_net = jax.random.split(rng)
-  tower_module, tower = hyperlora.clip_tower(config)
+  tower_module, tower = clip_tower(config)
   models, frozen = base_models(config, rng_base,
                                lambda targets: id_base.build(config, targets, tower_module))
   net, word = models.hypernet, trigger(config)
