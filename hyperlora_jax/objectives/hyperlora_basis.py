@@ -264,7 +264,8 @@ def build(config, rng) -> Objective:
     empty = ~np.asarray(batch['set_mask']).any(axis=1) & np.asarray(batch.get(
         'valid', True))
     if empty.any():
-      raise ValueError(f'A set with zero images: examples {list(np.asarray(batch["id"])[empty])}.')
+      ids = np.asarray(batch['id'])[empty].tolist()
+      raise ValueError(f'A set with zero images: examples {ids}.')
     prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in batch['prompt']]
     out = {'input_ids': ids_of([subjects.with_trigger(p, word) for p in prompts]),
            'plain_ids': ids_of([subjects.without_trigger(p, word) for p in prompts]),
