@@ -16,6 +16,7 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file
 
+from configs import sdxl_basis
 from hyperlora_jax import convert, defaults, diffusion, objectives, runs, sample
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import clip_folders, core, lora_files, pipeline
@@ -432,3 +433,41 @@ def test_hyperlora_trains_on_an_sdxl_folder(xl):
       tr, objective.frozen, batch, jax.random.key(1))[0]))(objective.trainable)
   assert np.isfinite(loss)
   assert all(float(np.abs(g).sum()) > 0 for g in jax.tree.leaves(grads['gamma']))
+
+
+def test_bytedance_basis_config_trains_on_an_sdxl_folder(xl, tmp_path):
+  """configs/sdxl_basis.py's stage 3 at ByteDance's sizes (resamplers 1024 wide, 4
+  deep, 12 heads of 64, two queries per layer, K = 128 bases of ranks 8 / 4, 16 identity
+  tokens from a 512-d embedding, CLIP's penultimate layer) on the tiny SDXL folder and a
+  tiny CLIP tower: one step of the three-condition loss; grads reach the ID branch."""
+  transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+      image_size=SIZE, patch_size=8, projection_dim=16)).save_pretrained(str(tmp_path / 'clip'))
+  config = sdxl_basis.basis_config('id_embed')
+  config.model.pretrained = xl['folder']
+  config.hypernet.encoder.pretrained = str(tmp_path / 'clip')
+  config.data.resolution = SIZE
+  config.train.compute_dtype = 'float32'
+  config.hypernet.gamma_init = 0.5
+  # The paper's trigger is 15 characters of this tokenizer: over its 12 positions.
+  with pytest.raises(ValueError, match="basis.trigger='fcsks fxhks fhyks' is 15 tokens"):
+    objectives.build(config, jax.random.key(0))
+  config.basis.trigger = 'S*'
+  objective = objectives.build(config, jax.random.key(0))
+  assert set(objective.frozen) >= {'unet', 'text', 'text2', 'vae'}
+  rng = np.random.RandomState(0)
+  batch = objective.prepare({
+      'context': rng.uniform(-1, 1, (2, 2, SIZE, SIZE, 3)), 'id': np.arange(2),
+      'set_mask': np.array([[True, True], [True, False]]),
+      'region': np.tile(np.array([2.0, 2.0, 12.0, 12.0]), (2, 2, 1)),
+      'id_embed': rng.normal(size=(2, 2, 512)), 'target': rng.uniform(-1, 1, (2, SIZE, SIZE, 3)),
+      'prompt': np.array(PROMPTS)})
+  assert len(batch['input_ids']) == 2  # one id array per tower, with the trigger
+  loss, grads = jax.jit(jax.value_and_grad(lambda tr: objective.loss_fn(
+      tr, objective.frozen, batch, jax.random.key(1))[0]))(objective.trainable)
+  assert np.isfinite(loss)
+  flat = traverse_util.flatten_dict(grads, sep='/')
+  queries = [v for p, v in flat.items() if p.startswith('id_decoder/id_')]
+  assert queries and float(np.abs(flat['gamma_id'])) > 0
+  assert all(float(np.abs(v).sum()) > 0 for p, v in flat.items()
+             if p.startswith('identity/projector'))
