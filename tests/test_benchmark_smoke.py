@@ -276,3 +276,54 @@ def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
     ts.device_ops([e for e in ts.load(str(path)) if e.get('pid') == 1])
   with pytest.raises(FileNotFoundError, match='create_perfetto_trace=True'):
     ts.find_traces(str(tmp_path / 'nothing_here'))
+
+
+FAKE_PYTHON = '''#!/usr/bin/env python3
+"""Stands in for python3 under device_run.sh: notes its call, writes a --json file."""
+import json, os, sys
+with open(os.environ['CALLS'], 'a') as f:
+  f.write(' '.join(sys.argv[1:]) + '\\n')
+for a in sys.argv[1:]:
+  if a.startswith('--json='):
+    with open(a[len('--json='):], 'w') as f:
+      json.dump({'rows': [], 'notes': [sys.argv[1]]}, f)
+sys.exit(3 if 'sdxl_parity' in sys.argv[1] else 0)
+'''
+
+
+def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_path):
+  """The runbook's driver: one detached job runs the set's processes in a copy of the
+  tree, a collect brings back one archive with every process' files and exit code, and
+  starting the set again runs only what is not done."""
+  fake = tmp_path / 'python3'
+  fake.write_text(FAKE_PYTHON)
+  fake.chmod(0o755)
+  calls, out = tmp_path / 'calls', tmp_path / 'out'
+  out.mkdir()
+  env = dict(os.environ, BENCH_JOB=str(tmp_path / 'job'), BENCH_PYTHON=str(fake),
+             BENCH_FLAGS='--tiny', BENCH_WHEELS=str(tmp_path / 'no_wheels'),
+             CALLS=str(calls), OUT=str(out))
+  script = os.path.join(ROOT, 'benchmarks', 'device_run.sh')
+  run = lambda *a: subprocess.run(['bash', script, *a], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120, check=False)
+  result = run('start', 'issue20,sdxl_parity', '60')
+  assert result.returncode == 0 and 'JOB FINISHED' in result.stdout, result
+  lines = calls.read_text().splitlines()
+  assert [line.split()[0] for line in lines] == ['benchmarks/gpu_benchmark.py'] * 3 + [
+      'benchmarks/sdxl_parity.py'], lines
+  assert all(line.endswith(f'--tiny --json={tmp_path}/job/results/{name}.json '
+                           f'--out={tmp_path}/job/results/{name}.md')
+             for line, name in zip(lines, ('lora_hyper_b32', 'lora_sample_b16', 'latency')))
+  assert '--only=lora,hyper --batch_sizes=32' in lines[0]
+  assert (tmp_path / 'job' / 'tree' / 'hyperlora_jax' / 'sample.py').exists()
+
+  subprocess.run(['tar', 'xzf', str(out / 'results.tgz'), '-C', str(out)], check=True)
+  rc = {p.stem: p.read_text().strip() for p in (out / 'results').glob('*.rc')}
+  assert rc == {'lora_hyper_b32': '0', 'lora_sample_b16': '0', 'latency': '0',
+                'sdxl_parity': '3'}, rc
+  assert json.loads((out / 'results' / 'latency.json').read_text())['rows'] == []
+
+  assert run('start', 'issue20', '60').returncode == 0
+  assert len(calls.read_text().splitlines()) == 4  # all done on this machine already
+  result = run('start', 'issue_twenty')
+  assert result.returncode == 2 and 'sdxl_parity' in result.stderr, result
