@@ -94,7 +94,7 @@ collect() {  # waits up to $1 s for the job, then brings back everything it wrot
   for log in "$JOB"/results/*.log; do
     [ -e "$log" ] || continue
     echo "--- $(basename "$log"): last lines"
-    grep -E '^\[ *[0-9.]+ s\]|Error|error|Traceback' "$log" | tail -4
+    grep -E '^\[ *[0-9.]+ s\]|^\| |Error|Traceback' "$log" | tail -6
   done
   if [ -e "$JOB/finished" ]; then echo 'JOB FINISHED'
   elif running; then echo 'JOB RUNNING: collect again'
