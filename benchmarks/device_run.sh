@@ -21,10 +21,11 @@ WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU imag
 F=--xla_flags=--xla_gpu_enable_triton_gemm=false  # cuBLAS GEMMs: same speed, faster compile
 
 # set|name|script and flags: one process each, in the order they run. A process holds
-# the rows that are compared with each other (ratios only within one process).
+# the rows that are compared with each other (ratios only within one process). New rows
+# first: the b16 LoRA and sampling rows re-measure what issue 20 already has.
 ALL="issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F
-issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_sizes=16 $F
 issue20|latency|benchmarks/gpu_benchmark.py --only=latency,latency_parts $F
+issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_sizes=16 $F
 issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora $F
 issue23|sdxl_sample|benchmarks/gpu_benchmark.py --only=sdxl_sample $F
 issue23|sdxl_parity|benchmarks/sdxl_parity.py"

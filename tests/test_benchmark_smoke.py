@@ -313,7 +313,7 @@ def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_pat
       'benchmarks/sdxl_parity.py'], lines
   assert all(line.endswith(f'--tiny --json={tmp_path}/job/results/{name}.json '
                            f'--out={tmp_path}/job/results/{name}.md')
-             for line, name in zip(lines, ('lora_hyper_b32', 'lora_sample_b16', 'latency')))
+             for line, name in zip(lines, ('lora_hyper_b32', 'latency', 'lora_sample_b16')))
   assert '--only=lora,hyper --batch_sizes=32' in lines[0]
   assert (tmp_path / 'job' / 'tree' / 'hyperlora_jax' / 'sample.py').exists()
 
