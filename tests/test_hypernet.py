@@ -126,7 +126,7 @@ def _materialize(module, raw, d_in, d_out):
 
 def _delta(factors, b, t):
   """Dense update W (d_in x d_out) of target t in sample b, from the plain factors."""
-  plain = lora.to_plain(hypernet._take(factors, t))
+  plain = lora.to_plain(hypernet.target_factors(factors, t))
   down = plain['down'][b] if plain['down'].ndim == 3 else plain['down']
   up = plain['up'][b] if plain['up'].ndim == 3 else plain['up']
   return np.asarray(down.T @ up.T)
