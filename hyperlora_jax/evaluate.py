@@ -236,7 +236,7 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
       images = np.asarray(sample.generate(
           run, batch['context'], prompts, num_steps=num_steps, guidance=guidance,
           sampler=sampler, seed=seed, use_lora=lora_kind is not None,
-          image_ids=batch['index']))
+          image_ids=batch['index'], inputs={k: batch[k] for k in run.spec.lora_inputs}))
       found = score_synthetic(images, batch) if 'color' in batch else {}
       if scorer is not None:
         # CLIP-T against what the image should show: the full prompt if any.

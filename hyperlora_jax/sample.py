@@ -95,7 +95,7 @@ def _latent_shape(models, resolution: int) -> tuple:
 
 def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
              sampler='ddim', seed=0, lora_scale=1.0, use_lora=True, image_ids=None,
-             resolution=None) -> jax.Array:
+             resolution=None, inputs=None) -> jax.Array:
   """Images [B, H, W, 3] in [-1, 1] from a run (`runs.restore` / `runs.from_pretrained`).
 
   Args:
@@ -112,18 +112,25 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
     image_ids: [B] ints (default 0..B-1), e.g. dataset indices so that an
       example gets the same noise whatever batch it is generated in.
     resolution: output side (default config.data.resolution).
+    inputs: what else the run's LoRA is computed from (`Spec.lora_inputs`), one row per
+      image, e.g. a lora_bank run's 'subject' ints [B].
   """
   models, spec = run.objective.models, run.spec
+  given = dict(inputs or {}, **({} if context is None else {'context': context}))
   if isinstance(prompts, str):
-    prompts = [prompts] * (len(context) if context is not None else 1)
+    prompts = [prompts] * len(next(iter(given.values()), [None]))
   prompts = list(prompts)
   use_lora = use_lora and spec.lora_kind is not None
   inputs = {}
   if use_lora and spec.lora_inputs:
-    if context is None or len(context) != len(prompts):
+    if 'context' in spec.lora_inputs and (context is None or len(context) != len(prompts)):
       raise ValueError(f'{len(prompts)} prompts need as many context images; got '
                        f'{"none" if context is None else len(context)}.')
-    inputs = {'context': jnp.asarray(context)}
+    for key in spec.lora_inputs:
+      if given.get(key) is None or len(given[key]) != len(prompts):
+        raise ValueError(f'A {spec.name} run computes its LoRA from {key!r}: give one '
+                         f'per prompt ({len(prompts)}).')
+    inputs = {k: jnp.asarray(given[k]) for k in spec.lora_inputs}
   guided = guidance is not None and guidance != 1.0
   ids = objectives.tokenize(models, prompts)
   if guided:
