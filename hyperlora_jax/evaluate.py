@@ -318,28 +318,36 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
 
   A row's workdir may be a list of runs that differ only in their training
   seed, as many as `seeds`: run k is sampled with seeds[k], and the row's
-  spread is over those runs. A single run is sampled with every seed.
+  spread is over those runs. A single run is sampled with every seed. A
+  workdir may also be a `runs.Run` already in memory (e.g. fine-tuned ones).
 
   Writes out_dir/results.json, results.md (one table row per entry, in
   order) and grid.png (first `grid_examples` examples; columns: context,
   ground truth, then each row, its first run). Returns the results dict.
   """
+  several = lambda w: isinstance(w, (list, tuple)) and not isinstance(w, runs.Run)
+  where = lambda w: (f'{w.workdir} ({w.spec.name}, in memory)' if isinstance(w, runs.Run)
+                     else str(w))
   for name, (workdirs, mode) in rows.items():
     check_mode_name(mode)
-    if isinstance(workdirs, (list, tuple)) and len(workdirs) != len(seeds):
+    if several(workdirs) and len(workdirs) != len(seeds):
       raise ValueError(f'Row {name!r} has {len(workdirs)} runs but there are '
                        f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
   restored, results, columns = {}, {}, []
   for name, (workdirs, mode) in rows.items():
     pairs = (list(zip(workdirs, [(s,) for s in seeds]))
-             if isinstance(workdirs, (list, tuple)) else [(workdirs, tuple(seeds))])
+             if several(workdirs) else [(workdirs, tuple(seeds))])
     per_seed = []
     for k, (workdir, run_seeds) in enumerate(pairs):
-      if workdir not in restored:
-        restored[workdir] = runs.restore(workdir)
-      run = restored[workdir]
-      logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, workdir, run_seeds)
+      if isinstance(workdir, runs.Run):
+        run = workdir
+      else:
+        if workdir not in restored:
+          restored[workdir] = runs.restore(workdir)
+        run = restored[workdir]
+      logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, where(workdir),
+                   run_seeds)
       scores, kept = score_mode(
           run, mode, split=split, num_examples=num_examples,
           num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
@@ -347,12 +355,12 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
       per_seed += scores
       if k == 0:
         if columns and not np.array_equal(kept['context'], columns[0]):
-          raise ValueError(f'Row {name!r} ({workdir}) sees other {split} examples '
+          raise ValueError(f'Row {name!r} ({where(workdir)}) sees other {split} examples '
                            'than the first row: compare runs of one data config.')
         columns = columns or [kept['context'], kept['target']]
         columns.append(kept['generated'])
-    results[name] = {'workdir': [str(w) for w, _ in pairs] if len(pairs) > 1
-                                else str(pairs[0][0]),
+    results[name] = {'workdir': [where(w) for w, _ in pairs] if len(pairs) > 1
+                                else where(pairs[0][0]),
                      'mode': mode, 'objective': run.spec.name,
                      'metrics': _summary(per_seed)}
   _gaps(results)

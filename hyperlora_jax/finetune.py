@@ -20,6 +20,7 @@ kohya = comfyui = a1111): the predicted and the relaxed factors side by side, ex
 is printed). --out is the file for one image, the folder (<image name>.safetensors) for
 a folder.
 """
+import functools
 import os
 import time
 from typing import Any, NamedTuple, Optional
@@ -49,7 +50,7 @@ class Personal(NamedTuple):
   predicted: Optional[Any]  # the hypernetwork's per-sample tree, None from scratch
   num_subjects: int
   steps: int
-  predict_s: float  # the hypernetwork's forward (its first call compiles)
+  prepare_s: float  # the hypernetwork's prediction and the images' VAE latents
   compile_s: float  # the fine-tuning loop's compilation
   fit_s: float  # the fine-tuning loop itself, all subjects
 
@@ -87,24 +88,27 @@ def bank_config(config, rank: int, num_subjects: int):
 
 def personalize(run: runs.Run, contexts, *, steps: int, rank: int, lr: float,
                 from_scratch: bool = False, prompt: Optional[str] = None, seed: int = 0,
-                log_every: int = 0) -> Personal:
-  """Fine-tunes one relaxed LoRA per context image [N, H, W, 3] in [-1, 1], all at once."""
+                log_every: int = 0, subject_key: str = 'subject') -> Personal:
+  """Fine-tunes one relaxed LoRA per context image [N, H, W, 3] in [-1, 1], all at once.
+  The personal run's LoRA input is `subject_key` (`lora_bank.bank`): subject n is row n."""
   check(run, steps, rank, from_scratch)
   contexts = np.asarray(contexts, np.float32)
   n = len(contexts)
   models = run.objective.models
-  start = time.perf_counter()
-  predicted = None if from_scratch else jax.block_until_ready(
-      runs.lora(run, {'context': contexts}))
-  predict_s = time.perf_counter() - start
   base = dict(runs.base_params(run), **{k: v for k, v in run.objective.frozen.items()
                                         if k == 'vae'})
-  config = bank_config(run.config, rank, n)
-  objective = lora_bank.bank(config, models, base, jax.random.key(seed), n, predicted)
   prompt = prompt or builders.static_prompt(run.config.data)
-  data = lora_bank.subject_data(models, contexts[:, None], [[prompt]] * n)
-  fit = train.fit(objective.loss_fn, lora_bank.subject_batch, config.optim,
-                  log_every=log_every)
+  start = time.perf_counter()  # (The first calls of both compile.)
+  predicted = None if from_scratch else runs.lora(run, {'context': contexts})
+  data = jax.block_until_ready(lora_bank.cache_latents(models, base, lora_bank.subject_data(
+      models, contexts[:, None], [[prompt]] * n)))
+  prepare_s = time.perf_counter() - start
+  config = bank_config(run.config, rank, n)
+  objective = lora_bank.bank(config, models, base, jax.random.key(seed), n, predicted,
+                             subject_key)
+  fit = train.fit(objective.loss_fn, functools.partial(lora_bank.subject_batch,
+                                                       key=subject_key),
+                  config.optim, log_every=log_every)
   args = (objective.trainable, objective.frozen, data, np.int32(steps), np.float32(lr),
           jax.random.key(seed + 1))
   start = time.perf_counter()
@@ -114,7 +118,7 @@ def personalize(run: runs.Run, contexts, *, steps: int, rank: int, lr: float,
   fit_s = time.perf_counter() - start - compile_s
   personal = runs.Run(config, objective._replace(trainable=None), params, run.workdir,
                       run.step)
-  return Personal(personal, predicted, n, steps, predict_s, compile_s, fit_s)
+  return Personal(personal, predicted, n, steps, prepare_s, compile_s, fit_s)
 
 
 def loras(personal: Personal, export_rank: int = 0) -> tuple[list, list]:
@@ -123,7 +127,8 @@ def loras(personal: Personal, export_rank: int = 0) -> tuple[list, list]:
   if personal.steps == 0:
     tree = personal.predicted
   else:
-    tree = runs.lora(personal.run, {'subject': np.arange(personal.num_subjects)})
+    tree = runs.lora(personal.run, {k: np.arange(personal.num_subjects)
+                                    for k in personal.run.spec.lora_inputs})
   trees = runs.plain_loras(tree)
   if not export_rank:
     return trees, [0.0] * len(trees)
@@ -156,8 +161,7 @@ def main(argv):
   personal = personalize(run, contexts, steps=f.steps, rank=f.rank, lr=f.lr,
                          from_scratch=f.from_scratch, prompt=f.prompt, seed=f.seed,
                          log_every=f.log_every)
-  if not f.from_scratch:
-    print(f'Hypernetwork: {personal.predict_s:.2f} s (compile included).')
+  print(f'Prediction and latents: {personal.prepare_s:.2f} s (compile included).')
   print(f'Fine-tuning loop: compiled in {personal.compile_s:.1f} s, ran in '
         f'{personal.fit_s:.2f} s ({personal.fit_s / len(names):.3f} s per subject).')
   trees, errors = loras(personal, f.export_rank)

@@ -84,8 +84,9 @@ def _fit_shards(config, workdir, records, chunks, todo):
                                   [i for key in identities for i in records[key]])
     mine = {key: batch['identity'] == key for key in identities}
     padded = identities + [identities[-1]] * (n - len(identities))  # a short last shard
-    data = lora_bank.subject_data(models, [batch['target'][mine[key]] for key in padded],
-                                  [list(batch['prompt'][mine[key]]) for key in padded])
+    data = lora_bank.cache_latents(models, frozen, lora_bank.subject_data(
+        models, [batch['target'][mine[key]] for key in padded],
+        [list(batch['prompt'][mine[key]]) for key in padded]))
     start = time.perf_counter()
     params, loss = fit(on_rows(lora_bank.init_raw(jax.random.fold_in(init_rng, k), module, n)),
                        frozen, on_rows(data), config.train.num_steps,

@@ -201,6 +201,7 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
   """An Objective whose loss is the diffusion loss of the UNet ``base`` gives, with the
   LoRA ``lora`` gives, on the batch's targets and prompts (prompt dropout to the empty
   prompt, min-SNR weighting by config). ``metrics(trainable)`` adds scalars to the log.
+  A batch may hold 'latents' (its targets already encoded) instead of 'target'.
 
   ``lora_and_loss(trainable, frozen, batch) -> (tree, loss(diffusion_loss), metrics)``,
   when given, is what the loss uses instead of ``lora``: the LoRA together with the
@@ -221,7 +222,8 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
     drop = jax.random.bernoulli(rng_drop, config.model.prompt_dropout, ids[0].shape[:1])
     ids = [jnp.where(drop[:, None], u[None], i) for u, i in zip(uncond_ids, ids)]
     cond = encode_prompts(models.text_towers, params, ids, tree)
-    x0 = _latents(models, frozen.get('vae'), batch['target'], rng_vae)
+    x0 = batch['latents'] if 'latents' in batch else _latents(
+        models, frozen.get('vae'), batch['target'], rng_vae)
     t = diffusion.random_timesteps(rng_t, models.schedule, x0.shape[0])
     noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
     pred = models.unet.apply({'params': params['unet']}, diffusion.add_noise(

@@ -14,12 +14,15 @@ the bank is a rank-relaxed fine-tuning of e.g. a hypernetwork's predictions.
 (`subject_batch` draws one image per subject): pre-optimization's target weights
 (`preoptimize`), fast fine-tuning (`finetune`) and a LoRA zoo are all that call.
 """
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.models import hypernet
+from hyperlora_jax.models import hypernet, vae
 from hyperlora_jax.objectives.base import (Models, Objective, Spec, base_models,
                                           diffusion_objective, tokenize)
 
@@ -55,11 +58,13 @@ def groups(raw: dict) -> list:
   return [raw[f'group_{g}'] for g in range(len(raw))]
 
 
-def bank(config, models: Models, frozen: dict, rng, num_subjects: int,
-         fixed=None) -> Objective:
+def bank(config, models: Models, frozen: dict, rng, num_subjects: int, fixed=None,
+         subject_key: str = 'subject') -> Objective:
   """The lora_bank Objective over an already loaded base (`models`, `frozen`: its
   'unet', 'text'[, 'text2', 'vae'] params), for `num_subjects` subjects; `fixed`: a
-  per-subject LoRA tree [num_subjects, ...] each subject's LoRA is added to."""
+  per-subject LoRA tree [num_subjects, ...] each subject's LoRA is added to.
+  `subject_key`: the input holding each sample's row (the bank's `Spec.lora_inputs`),
+  e.g. 'index' for a bank fine-tuned on a split's first examples, one each."""
   module = raw_lora(config.bank.param, models.targets)
   trainable = init_raw(rng, module, num_subjects)
   shapes = [jnp.zeros((1,) + v.shape[1:]) for v in groups(trainable)]
@@ -68,14 +73,16 @@ def bank(config, models: Models, frozen: dict, rng, num_subjects: int,
     frozen['fixed'] = {p: lora_lib.to_plain(f) for p, f in fixed.items()}
 
   def lora(trainable, frozen, inputs):
-    subject = inputs['subject']
+    subject = inputs[subject_key]
     tree = module.apply(frozen['bank'], [r[subject] for r in groups(trainable)])
     if 'fixed' not in frozen:
       return tree
     return lora_lib.stack({p: {k: v[subject] for k, v in f.items()}
                            for p, f in frozen['fixed'].items()}, tree)
 
-  return diffusion_objective(SPEC, config, models, trainable, frozen, lora=lora)
+  spec = SPEC if subject_key == 'subject' else dataclasses.replace(
+      SPEC, lora_inputs=(subject_key,))
+  return diffusion_objective(spec, config, models, trainable, frozen, lora=lora)
 
 
 def subject_data(models: Models, images, prompts) -> dict:
@@ -90,13 +97,32 @@ def subject_data(models: Models, images, prompts) -> dict:
           'input_ids': tuple(i.reshape((len(images), k) + i.shape[1:]) for i in ids)}
 
 
-def subject_batch(data, rng) -> dict:
-  """One training batch of a bank: one image of every subject, drawn uniformly among its
-  own (`subject_data`); sample n is subject n."""
+def cache_latents(models: Models, frozen: dict, data: dict) -> dict:
+  """`subject_data` with its images replaced by their latents ('latents', the VAE
+  posterior's mean), encoded once here, one image at a time, instead of in every step
+  (kohya's cache_latents); pixel-space models' data is returned as it is."""
+  if models.vae is None:
+    return data
+  images = jnp.asarray(data['target'])
+  latents = _encode_each(models.vae, frozen['vae'], images.reshape((-1,) + images.shape[2:]))
+  return {**{k: v for k, v in data.items() if k != 'target'},
+          'latents': latents.reshape(images.shape[:2] + latents.shape[1:])}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_each(module, params, images):
+  return jax.lax.map(lambda image: vae.encode_latents(module, params, image[None])[0], images)
+
+
+def subject_batch(data, rng, key: str = 'subject') -> dict:
+  """One training batch of a bank: one image (or its cached latents) of every subject,
+  drawn uniformly among its own (`subject_data`); sample n is subject n (under `key`,
+  the bank's subject_key)."""
   n = data['count'].shape[0]
   pick = jnp.floor(jax.random.uniform(rng, (n,)) * data['count']).astype(jnp.int32)
   rows = jnp.arange(n)
-  return {'target': data['target'][rows, pick], 'subject': rows,
+  images = 'latents' if 'latents' in data else 'target'
+  return {images: data[images][rows, pick], key: rows,
           'input_ids': tuple(i[rows, pick] for i in data['input_ids'])}
 
 
