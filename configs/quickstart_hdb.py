@@ -27,31 +27,33 @@ import ml_collections
 from configs import quickstart
 
 SIZES = {
-    # quickstart.stage's keys, plus: pre-optimization steps per shard, subjects per
-    # shard and its lr, hypernetwork steps, decoder rounds K, LiDB a / b, the
-    # weight-space loss weight beta, held-out subjects in the report, fine-tuning steps
-    # (fast and to convergence), their lr, and the fraction of identities held out.
+    # quickstart.stage's keys, plus: the fraction of identities held out, the
+    # pre-optimization's steps per shard, identities per shard and lr, hypernetwork
+    # steps, decoder rounds K, LiDB a / b, the weight-space loss weight beta, held-out
+    # subjects in the report, fast fine-tuning steps and lr, per-image LoRA steps and lr.
     #
     # cpu: the quickstart's 16 px with an 8 px item (0.5: the three figure positions'
     # boxes overlap less than at 0.7), half of the identities held out so that the
-    # pre-optimization fits 352 of them.
+    # pre-optimization fits 352 of them. The rates are the CPU sweeps' (RESULTS.md).
     'cpu': dict(resolution=16, item_frac=0.5, channels=(32, 64, 64), text=64, base=800,
                 batch=16, num_train=4000, workers=0, dtype='float32', test_fraction=0.5,
-                targets_steps=40, subjects=64, targets_lr=3e-2, hyper=300, rounds=2,
-                a=16, b=8, beta=1.0, report_subjects=32, fast=40, converged=400,
-                finetune_lr=3e-3, seeds=(0,), eval_steps=20, prediction='v_prediction'),
+                targets_steps=20, subjects=64, targets_lr=1e-1, hyper=200, rounds=2,
+                a=16, b=8, beta=1.0, report_subjects=24, fast=40, fast_lr=1e-1,
+                converged=400, converged_lr=3e-2, seeds=(0,), eval_steps=20,
+                prediction='v_prediction'),
+    # Not run here (no GPU in this session): the CPU's rates at the GPU quickstart's size.
     'gpu': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
                 base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
-                test_fraction=0.2, targets_steps=100, subjects=64, targets_lr=3e-2,
+                test_fraction=0.2, targets_steps=40, subjects=64, targets_lr=1e-1,
                 hyper=2000, rounds=4, a=32, b=16, beta=1.0, report_subjects=128, fast=40,
-                converged=400, finetune_lr=3e-3, seeds=(0, 1, 2), eval_steps=25,
-                prediction='v_prediction'),
+                fast_lr=1e-1, converged=400, converged_lr=3e-2, seeds=(0, 1, 2),
+                eval_steps=25, prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=0.5, channels=(16, 32), text=32, base=2,
                   batch=4, num_train=48, workers=0, dtype='float32', test_fraction=0.5,
-                  targets_steps=2, subjects=16, targets_lr=3e-2, hyper=2, rounds=2, a=8,
-                  b=8, beta=1.0, report_subjects=4, fast=2, converged=3,
-                  finetune_lr=3e-3, seeds=(0,), eval_steps=2, prediction='v_prediction'),
+                  targets_steps=2, subjects=16, targets_lr=1e-1, hyper=2, rounds=2, a=8,
+                  b=8, beta=1.0, report_subjects=4, fast=2, fast_lr=1e-1, converged=3,
+                  converged_lr=3e-2, seeds=(0,), eval_steps=2, prediction='v_prediction'),
 }
 TARGETS = 'cross_attn,self_attn,text_attn,text_mlp'  # the paper's layers
 
@@ -94,7 +96,7 @@ def get_config(size='cpu'):
       runs.setdefault(row, []).append(name)
       order.append(name)
   c.stage_order = tuple(order)
-  fine = dict(rank=4, lr=s['finetune_lr'], mode='hyperlora')
+  fine = dict(rank=4, lr=s['fast_lr'], mode='hyperlora')
   first = [runs['hyper'][0]]
   c.report = dict(
       kind='personalization', num_examples=s['report_subjects'], num_steps=s['eval_steps'],
@@ -112,7 +114,7 @@ def get_config(size='cpu'):
           dict(name='Hyper without weight-space loss + fast fine-tuning',
                runs=runs['hyper_noweight'], steps=s['fast'], from_scratch=False, **fine),
           dict(name=f'per-image LoRA, {s["converged"]} steps (DreamBooth-LoRA)', runs=first,
-               steps=s['converged'], from_scratch=True, **fine),
+               steps=s['converged'], from_scratch=True, **dict(fine, lr=s['converged_lr'])),
           dict(name='oracle: base model, item in words', runs=first, mode='oracle'),
       ))
   return c

@@ -70,7 +70,6 @@ def _fit_shards(config, workdir, records, chunks, todo):
   init_rng, fit_rng = jax.random.split(jax.random.key(config.seed))
   objective = objectives.build(config, init_rng)
   models = objective.models
-  module = lora_bank.raw_lora(config.bank.param, models.targets)
   frozen = sharding.place(objective.frozen, sharding.tree_shardings(
       objective.frozen, mesh, tuple(config.mesh.rules), config.mesh.shard_min_size))
   rows = sharding.batch_sharding(mesh)
@@ -88,7 +87,7 @@ def _fit_shards(config, workdir, records, chunks, todo):
         models, [batch['target'][mine[key]] for key in padded],
         [list(batch['prompt'][mine[key]]) for key in padded]))
     start = time.perf_counter()
-    params, loss = fit(on_rows(lora_bank.init_raw(jax.random.fold_in(init_rng, k), module, n)),
+    params, loss = fit(on_rows(objective.trainable),
                        frozen, on_rows(data), config.train.num_steps,
                        np.float32(config.optim.lr), jax.random.fold_in(fit_rng, k))
     raw = [np.asarray(g)[:len(identities)] for g in lora_bank.groups(params)]

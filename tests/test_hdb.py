@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import quickstart_hdb
+from configs import quickstart_hdb, sd15_hyperdreambooth
 from hyperlora_jax import export, finetune, lora as lora_lib, main, objectives, preoptimize
 from hyperlora_jax import runs, sample, stages, train
 from hyperlora_jax.convert import lora_files, pipeline, target_weights
@@ -150,8 +150,8 @@ def test_bank_subjects_train_independently_in_one_compiled_loop(dirs):
 
 # ---------------------------------------------------------------- the weight-space loss
 def _hyper_config(dirs, **more):
-  return tiny_config(dirs, 'hyperlora', **_data(**LIDB, **{
-      'hypernet.decoder.kind': 'transformer', 'hypernet.decoder.width': 16,
+  return tiny_config(dirs, 'hyperlora', **_data(**{
+      **LIDB, 'hypernet.decoder.kind': 'transformer', 'hypernet.decoder.width': 16,
       'hypernet.decoder.depth': 1, 'hypernet.decoder.heads': 2, 'hypernet.gamma_init': 1.0,
       **more}))
 
@@ -199,12 +199,13 @@ def test_target_weights_that_do_not_fit_fail_at_start_naming_what_differs(dirs, 
     objectives.build(_hyper_config(dirs, **{'hypernet.param.a': 4, 'hypernet.loss.beta': 1.0,
                                            'hypernet.loss.targets': workdir}),
                      jax.random.key(0))
-  with pytest.raises(ValueError, match=f'has no layer {targets[0].path}'):
-    target_weights.load(workdir, keys, fields, [lora_lib.Target(targets[0].path, 1, 1)])
+  with pytest.raises(ValueError, match='has no layer up_blocks_9/attn2/to_q'):
+    target_weights.load(workdir, keys, fields, targets + [
+        lora_lib.Target('up_blocks_9/attn2/to_q', 4, 4)])
   with pytest.raises(ValueError, match=f'has other shapes at {targets[0].path}'):
     target_weights.load(workdir, keys, fields, [lora_lib.Target(targets[0].path, 1, 1)]
                         + targets[1:])
-  with pytest.raises(ValueError, match='does not predict'):
+  with pytest.raises(ValueError, match=f'does not predict {targets[0].path}'):
     target_weights.load(workdir, keys, fields, targets[1:])
   with pytest.raises(ValueError, match=r"lack 1 of the .* e.g. \['a purple unicorn'\]"):
     target_weights.load(workdir, list(keys) + ['a purple unicorn'], fields, targets)
@@ -389,3 +390,11 @@ def test_hdb_config_is_complete(size):
   stages._resolve_stages(stage, '/w')
   assert stage.hypernet.loss.targets == '/w/targets'
   assert stage.model.pretrained == '/w/base/pipeline'
+
+
+def test_sd15_hyperdreambooth_targets_are_what_its_hypernetwork_predicts():
+  targets, hyper = (sd15_hyperdreambooth.get_config(p) for p in ('targets', 'hypernet'))
+  assert objectives.spec(targets.objective).per_subject and hyper.hypernet.loss.beta > 0
+  assert lora_lib.raw_fields(targets.bank.param) == lora_lib.raw_fields(hyper.hypernet.param)
+  assert targets.model.targets == hyper.model.targets and 'text_mlp' in hyper.model.targets
+  assert targets.data.to_dict() == hyper.data.to_dict()

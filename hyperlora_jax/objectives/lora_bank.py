@@ -40,16 +40,18 @@ def raw_lora(param_config, targets) -> hypernet.RawLoRA:
 
 
 def init_raw(rng, module: hypernet.RawLoRA, num_subjects: int) -> dict:
-  """Fresh rows: down numbers N(0, 1) (the parameterization scales them by fan-in), up
-  numbers zero, so every LoRA starts at zero."""
+  """Fresh rows, every subject the same: down numbers N(0, 1) (the parameterization
+  scales them by fan-in), up numbers zero, so each LoRA starts at zero, and fitted rows
+  differ only by what their subjects' images taught them (what a hypernetwork can
+  predict; per-subject random downs would be noise in its weight-space loss)."""
   groups = hypernet.group_targets(module.targets)
   shapes = hypernet.raw_shapes(module.parameterization, module.targets)
   out = {}
   for g, ((dims, _), (count, size)) in enumerate(zip(groups, shapes)):
     down = module.parameterization.down_size(*dims)
-    noise = jax.random.normal(jax.random.fold_in(rng, g), (num_subjects, count, down))
-    out[f'group_{g}'] = jnp.concatenate(
-        [noise, jnp.zeros((num_subjects, count, size - down))], axis=-1)
+    row = jnp.concatenate([jax.random.normal(jax.random.fold_in(rng, g), (count, down)),
+                           jnp.zeros((count, size - down))], axis=-1)
+    out[f'group_{g}'] = jnp.broadcast_to(row, (num_subjects, count, size))
   return out
 
 
