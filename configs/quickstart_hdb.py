@@ -2,6 +2,7 @@
 
   python -m hyperlora_jax.main --config=configs/quickstart_hdb.py --workdir=workdirs/hdb
   python -m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu --workdir=...
+  (:cpu_2seeds: the cpu size with two training seeds, reusing a cpu run's stages)
 
 A subject is a synthetic item; its reference photo is a scene in which the figure wears
 it (data.context='target': the image is both the hypernetwork's input and the diffusion
@@ -42,6 +43,7 @@ SIZES = {
                 converged=400, converged_lr=3e-2, seeds=(0,), eval_steps=20,
                 prediction='v_prediction'),
     # Not run here (no GPU in this session): the CPU's rates at the GPU quickstart's size.
+    # (cpu_2seeds, below: the cpu size with every hypernetwork and fine-tuning row twice.)
     'gpu': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
                 base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
                 test_fraction=0.2, targets_steps=40, subjects=64, targets_lr=1e-1,
@@ -55,6 +57,7 @@ SIZES = {
                   b=8, beta=1.0, report_subjects=4, fast=2, fast_lr=1e-1, converged=3,
                   converged_lr=3e-2, seeds=(0,), eval_steps=2, prediction='v_prediction'),
 }
+SIZES['cpu_2seeds'] = dict(SIZES['cpu'], seeds=(0, 1))
 TARGETS = 'cross_attn,self_attn,text_attn,text_mlp'  # the paper's layers
 
 

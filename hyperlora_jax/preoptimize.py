@@ -1,16 +1,16 @@
 r"""Pre-optimization: every training identity's own LoRA weights, many identities at once.
 
-  python -m hyperlora_jax.main --config=configs/quickstart_hdb.py --workdir=RUN
-  (its ``targets`` stage), or any config with objective='lora_bank':
-  python -m hyperlora_jax.main --config=CONFIG --config.objective=lora_bank --workdir=RUN
+  python -m hyperlora_jax.main --config=configs/sd15_hyperdreambooth.py:targets \
+      --config.model.pretrained=SD15 --config.data.source_dir=FACES --workdir=RUN
+  (configs/quickstart_hdb.py's ``targets`` stage; any config with objective='lora_bank')
 
 A lora_bank run (`objectives.lora_bank`) fits one LoRA of config.bank.param's
 parameterization (LiDB or plain: the numbers a hypernetwork predicts) to the images of
 each identity of the data's train split, with the diffusion loss and the batch's prompt
 (data.prompt='static': the supervisory prompt, 'a [V] face'). config.bank.subjects_per_step
 identities are fitted together, one image of each in every step, config.train.num_steps
-steps in one compiled call (`train.fit`), their rows split over the mesh's devices. Each
-such group becomes one shard of the run's target-weights dataset
+steps in one compiled call (`train.fit`), their rows split over the devices of one host
+(config.mesh). Each such group becomes one shard of the run's target-weights dataset
 (`convert.target_weights`); index.json, keyed by identity, is written when every shard is.
 A rerun (after an interruption) fits only the identities of missing shards. A hyperlora
 run reads the dataset for its weight-space loss (hypernet.loss.targets = this workdir).
@@ -63,6 +63,9 @@ def run(config, workdir: str) -> dict:
 
 
 def _fit_shards(config, workdir, records, chunks, todo):
+  if jax.process_count() > 1:  # Shards are read back from every device's rows.
+    raise ValueError('Pre-optimization runs on one host (its devices share each step); '
+                     f'this job has {jax.process_count()} processes.')
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   if config.bank.subjects_per_step % mesh.size:
     raise ValueError(f'bank.subjects_per_step={config.bank.subjects_per_step} must be a '

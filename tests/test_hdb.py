@@ -228,14 +228,15 @@ def hyper_run(dirs, tmp_path_factory):
   return dict(workdir=workdir, run=run, contexts=contexts)
 
 
-def test_predicted_text_tower_lora_loads_in_diffusers(hyper_run, tmp_path):
+@pytest.mark.parametrize('fmt', ['diffusers', 'kohya'])
+def test_predicted_text_tower_lora_loads_in_diffusers(hyper_run, tmp_path, fmt):
   import diffusers  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   run = hyper_run['run']
   models, params = run.objective.models, runs.base_params(run)
   path = str(tmp_path / 'lora.safetensors')
-  export.export_lora(run, 'diffusers', path, hyper_run['contexts'][:1])
+  export.export_lora(run, fmt, path, hyper_run['contexts'][:1])
   tree = runs.plain_loras(runs.lora(run, {'context': hyper_run['contexts'][:1]}))[0]
   assert any(p.endswith('mlp/fc1') for p in tree) and any('self_attn' in p for p in tree)
   folder = str(tmp_path / 'pipe')
@@ -369,7 +370,7 @@ def test_personalization_report(hyper_run, tmp_path):
   assert os.path.getsize(tmp_path / 'report' / 'grid.png') > 0
 
 
-@pytest.mark.parametrize('size', ['cpu', 'gpu', 'smoke'])
+@pytest.mark.parametrize('size', ['cpu', 'cpu_2seeds', 'gpu', 'smoke'])
 def test_hdb_config_is_complete(size):
   c = quickstart_hdb.get_config(size)
   assert c.stage_order[:2] == ('base', 'targets')
