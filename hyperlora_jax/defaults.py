@@ -40,6 +40,9 @@ config.data       the input pipeline (`data.pipeline`)
                   with its own threads: 0 = none (threads in this process; decoding is
                   GIL-bound at ~1,000 images/s), -1 = one per CPU core up to 16. A GPU
                   needs them (0)
+  augment         training contexts' variations (`data.augment` documents them): p (0.0:
+                  off), scale ((0.35, 1.0)), background (0.5), jpeg (0.5), jpeg_quality
+                  ((30, 95)), lowres (0.3), lowres_scale ((0.3, 0.8))
 
 config.model
   pretrained      a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/,
@@ -171,7 +174,9 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
                 static_prompt='', on_bad_example='error', convert_modes=True, resolution=32,
                 prompt='scene', seed=0, num_train=1000, num_test=200, holdout_seed=0,
                 test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, context='context',
-                batch_size=8, num_threads=4, prefetch=4, num_workers=0)
+                batch_size=8, num_threads=4, prefetch=4, num_workers=0,
+                augment=dict(p=0.0, scale=(0.35, 1.0), background=0.5, jpeg=0.5,
+                             jpeg_quality=(30, 95), lowres=0.3, lowres_scale=(0.3, 0.8)))
   c.model = dict(pretrained='', unet=tiny_unet(), text=tiny_text(), max_length=40,
                  scheduler=dict(prediction_type='epsilon'), targets='cross_attn',
                  prompt_dropout=0.1, min_snr_gamma=ml_collections.config_dict.placeholder(float))

@@ -1,4 +1,5 @@
-r"""Evaluation: synthetic-task accuracy, CLIP metrics, comparison tables and grids.
+r"""Evaluation: synthetic-task accuracy, CLIP metrics, comparison tables and grids; the
+HyperDreamBooth paper's DINO, CLIP-I and CLIP-T on folders of images.
 
   python -m hyperlora_jax.evaluate --workdir=RUN --split=test [--clip=CLIP_FOLDER]
 
@@ -9,9 +10,15 @@ writes RUN/eval/results.json, results.md and grid.png for the run's modes:
   no_lora      scene prompt, base model alone
   oracle       full prompt (names the item), base model alone (synthetic only)
 
+and, on synthetic data, each one's edit twin (hyperlora_edit, single_lora_edit,
+no_lora_edit, oracle_edit; not run unless --modes names them): the same context
+image and LoRA, the prompt asking for another scene than the example's
+(`edit_prompts`), every metric scored against that asked scene: editability.
+
 Synthetic metrics: each generated image's item color and pattern are read at
-the ground-truth box with `synthetic.color_and_pattern_of` and compared with
-the held-out item's; accuracy over examples (and sampling seeds).
+the ground-truth box with `synthetic.color_and_pattern_of`, its background and
+figure position with `synthetic.scene_of`, and compared with the held-out
+example's; accuracy over examples (and sampling seeds).
 
 CLIP metrics (the recontextualization paper, after Ruiz et al.): cosine
 similarities of CLIP image embeddings, C2G (context, generated), T2G (target,
@@ -22,6 +29,17 @@ tower with its projection. Means and stds over examples.
 `compare` evaluates rows from several runs on the same examples and seeds, and
 reports the fraction of the no-LoRA -> oracle gap each row recovers.
 `evaluate_fn` is the training loop's eval hook.
+
+Folder mode, for images made anywhere (`score_folders`):
+
+  python -m hyperlora_jax.evaluate --generated=DIR --references=DIR \
+    [--prompts=PROMPTS.json] --dino=DINO_FOLDER --clip=CLIP_FOLDER --out=DIR
+
+pairs each generated image with the reference of the same file name and writes
+results.json (mean, std and every pair's scores) and results.md: DINO (cosine of a
+DINO ViT's CLS embeddings, e.g. facebook/dino-vits16), CLIP-I (of CLIP image
+embeddings), CLIP-T (generated image vs its prompt, from {name: prompt}), as
+DreamBooth defines them and HyperDreamBooth reports them.
 """
 import collections
 import functools
@@ -37,31 +55,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax import cli
+from hyperlora_jax import files
 from hyperlora_jax import objectives
 from hyperlora_jax import runs
 from hyperlora_jax import sample
-from hyperlora_jax.convert import clip_folders, core
+from hyperlora_jax.convert import clip_folders, core, vit_folders
 from hyperlora_jax.data import images as image_io
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
-from hyperlora_jax.models import clip
+from hyperlora_jax.models import clip, vit
 
 # mode -> (prompt, the kind of LoRA it applies: the run's `Spec.lora_kind`, or None for
-# the base model alone)
+# the base model alone, the context images: the split's own or the robustness split's,
+# drawn by `synthetic.robust_context` for the same held-out items)
 MODES = {
-    'hyperlora': ('scene', 'predicted'),
-    'single_lora': ('scene', 'shared'),
-    'no_lora': ('scene', None),
-    'oracle': ('full', None),
+    'hyperlora': ('scene', 'predicted', 'dataset'),
+    'hyperlora_robust': ('scene', 'predicted', 'robust'),
+    'single_lora': ('scene', 'shared', 'dataset'),
+    'no_lora': ('scene', None, 'dataset'),
+    'oracle': ('full', None, 'dataset'),
 }
+# Per attribute value, the accuracy of the metric that reads it.
+BREAKDOWNS = {'color': ('color_acc', synthetic.COLORS),
+              'pattern': ('pattern_acc', synthetic.PATTERNS)}
+# Each mode's edit twin (editability): the same subject (context image, LoRA) asked
+# for another scene than its example's, scored against the asked scene (`edit_batch`).
+EDIT = '_edit'
+MODES.update({mode + EDIT: value for mode, value in list(MODES.items())})
 SYNTHETIC = ('color_acc', 'pattern_acc')
+SCENE = ('background_acc', 'position_acc')  # synthetic too; no gap columns
 CLIP_METRICS = ('C2G', 'T2G', 'T2Gdiff', 'CLIP-T')
 
 
 def own_mode(spec: objectives.Spec) -> str:
   """The mode of a run's own output: its LoRA's, or the oracle (the base model it
   trains, given the full prompt) for runs without a LoRA."""
-  return next((m for m, (_, kind) in MODES.items() if kind and kind == spec.lora_kind),
+  return next((m for m, (_, kind, _) in MODES.items() if kind and kind == spec.lora_kind),
               'oracle')
 
 
@@ -78,15 +107,18 @@ def check_mode_name(mode: str) -> None:
 
 def check_mode(config, mode: str) -> None:
   check_mode_name(mode)
-  prompt, kind = MODES[mode]
+  prompt, kind, contexts = MODES[mode]
   spec = objectives.spec(config.objective)
   if kind is not None and kind != spec.lora_kind:
     having = [s.name for s in objectives.REGISTRY.values() if s.lora_kind == kind]
     raise ValueError(f'Mode {mode!r} needs a {" or ".join(having)} run; '
                      f'this is a {spec.name} run.')
-  if prompt == 'full' and config.data.name != 'synthetic':
-    raise ValueError(f'Mode {mode!r} needs full prompts (synthetic data); the '
-                     f'run uses {config.data.name!r} data.')
+  if (prompt == 'full' or contexts == 'robust') and config.data.name != 'synthetic':
+    raise ValueError(f'Mode {mode!r} needs the synthetic task (full prompts, the '
+                     f'robustness split); the run uses {config.data.name!r} data.')
+  if mode.endswith(EDIT) and config.data.name != 'synthetic':
+    raise ValueError(f'Mode {mode!r} asks for other synthetic scenes; the run uses '
+                     f'{config.data.name!r} data.')
 
 
 def _prompts(batch, kind: str) -> list:
@@ -110,12 +142,66 @@ def batches(config, split: str, num_examples: Optional[int], batch_size: int):
 
 
 def score_synthetic(images, batch) -> dict:
-  """Per-example correctness {color_acc, pattern_acc} [B] of images [B, H, W,
-  3] against the batch's ground truth, read at its item boxes."""
+  """Per-example correctness {color_acc, pattern_acc, background_acc,
+  position_acc} [B] of images [B, H, W, 3] against the batch's ground truth:
+  the item read at its box, the scene with `synthetic.scene_of`."""
   read = np.array([synthetic.color_and_pattern_of(image, box)
                    for image, box in zip(np.asarray(images), batch['box'])])
+  scene = np.array([synthetic.scene_of(image, box[2] - box[0])
+                    for image, box in zip(np.asarray(images), batch['box'])])
   return {'color_acc': (read[:, 0] == batch['color']).astype(np.float32),
-          'pattern_acc': (read[:, 1] == batch['pattern']).astype(np.float32)}
+          'pattern_acc': (read[:, 1] == batch['pattern']).astype(np.float32),
+          'background_acc': (scene[:, 0] == batch['background']).astype(np.float32),
+          'position_acc': (scene[:, 1] == batch['position']).astype(np.float32)}
+
+
+def edit_prompts(batch, seed: int, kind: str = 'scene'):
+  """Prompts that ask each example's item into another scene than its own.
+
+  The asked scene differs from the example's in both background and position,
+  so a model that draws the example's own scene whatever the prompt says
+  scores zero on both; it is drawn from (seed, the example's index), so every
+  row of a comparison asks for the same scenes.
+
+  Args:
+    batch: a synthetic batch (its item attributes, scene and 'index').
+    seed: the draw's seed (`score_mode` passes the sampling seed).
+    kind: 'scene' (S* for the item, as the LoRA modes) or 'full' (the item in
+      words, the oracle's).
+
+  Returns:
+    (prompts [B], background [B], position [B]): the asked scenes' ids.
+  """
+  prompts, backgrounds, positions = [], [], []
+  for i in range(len(batch['index'])):
+    rng = np.random.default_rng([seed, int(batch['index'][i])])
+    background = int(rng.choice([b for b in range(len(synthetic.BACKGROUNDS))
+                                 if b != batch['background'][i]]))
+    position = int(rng.choice([p for p in range(len(synthetic.POSITIONS))
+                               if p != batch['position'][i]]))
+    item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    prompts.append(synthetic.prompts(*item, background, position)[f'prompt_{kind}'])
+    backgrounds.append(background)
+    positions.append(position)
+  return prompts, np.array(backgrounds, np.int32), np.array(positions, np.int32)
+
+
+def edit_batch(batch, seed: int) -> dict:
+  """The batch asking for `edit_prompts`' scenes: its prompts, scene ids, item
+  boxes and targets (the ground truth of the asked scene, rendered) replaced;
+  the context images, items and indices kept."""
+  scene, background, position = edit_prompts(batch, seed)
+  full = edit_prompts(batch, seed, 'full')[0]
+  resolution, size = batch['target'].shape[1], int(batch['box'][0][2] - batch['box'][0][0])
+  targets, boxes = [], []
+  for i in range(len(scene)):
+    item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    target, _, box = synthetic.target_image(item, background[i], position[i],
+                                            resolution, size)
+    targets.append(image_io.normalize(target))
+    boxes.append(box)
+  return dict(batch, prompt_scene=scene, prompt_full=full, background=background,
+              position=position, box=np.stack(boxes), target=np.stack(targets))
 
 
 # ---------------------------------------------------------------- CLIP
@@ -195,16 +281,32 @@ def clip_scores(scorer: CLIPScorer, generated, context, target,
 # ---------------------------------------------------------------- one mode
 
 
-def _summary(per_seed: Sequence[Mapping[str, np.ndarray]]) -> dict:
-  """metric -> mean, std over examples (of each example's mean over seeds)
-  and, with several seeds, seed_std (of the per-seed means); plus
-  'num_examples'."""
+def _summary(per_seed: Sequence[Mapping[str, np.ndarray]],
+             labels: Optional[Mapping[str, np.ndarray]] = None) -> dict:
+  """metric -> mean, std over examples (of each example's mean over seeds), se (the
+  standard error of the mean over examples) and, with several seeds, seed_std (of the
+  per-seed means); plus 'num_examples'. With the examples' ground-truth `labels`
+  ('color', 'pattern'), 'by_color' / 'by_pattern': name -> mean, se, n of the metric
+  that reads that attribute, over the examples of each value."""
   out = {'num_examples': len(next(iter(per_seed[0].values()), ()))}
   for name in per_seed[0]:
     a = np.stack([s[name] for s in per_seed])  # [seeds, examples]
-    out[name] = {'mean': float(a.mean()), 'std': float(a.mean(0).std())}
+    per_example = a.mean(0)
+    out[name] = {'mean': float(a.mean()), 'std': float(per_example.std()),
+                 'se': float(per_example.std() / np.sqrt(len(per_example)))}
     if len(a) > 1:
       out[name]['seed_std'] = float(a.mean(1).std())
+  for attr, (metric, names) in BREAKDOWNS.items():
+    if labels is None or attr not in labels or metric not in per_seed[0]:
+      continue
+    per_example = np.stack([s[metric] for s in per_seed]).mean(0)
+    groups = {}
+    for value, name in enumerate(names):
+      x = per_example[labels[attr] == value]
+      if len(x):
+        groups[name] = {'mean': float(x.mean()), 'se': float(x.std() / np.sqrt(len(x))),
+                        'n': int(len(x))}
+    out[f'by_{attr}'] = groups
   return out
 
 
@@ -216,22 +318,29 @@ def evaluate_mode(run: runs.Run, mode: str, **kwargs):
     (metrics, kept): metrics as `_summary`; kept holds
     'context', 'target', 'generated' [<= keep, H, W, 3] of the first seed.
   """
-  per_seed, kept = score_mode(run, mode, **kwargs)
-  return _summary(per_seed), kept
+  per_seed, kept, labels = score_mode(run, mode, **kwargs)
+  return _summary(per_seed, labels), kept
 
 
 def score_mode(run: runs.Run, mode: str, *, split='test',
                num_examples: Optional[int] = None, num_steps=25, guidance=3.0,
                seeds=(0,), sampler='ddim', batch_size: Optional[int] = None,
                scorer: Optional[CLIPScorer] = None, keep: int = 0):
-  """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept)."""
+  """`evaluate_mode` before the summary: ([{metric: [examples]} per seed], kept,
+  the examples' ground-truth {'color', 'pattern'} on synthetic data)."""
   check_mode(run.config, mode)
-  prompt_kind, lora_kind = MODES[mode]
-  per_seed, kept = [], collections.defaultdict(list)
+  if num_examples is not None and num_examples < 0:
+    raise ValueError(f'num_examples={num_examples}: must be >= 0 (0 or None: all).')
+  prompt_kind, lora_kind, contexts = MODES[mode]
+  per_seed, kept, labels = [], collections.defaultdict(list), collections.defaultdict(list)
   for i, seed in enumerate(seeds):
     scores = collections.defaultdict(list)
     for batch, n in batches(run.config, split, num_examples,
                             batch_size or run.config.train.batch_size):
+      if contexts == 'robust':
+        batch = dict(batch, context=robust_contexts(batch, run.config.data))
+      if mode.endswith(EDIT):
+        batch = edit_batch(batch, seed)
       prompts = _prompts(batch, prompt_kind)
       images = np.asarray(sample.generate(
           run, batch['context'], prompts, num_steps=num_steps, guidance=guidance,
@@ -245,13 +354,25 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
                                  batch['target'], described))
       for name, values in found.items():
         scores[name].append(values[:n])
+      if i == 0 and 'color' in batch:
+        for attr in BREAKDOWNS:
+          labels[attr].append(np.asarray(batch[attr])[:n])
       room = keep - sum(len(x) for x in kept['generated'])
       if i == 0 and room > 0:
         for name, x in (('context', batch['context']),
                         ('target', batch['target']), ('generated', images)):
           kept[name].append(np.asarray(x)[:min(n, room)])
     per_seed.append({k: np.concatenate(v) for k, v in scores.items()})
-  return per_seed, {k: np.concatenate(v) for k, v in kept.items() if v}
+  return (per_seed, {k: np.concatenate(v) for k, v in kept.items() if v},
+          {k: np.concatenate(v) for k, v in labels.items()})
+
+
+def robust_contexts(batch, data) -> np.ndarray:
+  """The robustness split's contexts [B, R, R, 3] in [-1, 1] for a synthetic batch: the
+  same held-out items, drawn by `synthetic.robust_context`."""
+  return image_io.normalize(np.stack([synthetic.robust_context(
+      int(i), *(int(batch[k][j]) for k in ('shape', 'color', 'pattern', 'color2')),
+      resolution=data.resolution, seed=data.seed) for j, i in enumerate(batch['index'])]))
 
 
 # ---------------------------------------------------------------- compare
@@ -259,13 +380,15 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
 
 def _gaps(rows: dict) -> None:
   """Adds gap_recovered = (row - no_lora) / (oracle - no_lora) per synthetic
-  metric to every row, when a no_lora and an oracle row exist."""
-  ends = [next((r for r in rows.values() if r['mode'] == m), None)
-          for m in ('no_lora', 'oracle')]
-  if None in ends:
-    return
-  low, high = (e['metrics'] for e in ends)
+  metric to every row, when a no_lora and an oracle row exist (for edit rows:
+  no_lora_edit and oracle_edit, which were asked for the same scenes)."""
   for row in rows.values():
+    suffix = EDIT if row['mode'].endswith(EDIT) else ''
+    ends = [next((r for r in rows.values() if r['mode'] == m + suffix), None)
+            for m in ('no_lora', 'oracle')]
+    if None in ends:
+      continue
+    low, high = (e['metrics'] for e in ends)
     row['gap_recovered'] = {
         k: (row['metrics'][k]['mean'] - low[k]['mean'])
         / (high[k]['mean'] - low[k]['mean'])
@@ -273,39 +396,70 @@ def _gaps(rows: dict) -> None:
         for k in SYNTHETIC if k in row['metrics']}
 
 
+def _breakdown_tables(rows: dict) -> list:
+  """Markdown lines: each row's accuracy per item color and per pattern, and how far
+  its worst value falls below its mean."""
+  lines = []
+  for attr, (metric, names) in BREAKDOWNS.items():
+    groups = [r['metrics'].get(f'by_{attr}') for r in rows.values()]
+    if not any(groups):
+      continue
+    counts = next(g for g in groups if g)
+    head = ['Row'] + [f'{n} (n={counts[n]["n"]})' for n in names if n in counts]
+    head.append('worst - mean')
+    lines += ['', f'Per item {attr} ({metric}, %):', '',
+              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for (name, row), group in zip(rows.items(), groups):
+      if not group:
+        continue
+      cells = [name] + [f'{100 * group[n]["mean"]:.0f} ± {100 * group[n]["se"]:.0f}'
+                        for n in names if n in group]
+      worst = min(v['mean'] for v in group.values()) - row['metrics'][metric]['mean']
+      lines.append('| ' + ' | '.join(cells + [f'{100 * worst:+.0f}']) + ' |')
+  return lines
+
+
 def markdown_table(results: dict) -> str:
   rows = results['rows']
   first = next(iter(rows.values()))['metrics']
   synth = [k for k in SYNTHETIC if k in first]
+  scene = [k for k in SCENE if k in first]
   clip_cols = [k for k in CLIP_METRICS if k in first]
   gaps = any('gap_recovered' in r for r in rows.values())
   seeds = len(results['settings']['seeds'])
   head = (['Row', 'Mode'] + [k.replace('_acc', ' acc (%)') for k in synth]
           + [f'{k.split("_")[0]} gap recovered' for k in synth if gaps]
-          + clip_cols)
+          + [k.replace('_acc', ' acc (%)') for k in scene] + clip_cols)
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, row in rows.items():
     m = row['metrics']
-    spread = lambda v: v.get('seed_std', v['std']) if seeds > 1 else v['std']
+    spread = lambda v: v.get('seed_std', v['std']) if seeds > 1 else v['se']
     cells = [name, row['mode']]
     cells += [f'{100 * m[k]["mean"]:.1f} ± {100 * spread(m[k]):.1f}' for k in synth]
     if gaps:
       gap = row.get('gap_recovered', {})
       cells += ['' if gap.get(k) is None else f'{round(100 * gap[k])}%'
                 for k in synth]
+    cells += [f'{100 * m[k]["mean"]:.1f} ± {100 * spread(m[k]):.1f}' for k in scene]
     cells += [f'{m[k]["mean"]:.3f} ± {m[k]["std"]:.3f}' for k in clip_cols]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += _breakdown_tables(rows)
   s = results['settings']
   notes = [f'{first["num_examples"]} {s["split"]} examples, {s["num_steps"]} '
            f'{s["sampler"]} steps, guidance {s["guidance"]}, sampling seeds '
            f'{s["seeds"]}. Accuracy ± is the std over '
            + (f'the {seeds} seeds (rows of several runs: one run per training '
               'seed, sampled with its seed; other rows: the sampling seeds).'
-              if seeds > 1 else 'examples.')]
+              if seeds > 1 else 'examples, divided by sqrt(examples): the standard '
+              'error.') + ' Per color / pattern: accuracy ± its standard error over that '
+           "value's examples."]
   if clip_cols:
     notes.append('CLIP metrics: mean ± std over examples.')
   if gaps:
     notes.append('Gap recovered: (row - no_lora) / (oracle - no_lora).')
+  if any(row['mode'].endswith(EDIT) for row in rows.values()):
+    notes.append(f'Modes *{EDIT} ask for another scene than the example\'s; their '
+                 'accuracies are against the asked scene (editability).')
   notes += [results['clip_note']] if results.get('clip_note') else []
   return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
 
@@ -322,8 +476,10 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   workdir may also be a `runs.Run` already in memory (e.g. fine-tuned ones).
 
   Writes out_dir/results.json, results.md (one table row per entry, in
-  order) and grid.png (first `grid_examples` examples; columns: context,
-  ground truth, then each row, its first run). Returns the results dict.
+  order; then each row's accuracy per item color and per pattern) and grid.png
+  (first `grid_examples` examples; columns: context, ground truth, then each
+  row, its first run, after its own contexts where they are other images:
+  the robustness split's). Returns the results dict.
   """
   several = lambda w: isinstance(w, (list, tuple)) and not isinstance(w, runs.Run)
   where = lambda w: (f'{w.workdir} ({w.spec.name}, in memory)' if isinstance(w, runs.Run)
@@ -334,11 +490,11 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
       raise ValueError(f'Row {name!r} has {len(workdirs)} runs but there are '
                        f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
-  restored, results, columns = {}, {}, []
+  restored, results, columns, labels = {}, {}, [], ['context', 'ground truth']
   for name, (workdirs, mode) in rows.items():
     pairs = (list(zip(workdirs, [(s,) for s in seeds]))
              if several(workdirs) else [(workdirs, tuple(seeds))])
-    per_seed = []
+    per_seed, truth = [], None
     for k, (workdir, run_seeds) in enumerate(pairs):
       if isinstance(workdir, runs.Run):
         run = workdir
@@ -348,34 +504,160 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
         run = restored[workdir]
       logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, where(workdir),
                    run_seeds)
-      scores, kept = score_mode(
+      scores, kept, truth = score_mode(
           run, mode, split=split, num_examples=num_examples,
           num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
           batch_size=batch_size, scorer=scorer, keep=grid_examples if k == 0 else 0)
       per_seed += scores
       if k == 0:
-        if columns and not np.array_equal(kept['context'], columns[0]):
+        if columns and not np.array_equal(kept['target'], columns[1]):
           raise ValueError(f'Row {name!r} ({where(workdir)}) sees other {split} examples '
                            'than the first row: compare runs of one data config.')
         columns = columns or [kept['context'], kept['target']]
+        if not np.array_equal(kept['context'], columns[0]):
+          columns.append(kept['context'])
+          labels.append(f'{name}: context')
         columns.append(kept['generated'])
+        labels.append(name)
     results[name] = {'workdir': [where(w) for w, _ in pairs] if len(pairs) > 1
                                 else where(pairs[0][0]),
                      'mode': mode, 'objective': run.spec.name,
-                     'metrics': _summary(per_seed)}
+                     'metrics': _summary(per_seed, truth)}
   _gaps(results)
   out = {'settings': dict(split=split, num_examples=num_examples,
                           num_steps=num_steps, guidance=guidance,
                           seeds=list(seeds), sampler=sampler),
          'rows': results, 'clip_note': scorer.note if scorer else ''}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-    json.dump(out, f, indent=2)
-  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(markdown_table(out))
-  image_io.grid(np.stack(columns, axis=1), ['context', 'ground truth'] + list(rows)
-                ).save(os.path.join(out_dir, 'grid.png'))
+  files.write_json(os.path.join(out_dir, 'results.json'), out)
+  files.write_text(os.path.join(out_dir, 'results.md'), markdown_table(out))
+  files.save_image(image_io.grid(np.stack(columns, axis=1), labels),
+                   os.path.join(out_dir, 'grid.png'))
   return out
+
+
+# ---------------------------------------------------------------- folders: DINO, CLIP-I, CLIP-T
+
+FOLDER_METRICS = ('DINO', 'CLIP-I', 'CLIP-T')
+
+
+class DINOScorer(NamedTuple):
+  module: Any  # models.vit.ViTModel
+  params: Any
+  preprocess: dict  # vit.preprocess_images' settings from the folder
+
+
+def load_dino(folder: str) -> DINOScorer:
+  """A DINO ViT (e.g. facebook/dino-vits16) from a local transformers ViTModel folder."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'No such DINO folder: {folder}')
+  module, params, _ = vit_folders.load_vit(folder)
+  return DINOScorer(module, params, vit_folders.load_image_processor(folder, module))
+
+
+_vit_pixels = jax.jit(vit.preprocess_images, static_argnames=('size', 'resample', 'mean', 'std'))
+_clip_pixels = jax.jit(clip.preprocess_images, static_argnums=1)
+
+
+def dino_embeddings(scorer: DINOScorer, images: Sequence[np.ndarray]) -> np.ndarray:
+  """Unit DINO embeddings [N, D] (the CLS token after the final layernorm) of uint8
+  images [h, w, 3], each of any size."""
+  pixels = jnp.concatenate([_vit_pixels(x, **scorer.preprocess) for x in images])
+  return np.asarray(_unit(_apply(scorer.module, scorer.params, pixels).last_hidden_state[:, 0]))
+
+
+def clip_image_embeddings(scorer: CLIPScorer, images: Sequence[np.ndarray]) -> np.ndarray:
+  """`image_embeddings` of uint8 images [h, w, 3], each of any size (CLIPImageProcessor's
+  8-bit resize, as image files are)."""
+  size = scorer.vision.image_size
+  pixels = jnp.concatenate([_clip_pixels(x, size) for x in images])
+  return np.asarray(_unit(_apply(scorer.vision, scorer.vision_params, pixels).image_embeds))
+
+
+def _read_prompts(path: str, names: Sequence[str]) -> dict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No such prompts file: {path}')
+  with open(path) as f:
+    try:
+      prompts = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not JSON ({e}); give {{image name: prompt}}.') from None
+  if not isinstance(prompts, dict):
+    raise ValueError(f'{path} holds a {type(prompts).__name__}; give {{image name: prompt}}.')
+  missing = [n for n in names if not isinstance(prompts.get(n), str)]
+  if missing:
+    raise ValueError(f'{path} has no prompt for {len(missing)} generated images: '
+                     + ', '.join(missing[:5]) + (', ...' if len(missing) > 5 else ''))
+  return prompts
+
+
+def score_folders(generated: str, references: str, out_dir: str, *,
+                  prompts_file: Optional[str] = None, dino_folder: Optional[str] = None,
+                  clip_folder: Optional[str] = None, batch_size: int = 16) -> dict:
+  """The HyperDreamBooth paper's metrics (DreamBooth's definitions) of generated images
+  against their references, paired by file name (`images.pair_images`):
+
+    DINO    cosine of the DINO ViT's embeddings of the generated and reference image
+    CLIP-I  cosine of their CLIP image embeddings
+    CLIP-T  cosine of the generated image's CLIP embedding and its prompt's
+            (`prompts_file`: JSON {image name: prompt}; needs a CLIPModel folder)
+
+  Writes out_dir/results.json (settings, mean and std over pairs, per-image scores)
+  and results.md. Returns the results dict.
+  """
+  if not dino_folder and not clip_folder:
+    raise ValueError('Nothing to score: give a DINO folder (--dino) and/or a CLIP folder '
+                     '(--clip).')
+  if prompts_file and not clip_folder:
+    raise ValueError('CLIP-T (--prompts) needs a CLIP folder (--clip).')
+  pairs = image_io.pair_images(generated, references)
+  names = [name for name, _, _ in pairs]
+  prompts = _read_prompts(prompts_file, names) if prompts_file else None
+  dino = load_dino(dino_folder) if dino_folder else None
+  scorer = load_clip(clip_folder) if clip_folder else None
+  scores = collections.defaultdict(list)
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    n = len(chunk)
+    chunk = chunk + chunk[-1:] * (batch_size - n)  # One batch shape: one compile.
+    gen, ref = ([image_io.read_rgb(p[k]) for p in chunk] for k in (1, 2))
+    if dino is not None:
+      g, r = dino_embeddings(dino, gen), dino_embeddings(dino, ref)
+      scores['DINO'].append(np.sum(g * r, -1)[:n])
+    if scorer is not None:
+      g, r = clip_image_embeddings(scorer, gen), clip_image_embeddings(scorer, ref)
+      scores['CLIP-I'].append(np.sum(g * r, -1)[:n])
+      if prompts is not None and scorer.text is not None:
+        t = text_embeddings(scorer, [prompts[name] for name, _, _ in chunk])
+        scores['CLIP-T'].append(np.sum(t * g, -1)[:n])
+  scores = {k: np.concatenate(v) for k, v in scores.items()}
+  note = scorer.note if scorer is not None and prompts is not None else ''
+  results = {
+      'settings': dict(generated=generated, references=references, prompts=prompts_file,
+                       dino=dino_folder, clip=clip_folder),
+      'metrics': {'num_pairs': len(pairs),
+                  **{k: {'mean': float(v.mean()), 'std': float(v.std())}
+                     for k, v in scores.items()}},
+      'per_image': {name: {k: float(v[i]) for k, v in scores.items()}
+                    for i, name in enumerate(names)},
+      'clip_note': note}
+  files.write_json(os.path.join(out_dir, 'results.json'), results)
+  files.write_text(os.path.join(out_dir, 'results.md'), folder_table(results))
+  return results
+
+
+def folder_table(results: dict) -> str:
+  """`score_folders`' results as a markdown table (mean ± std) with its notes."""
+  m = results['metrics']
+  cols = [k for k in FOLDER_METRICS if k in m]
+  lines = ['| Pairs | ' + ' | '.join(cols) + ' |', '|' + '---|' * (len(cols) + 1),
+           f'| {m["num_pairs"]} | '
+           + ' | '.join(f'{m[k]["mean"]:.3f} ± {m[k]["std"]:.3f}' for k in cols) + ' |']
+  notes = ['Mean ± std over the pairs (generated, reference), paired by file name. '
+           "DreamBooth's metrics, as HyperDreamBooth reports them: DINO and CLIP-I are the "
+           'cosine similarities of the two images\' DINO ViT (CLS token) and CLIP image '
+           "embeddings, CLIP-T that of the generated image's CLIP embedding and its prompt's."]
+  notes += [results['clip_note']] if results.get('clip_note') else []
+  return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
 
 
 # ---------------------------------------------------------------- train hook
@@ -394,7 +676,7 @@ def evaluate_fn(config, objective, params, step, writer):
       num_examples=settings.num_examples, num_steps=settings.num_steps,
       guidance=settings.guidance, keep=4)
   scalars = {f'eval/{mode}/{k}': v['mean'] for k, v in metrics.items()
-             if isinstance(v, dict)}
+             if isinstance(v, dict) and 'mean' in v}
   logging.info('step %d  %s', step,
                '  '.join(f'{k} {v:.3f}' for k, v in scalars.items()))
   if writer is not None:
@@ -411,8 +693,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  modes = f.modes or default_modes(runs.load_config(f.workdir))
+  if f.generated:
+    return main_folders(f)
+  cli.check_flags(positive=('num_steps', 'batch_size'),
+                  non_negative=('num_examples', 'grid_examples'))
   out = f.out or os.path.join(f.workdir, 'eval')
+  cli.check_output(out)
+  cli.use_compilation_cache(f.compilation_cache)
+  modes = f.modes or default_modes(runs.load_config(f.workdir))
   results = compare({m: (f.workdir, m) for m in modes}, out, split=f.split,
                     num_examples=f.num_examples or None, num_steps=f.num_steps,
                     guidance=f.guidance, seeds=[int(s) for s in f.seeds],
@@ -422,11 +710,25 @@ def main(argv):
   print(f'Wrote results.json, results.md and grid.png to {out}')
 
 
+def main_folders(f):
+  """The folder mode: `score_folders` on --generated and --references."""
+  for name, what in (('references', 'the folder of reference images'),
+                     ('out', 'the folder for results.json and results.md')):
+    if not f[name].value:
+      raise ValueError(f'--generated needs --{name}: {what}.')
+  results = score_folders(f.generated, f.references, f.out, prompts_file=f.prompts,
+                          dino_folder=f.dino, clip_folder=f.clip,
+                          batch_size=f.batch_size or 16)
+  print(folder_table(results))
+  print(f'Wrote results.json and results.md to {f.out}')
+
+
 def _flags():
   flags.DEFINE_string('workdir', None, 'A training run.')
   flags.DEFINE_string('split', 'test', 'Data split.')
   flags.DEFINE_string('clip', None, 'A local transformers CLIP folder: adds '
-                      'C2G, T2G, T2Gdiff (and CLIP-T with a text tower).')
+                      'C2G, T2G, T2Gdiff (and CLIP-T with a text tower); in folder '
+                      'mode CLIP-I (and CLIP-T with --prompts).')
   flags.DEFINE_list('modes', None, f'Modes ({", ".join(MODES)}); default: '
                     'every mode the run has.')
   flags.DEFINE_integer('num_examples', 200, 'Examples (0: the whole split).')
@@ -434,10 +736,24 @@ def _flags():
   flags.DEFINE_float('guidance', 3.0, 'Classifier-free guidance scale.')
   flags.DEFINE_list('seeds', ['0'], 'Sampling seeds.')
   flags.DEFINE_enum('sampler', 'ddim', ('ddim', 'dpmpp_2m'), 'Sampler.')
-  flags.DEFINE_integer('batch_size', None, 'Default: the run\'s batch size.')
+  flags.DEFINE_integer('batch_size', None, 'Default: the run\'s batch size (folder '
+                       'mode: 16 image pairs).')
   flags.DEFINE_integer('grid_examples', 8, 'Examples in grid.png.')
   flags.DEFINE_string('out', None, 'Output folder (default <workdir>/eval).')
-  flags.mark_flags_as_required(['workdir'])
+  flags.DEFINE_string('generated', None, 'Folder mode, instead of --workdir: a folder of '
+                      'generated images, scored against --references (DINO with --dino, '
+                      'CLIP-I and CLIP-T with --clip).')
+  flags.DEFINE_string('references', None, 'Folder mode: the reference images, one per '
+                      'generated image, of the same file name (any image extension).')
+  flags.DEFINE_string('prompts', None, 'Folder mode: a JSON file {image name: prompt} '
+                      '(names without extension) for CLIP-T.')
+  flags.DEFINE_string('dino', None, 'Folder mode: a local transformers ViTModel folder '
+                      '(e.g. facebook/dino-vits16) for the DINO score.')
+  flags.register_multi_flags_validator(
+      ['workdir', 'generated'], lambda v: bool(v['workdir']) != bool(v['generated']),
+      'Give --workdir (a run to sample and score) or --generated (a folder of images), '
+      'one of the two.')
+  cli.define_compilation_cache_flag()
 
 
 def run():

@@ -86,6 +86,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  cli.check_flags(non_negative=('step',))
+  cli.check_output(f.out)
+  cli.use_compilation_cache(f.compilation_cache)
   if f.context:
     images.image_files(f.context)  # Fails before the slow restore.
   run = runs.restore(f.workdir, f.step)
@@ -112,6 +115,7 @@ def _flags():
                     'What to write: kohya (= comfyui, a1111) for ComfyUI and A1111, '
                     'diffusers for diffusers/peft, merged-unet, hypernet.')
   flags.DEFINE_string('out', None, 'File (diffusers, kohya) or folder.')
+  cli.define_compilation_cache_flag()
   flags.mark_flags_as_required(['workdir', 'format', 'out'])
 
 

@@ -86,6 +86,11 @@ class Dense(nn.Dense):
     factors = lora.get('/'.join(self.path)) if lora else None
     if factors is None:
       return y
+    lora_in, lora_out = jnp.shape(factors['down'])[-1], jnp.shape(factors['up'])[-2]
+    if (lora_in, lora_out) != (x.shape[-1], self.features):  # Not deep in a dot_general.
+      raise ValueError(f'The LoRA at {"/".join(self.path)} is {lora_in} -> {lora_out}, '
+                       f'the layer {x.shape[-1]} -> {self.features}: a LoRA for another '
+                       'model? (lora_files.load_lora_file(path, pipe) checks a file.)')
     return y + lora_delta(x.astype(y.dtype), factors)
 
 

@@ -38,6 +38,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hyperlora_jax import checkpoint
 from hyperlora_jax import cli
 from hyperlora_jax import defaults
 from hyperlora_jax import evaluate
@@ -62,11 +63,12 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Process count; default: detected.')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process; default: detected.')
-_CACHE = flags.DEFINE_string(
-    'compilation_cache', os.path.expanduser('~/.cache/hyperlora_jax/xla'),
-    'JAX persistent compilation cache: a rerun, a resumed run or another '
-    'stage of the same shapes loads its compiled steps instead of compiling '
-    'again. Empty: off.')
+_CACHE = cli.define_compilation_cache_flag()
+_ALLOW_CHANGES = flags.DEFINE_bool(
+    'allow_config_changes', False, 'Resume although the config differs from the '
+    "checkpoint's in keys that are safe to change (train.SAFE_TO_CHANGE: num_steps, "
+    'log/eval/checkpoint intervals, eval, data_dir); other changes are refused but the '
+    'layout (mesh, data reading: train.LAYOUT), which may always change.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -86,13 +88,15 @@ def parse_flags(argv):
 
 def train_one(config, workdir: str):
   """One training run with the project's objectives, data pipeline and eval hook (a
-  per-subject objective's: `preoptimize.run`)."""
+  per-subject objective's: `preoptimize.run`). Raises train.Preempted after a preemption
+  save."""
   config = defaults.fill(config)
   if objectives.spec(config.objective).per_subject:
     return preoptimize.run(config, workdir)
   return train.train_and_evaluate(
       config, workdir, build_objective=objectives.build,
-      create_dataset=pipeline.for_training, evaluate_fn=evaluate.evaluate_fn)
+      create_dataset=pipeline.for_training, evaluate_fn=evaluate.evaluate_fn,
+      allow_config_changes=_ALLOW_CHANGES.value)
 
 
 def train_and_evaluate(config, workdir: str):
@@ -106,8 +110,7 @@ def train_and_evaluate(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CACHE.value:
-    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+  cli.use_compilation_cache(_CACHE.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
@@ -115,12 +118,18 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:  # Not done: no success status, and say so.
+    logging.warning('%s', e)
+    print(e, file=sys.stderr)
+    sys.exit(cli.PREEMPTED_EXIT)
 
 
 def run():
   """The console script (`hyperlora-train`)."""
-  cli.run(__name__, main, flags_parser=parse_flags)
+  cli.run(__name__, cli.main_with_errors(main, errors=(checkpoint.SaveError,)),
+          flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ Sampling, evaluation, export and the stages use runs through this module and the
 objective it carries (`objectives.base.Objective`); it depends on none of them.
 """
 import functools
-import json
+import os
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -22,9 +22,6 @@ from hyperlora_jax import defaults
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import objectives
 from hyperlora_jax import sharding
-
-CONFIG_FILE = 'config.json'
-
 
 class Run(NamedTuple):
   """A run's config, its objective (models and frozen params; its ``trainable`` is
@@ -41,32 +38,47 @@ class Run(NamedTuple):
     return self.objective.spec
 
 
-def load_config(workdir) -> ml_collections.ConfigDict:
-  """A run's config.json, with the defaults of keys added since it was written."""
-  config_file = epath.Path(workdir) / CONFIG_FILE
-  if not config_file.exists():
+def _path(workdir) -> epath.Path:
+  """Local paths made absolute (Orbax needs them; the README's are relative)."""
+  workdir = str(workdir)
+  return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir))
+
+
+def load_config(workdir, step: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The config that checkpoint `step` (default: the newest intact) of a run was trained
+  with, as saved in the checkpoint (config.json is only a readable copy), with the
+  defaults of keys added since it was written."""
+  return _load_config(workdir, step)[1]
+
+
+def _load_config(workdir, step):
+  workdir = _path(workdir)
+  if not (workdir / 'checkpoints').exists():
     raise FileNotFoundError(
-        f'No training run at {workdir}: {config_file} does not exist (a run '
-        'of python -m hyperlora_jax.main --workdir=... writes it).')
-  return defaults.fill(ml_collections.ConfigDict(json.loads(config_file.read_text())))
+        f'No training run at {workdir}: it has no checkpoints/ (a run of python -m '
+        'hyperlora_jax.main --workdir=... writes them).')
+  step, config = checkpoint.restore_config(workdir / 'checkpoints', step)
+  return step, defaults.fill(ml_collections.ConfigDict(config))
 
 
 def restore(workdir, step: Optional[int] = None) -> Run:
-  """The run trained in `workdir`, at checkpoint `step` (default: the newest).
+  """The run trained in `workdir`, at checkpoint `step` (default: the newest intact).
 
-  The objective is rebuilt from the training seed (so from-scratch frozen models are
-  the ones the run trained against); only the trained params of the checkpoint are
-  read (the EMA copy when the run kept one), replicated on the current devices.
+  The config is the one saved with that checkpoint. The objective is rebuilt from the
+  training seed (so from-scratch frozen models are the ones the run trained against);
+  only the trained params of the checkpoint are read (the EMA copy when the run kept
+  one), replicated on the current devices.
   """
-  config = load_config(workdir)
+  saved_step, config = _load_config(workdir, step)
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   objective = objectives.build(config, init_rng)
   repl = sharding.replicated(sharding.make_mesh(-1, 1))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32, sharding=repl),
       objective.trainable)
-  step, params = checkpoint.restore_params(epath.Path(workdir) / 'checkpoints', abstract,
-                                           step)
+  step, params = checkpoint.restore_params(_path(workdir) / 'checkpoints', abstract, step)
+  if step != saved_step:  # Its arrays were damaged: an older step's, same objective.
+    config = _load_config(workdir, step)[1]
   # The objective's own trainable copy is the untrained init: drop it.
   return Run(config, objective._replace(trainable=None), params, str(workdir), step)
 

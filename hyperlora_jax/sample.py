@@ -28,6 +28,7 @@ from PIL import Image
 
 from hyperlora_jax import cli
 from hyperlora_jax import diffusion
+from hyperlora_jax import files
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import objectives
 from hyperlora_jax import runs
@@ -116,6 +117,8 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
       image, e.g. a lora_bank run's 'subject' ints [B].
   """
   models, spec = run.objective.models, run.spec
+  if num_steps < 1:
+    raise ValueError(f'num_steps={num_steps}: the sampler needs >= 1 step.')
   given = dict(inputs or {}, **({} if context is None else {'context': context}))
   if isinstance(prompts, str):
     prompts = [prompts] * len(next(iter(given.values()), [None]))
@@ -168,6 +171,7 @@ def _flags():
   flags.DEFINE_bool('save_lora', False, 'Also write each predicted LoRA '
                     '(diffusers/peft format) to <out>/lora_<context>.safetensors.')
   flags.DEFINE_string('out', None, 'Output folder.')
+  cli.define_compilation_cache_flag()
   flags.mark_flags_as_required(['prompt', 'out'])
 
 
@@ -179,6 +183,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  cli.check_flags(positive=('num_steps', 'batch_size', 'resolution'),
+                  non_negative=('step',))
+  cli.check_output(f.out)
+  cli.use_compilation_cache(f.compilation_cache)
   if bool(f.workdir) == bool(f.pretrained):
     raise ValueError('Give exactly one of --workdir (a training run) and '
                      '--pretrained (a diffusers folder).')
@@ -214,16 +222,15 @@ def main(argv):
         resolution=resolution))
   images = image_io.to_uint8(np.concatenate(images)).reshape(
       len(names), len(f.prompt), resolution, resolution, 3)
-  os.makedirs(f.out, exist_ok=True)
   for c, name in enumerate(names):
     for p, prompt in enumerate(f.prompt):
-      Image.fromarray(images[c, p]).save(
-          os.path.join(f.out, f'{name}_{p}_{_slug(prompt)}.png'))
+      files.save_image(Image.fromarray(images[c, p]),
+                       os.path.join(f.out, f'{name}_{p}_{_slug(prompt)}.png'))
   cells, labels = images, list(f.prompt)
   if contexts is not None:
     cells = np.concatenate([image_io.to_uint8(contexts)[:, None], images], axis=1)
     labels = ['context'] + labels
-  image_io.grid(cells, labels).save(os.path.join(f.out, 'grid.png'))
+  files.save_image(image_io.grid(cells, labels), os.path.join(f.out, 'grid.png'))
   if f.save_lora:
     inputs = None if contexts is None else {'context': contexts}
     loras = runs.plain_loras(runs.lora(run, inputs))

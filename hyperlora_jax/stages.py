@@ -11,11 +11,18 @@ pre-optimization). An optional ``report`` section then compares the stages on he
 data (`evaluate.compare`); ``report.kind = 'personalization'`` is HyperDreamBooth's Table
 3 instead: each row's personal models of held-out subjects (a run's prediction, fast
 fine-tuning of it or from zero), their fidelity and editability, steps and time.
+
+Nothing stale is built on: a pre-empted stage stops the whole run (`train.Preempted`
+reaches the caller; the next launch resumes it). An export records the step it was made
+from (<stage>/pipeline_export.json) and is redone when the stage's newest step differs; a
+stage trained on an export records that export (<stage>/base_export.json) and is
+retrained when the export changed, its old folder kept beside it as <stage>.stale-<n>.
 """
+import hashlib
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -25,6 +32,7 @@ from PIL import Image
 from hyperlora_jax import checkpoint
 from hyperlora_jax import evaluate
 from hyperlora_jax import export
+from hyperlora_jax import files
 from hyperlora_jax import finetune
 from hyperlora_jax import objectives
 from hyperlora_jax import preoptimize
@@ -34,55 +42,122 @@ from hyperlora_jax.data import images
 from hyperlora_jax.data import pipeline as data_pipeline
 
 PIPELINE = 'pipeline'
+EXPORT_RECORD = 'pipeline_export.json'  # Beside pipeline/: the step it was made from.
+BASE_RECORD = 'base_export.json'  # In a stage folder: the export it trained on.
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return False
-  return checkpoint.make_manager(directory).latest_step() == num_steps
+  step = checkpoint.newest_intact_step(os.path.join(workdir, 'checkpoints'))
+  return step == num_steps
+
+
+def _read_record(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _fingerprint(folder: str) -> str:
+  """A digest of a pipeline folder's weights: what a stage trained on it depends on."""
+  digest = hashlib.sha256()
+  for root, dirs, names in sorted(os.walk(folder)):
+    dirs.sort()
+    for name in sorted(n for n in names if n.endswith('.safetensors')):
+      with open(os.path.join(root, name), 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+          digest.update(chunk)
+  return digest.hexdigest()[:16]
 
 
 def export_pipeline(workdir: str) -> str:
-  """Writes a trained run's base model as a diffusers folder; returns its path."""
+  """Writes a trained run's base model as a diffusers folder; returns its path.
+
+  The folder is written whole or not at all (`files.atomic_folder`); then
+  <workdir>/pipeline_export.json records the step it was made from, so a folder of
+  another step (or of none recorded) is exported again."""
   folder = os.path.join(workdir, PIPELINE)
-  if not os.path.exists(os.path.join(folder, 'unet', 'config.json')):
+  record_path = os.path.join(workdir, EXPORT_RECORD)
+  newest = checkpoint.newest_intact_step(os.path.join(workdir, 'checkpoints'))
+  record = _read_record(record_path)
+  if record is None or record['step'] != newest or not os.path.isdir(folder):
     run = runs.restore(workdir)
     m, params = run.objective.models, runs.base_params(run)
     if jax.process_index() == 0:
+      logging.info('Exporting the base model of %s (step %d) to %s.', workdir, run.step,
+                   folder)
       pipeline.save_pipeline(folder, params['unet'], m.unet_config, params['text'],
                              m.text_config, m.tokenizer_folder, m.scheduler_config,
                              params.get('text2'), m.text2_config, m.tokenizer2_folder)
+      files.write_json(record_path, {'step': run.step, 'fingerprint': _fingerprint(folder)})
   return folder
 
 
-def _resolve_stages(stage, workdir: str) -> None:
+def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
   """'stage:<name>' in model.pretrained (its pipeline folder) and hypernet.loss.targets
-  (its workdir) -> paths under `workdir`."""
+  (its workdir) -> paths under `workdir`; a stage trained on an export is checked against
+  it (`_trained_on`)."""
   with stage.unlocked():
     pretrained = stage.model.get('pretrained') or ''
     if pretrained.startswith('stage:'):
       stage.model.pretrained = os.path.join(workdir, pretrained[len('stage:'):], PIPELINE)
+      _trained_on(stage_dir, stage.model.pretrained)
     targets = stage.get('hypernet', {}).get('loss', {}).get('targets') or ''
     if targets.startswith('stage:'):
       stage.hypernet.loss.targets = os.path.join(workdir, targets[len('stage:'):])
 
 
+def _trained_on(stage_dir: str, base_folder: str) -> None:
+  """Retrains a stage whose base export changed since it trained on it: its folder is
+  moved aside (<stage>.stale-<i>), and the export it now trains on is recorded."""
+  base = _read_record(os.path.join(os.path.dirname(base_folder), EXPORT_RECORD))
+  record_path = os.path.join(stage_dir, BASE_RECORD)
+  had = _read_record(record_path)
+  if jax.process_index() and had != base:
+    raise ValueError(f'{stage_dir} was trained on another base model export: run the '
+                     'stages on one process to retrain it.')
+  if had is not None and had != base and os.path.isdir(stage_dir):
+    i = 0
+    while os.path.exists(f'{stage_dir}.stale-{i}'):
+      i += 1
+    os.rename(stage_dir, f'{stage_dir}.stale-{i}')
+    logging.warning('%s trained on the base model of step %s, now step %s: retraining '
+                    'it (the old run is kept in %s.stale-%d).', stage_dir, had.get('step'),
+                    base.get('step'), stage_dir, i)
+  if base is not None and had != base:
+    files.write_json(record_path, base)
+
+
+def _eta(seconds: float) -> str:
+  s = int(seconds)
+  return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
 def run(config, workdir: str, train_one: Callable) -> None:
-  """Trains each stage with `train_one(stage_config, stage_dir)`, then reports."""
-  for i, name in enumerate(config.stage_order):
+  """Trains each stage with `train_one(stage_config, stage_dir)`, then reports.
+  A pre-empted stage's train.Preempted stops the run before any later stage."""
+  workdir = os.path.abspath(workdir)  # Stage configs name their base by this path.
+  order = config.stage_order
+  steps = {n: config.stages[n].train.num_steps for n in order}
+  started, trained = time.time(), 0  # Steps trained by this launch, for the ETA.
+  for i, name in enumerate(order):
     stage = config.stages[name]
-    _resolve_stages(stage, workdir)
     stage_dir = os.path.join(workdir, name)
-    logging.info('Stage %d/%d: %s (%s) in %s', i + 1, len(config.stage_order), name,
-                 stage.objective, stage_dir)
+    _resolve_stages(stage, workdir, stage_dir)
+    left = sum(steps[n] for n in order[i:])
+    eta = (f', ETA of the remaining stages {_eta(left * (time.time() - started) / trained)}'
+           if trained else '')
+    logging.info('Stage %d/%d: %s (%s) in %s%s', i + 1, len(order), name,
+                 stage.objective, stage_dir, eta)
     spec = objectives.spec(stage.objective)
     if not (preoptimize.finished(stage_dir) if spec.per_subject
             else _finished(stage_dir, stage.train.num_steps)):
       train_one(stage, stage_dir)
+      trained += steps[name]
     if spec.trains_base:
       export_pipeline(stage_dir)
   if 'report' in config:
+    logging.info('Report: evaluating the stages on held-out items...')
     if config.report.get('kind') == 'personalization':
       personalization_report(config, workdir)
     else:
@@ -93,7 +168,9 @@ def report(config, workdir: str) -> dict:
   """Compares the stages on held-out items; writes <workdir>/report/.
 
   Rows: the base model with the S* prompt and no LoRA, the single shared LoRA, each
-  hypernetwork, and the oracle (the base model given the full prompt). A row that
+  hypernetwork, each hypernetwork on the robustness split's contexts (the same items
+  drawn by other code: `synthetic.robust_context`), and the oracle (the base model
+  given the full prompt). A row that
   ``report.runs`` maps to several stages (one per report seed, differing in their
   training seed) reports the spread over those runs (`evaluate.compare`). The first
   hypernetwork's predicted LoRA for one test context is exported in diffusers format.
@@ -112,6 +189,7 @@ def report(config, workdir: str) -> dict:
   rows = {'no LoRA (S* prompt)': (first_hyper, 'no_lora')}
   rows.update({n: (row(n), 'single_lora') for n in runs_of if lora_kind(n) == 'shared'})
   rows.update({n: (row(n), 'hyperlora') for n in hyper})
+  rows.update({f'{n} (robust contexts)': (row(n), 'hyperlora_robust') for n in hyper})
   rows['oracle (full prompt)'] = (first_hyper, 'oracle')
   out_dir = os.path.join(workdir, 'report')
   results = evaluate.compare(rows, out_dir, num_examples=r.num_examples,
@@ -120,8 +198,8 @@ def report(config, workdir: str) -> dict:
   batch, _ = next(evaluate.batches(first.config, 'test', 1, 1))
   export.export_lora(first, 'diffusers', os.path.join(out_dir, 'predicted_lora.safetensors'),
                      context=batch['context'][:1])
-  Image.fromarray(images.to_uint8(batch['context'][0])).save(
-      os.path.join(out_dir, 'predicted_lora_context.png'))
+  files.save_image(Image.fromarray(images.to_uint8(batch['context'][0])),
+                   os.path.join(out_dir, 'predicted_lora_context.png'))
   with open(os.path.join(out_dir, 'results.md')) as f:
     logging.info('Results (%s):\n%s', out_dir, f.read())
   return results

@@ -22,10 +22,32 @@ from absl import logging
 from etils import epath
 
 from hyperlora_jax import checkpoint
+from hyperlora_jax import defaults
+from hyperlora_jax import files
 from hyperlora_jax import sharding
 
 # evaluate_fn(config, objective, params, step, writer) -> scalars or None.
 EvaluateFn = Callable[..., Optional[Mapping[str, float]]]
+
+# Config keys a resume may always change: how the same computation is laid out on the
+# devices and read (a checkpoint is resharded onto any mesh, exactly). A key ending in
+# '.' names its section.
+LAYOUT = ('mesh.', 'data.num_threads', 'data.prefetch', 'data.num_workers')
+# Config keys a resume may change when asked to (`allow_config_changes`): how long and
+# how often, not what is trained.
+SAFE_TO_CHANGE = ('train.num_steps', 'train.log_every', 'train.eval_every',
+                  'train.checkpoint_every', 'train.keep_checkpoints', 'eval.',
+                  'data.data_dir')
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption notice (SIGTERM) after saving `step`; the same
+  command resumes it. `state` is the train state saved."""
+
+  def __init__(self, step: int, workdir, state=None):
+    super().__init__(f'Preempted: saved step {step} in {workdir}; run the same command '
+                     'again to resume.')
+    self.step, self.state = step, state
 
 
 def check_config(config, num_devices: int, process_count: int) -> None:
@@ -38,9 +60,12 @@ def check_config(config, num_devices: int, process_count: int) -> None:
     raise ValueError(f"optim.schedule must be 'cosine' or 'constant', "
                      f'not {o.schedule!r}.')
   remat_policy(t.remat)
-  if t.grad_accum_steps < 1 or t.num_steps < 1:
-    raise ValueError('train.grad_accum_steps and train.num_steps must be '
-                     '>= 1.')
+  for key in ('num_steps', 'batch_size', 'grad_accum_steps', 'log_every',
+              'checkpoint_every', 'keep_checkpoints'):
+    if t[key] < 1:
+      raise ValueError(f'train.{key}={t[key]}: must be >= 1.')
+  if t.eval_every < 0:
+    raise ValueError(f'train.eval_every={t.eval_every}: must be >= 0 (0: only at the end).')
   data, fsdp = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp,
                                    num_devices)
   multiple = data * fsdp * t.grad_accum_steps
@@ -78,6 +103,48 @@ def make_optimizer(optim, num_steps: int):
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm),
                        adamw), schedule
   return adamw, schedule
+
+
+def _flat(tree: Mapping, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def config_changes(saved: Mapping, config: Mapping) -> list:
+  """['key: saved -> new'] for every key whose value differs between two config dicts
+  (a key only one has counts, with <none> for the other)."""
+  a, b = _flat(saved), _flat(config)
+  return [f'{k}: {a.get(k, "<none>")} -> {b.get(k, "<none>")}'
+          for k in sorted(set(a) | set(b)) if a.get(k, '<none>') != b.get(k, '<none>')]
+
+
+def check_resume(saved: Mapping, config: Mapping, step: int, directory,
+                 allow_changes: bool) -> None:
+  """Refuses a resume whose config differs from the one its checkpoint was trained
+  with, listing the keys; LAYOUT keys may differ, and with `allow_changes` the
+  SAFE_TO_CHANGE keys too."""
+  saved = json.loads(defaults.fill(ml_collections.ConfigDict(saved)).to_json_best_effort())
+  changes = config_changes(saved, config)
+  among = lambda c, keys: any(c.startswith(k if k.endswith('.') else k + ':')
+                              for k in keys)
+  refused = [c for c in changes if not among(c, LAYOUT) and not (
+      allow_changes and among(c, SAFE_TO_CHANGE))]
+  if refused:
+    keys = ', '.join(k + '*' if k.endswith('.') else k for k in SAFE_TO_CHANGE)
+    can = (f'--allow_config_changes allows only {keys}.' if allow_changes else
+           'Resume with the config it was trained with, or use another workdir; to '
+           f'change only keys that are safe to change ({keys}), pass '
+           '--allow_config_changes.')
+    raise ValueError(f'The config differs from the one checkpoint step {step} in '
+                     f'{directory} was trained with:\n  ' + '\n  '.join(refused)
+                     + '\n' + can)
+  if changes:
+    logging.warning('Resuming with config changes: %s', '; '.join(changes))
 
 
 def init_state(params, tx, ema: bool) -> dict:
@@ -282,8 +349,14 @@ class _Progress:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        build_objective: Callable, create_dataset: Callable,
-                       evaluate_fn: Optional[EvaluateFn] = None):
+                       evaluate_fn: Optional[EvaluateFn] = None,
+                       allow_config_changes: bool = False):
   """Trains to config.train.num_steps, resuming from workdir's checkpoints.
+
+  A resume whose config differs from the checkpoint's is refused before anything is
+  built or written, naming the keys (`check_resume`); config.json is written only
+  once that check passed. A failed checkpoint save stops the run (`checkpoint.SaveError`)
+  at the next step; a preemption notice saves and raises `Preempted`.
 
   Args:
     config: the experiment config (`hyperlora_jax.defaults`).
@@ -296,24 +369,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     evaluate_fn: (config, objective, params, step, writer) -> scalars or
       None, called on every process at eval_every and at the end, e.g.
       evaluate.evaluate_fn; None: no evaluation.
+    allow_config_changes: a resume may change the SAFE_TO_CHANGE keys.
 
   Returns:
     The final train state (params, opt_state, step[, ema]).
+
+  Raises:
+    Preempted: after saving the step a preemption notice arrived at.
   """
   if '://' not in str(workdir):  # Orbax wants absolute paths; buckets already are.
     workdir = os.path.abspath(workdir)
   check_config(config, jax.device_count(), jax.process_count())
   workdir = epath.Path(workdir)
   config_dict = json.loads(config.to_json_best_effort())
+  manager = checkpoint.make_manager(workdir / 'checkpoints',
+                                    config.train.keep_checkpoints)
+  saved = checkpoint.saved_config(manager)
+  if saved:
+    check_resume(saved[1], config_dict, saved[0], workdir / 'checkpoints',
+                 allow_config_changes)
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(json.dumps(config_dict, indent=2))
+    text = json.dumps(config_dict, indent=2)
+    if '://' in str(workdir):
+      (workdir / 'config.json').write_text(text)
+    else:
+      files.write_text(str(workdir / 'config.json'), text)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   shardings_of = functools.partial(
       sharding.tree_shardings, mesh=mesh, rules=tuple(config.mesh.rules),
       min_size=config.mesh.shard_min_size)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  logging.info('Building the %s objective (models and their params)...',
+               config.get('objective', 'given'))
   objective = build_objective(config, init_rng)
   frozen_shardings = shardings_of(objective.frozen)
   # Only the placed copies are kept: the host copies would double memory.
@@ -327,8 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state_shapes = jax.eval_shape(init, objective.trainable)
   state_shardings = shardings_of(state_shapes)
 
-  manager = checkpoint.make_manager(workdir / 'checkpoints',
-                                    config.train.keep_checkpoints)
+  logging.info('Opening the training data...')
   dataset = create_dataset(config, 'train', jax.process_index(),
                            jax.process_count())
   restored = checkpoint.restore_latest(manager, jax.tree.map(
@@ -338,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     params = sharding.place(objective.trainable, state_shardings['params'])
     state = jax.jit(init, out_shardings=state_shardings)(params)
   else:
-    _, state, data_state = restored
+    _, state, data_state, _ = restored
     dataset.set_state(data_state)
     logging.info('Resumed from step %d in %s.', int(state['step']), workdir)
   objective = objective._replace(trainable=None)
@@ -361,11 +448,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = _Progress(config, writer)
   t = config.train
 
+  saving = None  # The step of the newest async save, until it is known to be written.
+
   def save(step):
+    nonlocal saving
     if not all_finite(state):  # Belt and braces: never save a bad state.
       raise FloatingPointError(f'Non-finite train state at step {step}; '
                                'not saving it.')
+    checkpoint.check_saves(manager, saving, wait=True)
     checkpoint.save(manager, step, state, dataset.get_state(), config_dict)
+    saving = step
 
   def evaluate(step):
     params = state['ema'] if 'ema' in state else state['params']
@@ -373,6 +465,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if scalars:
       writer.write_scalars(step, scalars)
 
+  if step < t.num_steps:
+    logging.info('Compiling the train step (the first step; a rerun of the same shapes '
+                 'loads it from the compilation cache)...')
   try:
     with checkpoint.preemption_watch() as preempted:
       pending = None  # (step, metrics) still on device: read one step late.
@@ -385,6 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if pending:  # Waits for the previous step only: the device stays busy.
           progress.add(*pending)
         pending = (step, metrics)
+        checkpoint.check_saves(manager, saving)  # A failed save stops the run now.
         stop = preempted(step)
         last = step == t.num_steps
         is_save = stop or last or step % t.checkpoint_every == 0
@@ -396,14 +492,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if is_save:
           save(step)
         if stop:
-          logging.warning('Preempted: saved step %d, exiting.', step)
+          logging.warning('Preempted: saving step %d, then exiting.', step)
           break
         if is_eval:
           evaluate(step)
       if progress.count:
         progress.flush(step)
+    checkpoint.check_saves(manager, saving, wait=True)
+  except checkpoint.SaveError:
+    raise
+  except BaseException:
+    try:  # Whatever stopped the run, the saves already made are finished.
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      logging.error('A checkpoint save failed too: %s', e)
+    raise
   finally:
-    manager.wait_until_finished()
     manager.close()
     writer.close()
+  if step < t.num_steps:
+    raise Preempted(step, workdir, state)
   return state

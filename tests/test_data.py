@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 from hyperlora_jax import defaults
-from hyperlora_jax.data import builders
+from hyperlora_jax.data import augment, builders
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
 
@@ -323,3 +323,101 @@ def test_build_cli(tmp_path):
       cwd=pathlib.Path(__file__).parents[1])
   assert 'train: 6 examples' in out.stdout
   assert 'context (2, 32, 32, 3) float32' in out.stdout
+
+
+def test_augmented_contexts_are_seeded_and_resume(synthetic_data):
+  """Training contexts vary in framing (not the targets); the draws follow the stream
+  position, so a resumed run gets the same augmented batches and a new epoch new ones."""
+  data = synthetic_data.copy_and_resolve_references()
+  data.augment.p = 1.0
+  make = lambda: pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                         augment=True)
+  plain = pipeline.create_dataset(synthetic_data, 'train', process_index=0, process_count=1)
+  it = make()
+  a, b = next(it), next(plain)
+  np.testing.assert_array_equal(a['index'], b['index'])
+  np.testing.assert_array_equal(a['target'], b['target'])
+  assert np.abs(a['context'] - b['context']).mean() > 0.05
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(10)]  # Crosses the epoch boundary.
+  resumed = make()
+  resumed.set_state(state)
+  for w in want:
+    np.testing.assert_array_equal(next(resumed)['context'], w['context'])
+  # The same record in the next epoch is drawn anew.
+  first, later = {}, {}
+  for batch in [a] + want:
+    for i, ctx in zip(batch['index'], batch['context']):
+      (later if int(i) in first else first).setdefault(int(i), ctx)
+  repeated = sorted(set(first) & set(later))
+  assert repeated and any(np.abs(first[i] - later[i]).max() > 0 for i in repeated)
+
+
+
+def test_augment_draws():
+  config = defaults.get_config().data.augment
+  ex = synthetic.example(3, 'train', resolution=32)
+  assert augment.context(ex['context'], np.random.default_rng(0), config) is ex['context']
+  config.p = 1.0
+  outs = [augment.context(ex['context'], np.random.default_rng(i), config)
+          for i in range(20)]
+  assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+  np.testing.assert_array_equal(outs[0], augment.context(ex['context'],
+                                                         np.random.default_rng(0), config))
+  # Smaller, moved items: the share of item-colored pixels varies widely.
+  item = synthetic.COLOR_RGB[ex['color']].astype(int)
+  share = [np.mean(np.abs(o.astype(int) - item).max(-1) < 40) for o in outs]
+  assert min(share) < 0.5 * max(share)
+  # New backdrops: the corners are not always the generator's white.
+  assert sum(np.abs(o[0, 0].astype(int) - 248).max() > 30 for o in outs) >= 5
+
+
+def _odd_images(folder):
+  """Files whose pixels differ from a naive decode: EXIF-rotated, transparent, 16-bit."""
+  folder.mkdir(parents=True, exist_ok=True)
+  a = np.zeros((16, 24, 3), np.uint8)
+  a[:, :8] = RED
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Rotate 90 degrees clockwise when displayed.
+  Image.fromarray(a).save(folder / 'rotated.jpg', exif=exif, quality=95)
+  rgba = np.zeros((16, 16, 4), np.uint8)
+  rgba[:, :8] = (*BLUE, 255)  # The right half is transparent: white when composited.
+  Image.fromarray(rgba, 'RGBA').save(folder / 'transparent.png')
+  gray16 = np.full((16, 16), 20000, np.uint16)  # 78 / 255, not clipped to white.
+  Image.fromarray(gray16).save(folder / 'deep.png')
+
+
+def test_sample_and_export_see_the_training_pixels(tmp_path):
+  """One loader: a file given to sample/export (`images.load_images`) is exactly the
+  pixels the input pipeline serves for it from the built dataset."""
+  from hyperlora_jax.data import images  # pylint: disable=import-outside-toplevel
+  _odd_images(tmp_path / 'src')
+  data = _config(tmp_path, name='single', source_dir=str(tmp_path / 'src'), resolution=16)
+  batch = next(pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                       num_epochs=1, shuffle=False, batch_size=3))
+  loaded, names = images.load_images(str(tmp_path / 'src'), 16)
+  served = dict(zip(batch['id'], batch['context']))
+  for name, pixels in zip(names, loaded):
+    np.testing.assert_array_equal(pixels, served[name], err_msg=name)
+  by_name = dict(zip(names, images.to_uint8(loaded)))
+  assert abs(int(by_name['deep'][0, 0, 0]) - 78) <= 1
+  assert (by_name['transparent'][:, 12:] == 255).all()
+  rotated = by_name['rotated'][..., 0]  # The red left stripe, displayed on top.
+  assert (rotated[:3] > 150).all() and (rotated[-3:] < 50).all()
+
+
+def test_changed_source_folder_is_rebuilt(tmp_path, capfd):
+  src = tmp_path / 'src'
+  for i in range(2):
+    _save(src / f'id{i}.png', color=RED)
+  data = _config(tmp_path, name='single', source_dir=str(src), resolution=8)
+  count = lambda: builders.build(data).info.splits['train'].num_examples
+  assert count() == 2
+  assert 'Unknown size' not in capfd.readouterr().out  # No TFDS download line for it.
+  _save(src / 'id2.png', color=BLUE)  # Added.
+  assert count() == 3
+  _save(src / 'id0.png', color=BLUE, size=(30, 30))  # Replaced.
+  batch = next(pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                       num_epochs=1, shuffle=False, batch_size=3))
+  first = dict(zip(batch['id'], batch['context']))['id0']
+  assert first[0, 0, 2] > first[0, 0, 0]  # Blue now, not the red it was built with.

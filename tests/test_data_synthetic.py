@@ -121,3 +121,50 @@ def test_fast_enough():
   t = time.perf_counter()
   synthetic.generate(1000, 'train', start=50)
   assert time.perf_counter() - t < 1.0  # ~5k/s on one CI core.
+
+
+def test_robust_contexts_are_other_drawings_of_the_item():
+  g = synthetic.generate(30, 'test', resolution=32)
+  shares = []
+  for i in range(30):
+    item = tuple(int(g[k][i]) for k in ('shape', 'color', 'pattern', 'color2'))
+    robust = synthetic.robust_context(i, *item, resolution=32)
+    assert robust.shape == (32, 32, 3) and robust.dtype == np.uint8
+    np.testing.assert_array_equal(robust, synthetic.robust_context(i, *item, resolution=32))
+    assert np.abs(robust.astype(int) - g['context'][i]).mean() > 10
+    # The item is there: pixels near its primary color (soft edges and JPEG allowed).
+    near = np.abs(robust.astype(int) - synthetic.COLOR_RGB[item[1]]).max(-1) < 60
+    assert near.sum() >= 3, i  # The smallest: a diamond at 30% of the side, JPEG'd.
+    shares.append(near.mean())
+  assert np.mean(shares) > 0.1
+
+
+# The sizes the configs use: the CPU quickstart, the tiny test, the GPU quickstart.
+@pytest.mark.parametrize('resolution,item_frac', [
+    (16, 0.7), (32, synthetic.ITEM_FRAC), (64, synthetic.ITEM_FRAC)])
+def test_scene_scorer_reads_ground_truth_and_catches_other_scenes(resolution, item_frac):
+  g = synthetic.generate(90, 'test', resolution=resolution, item_frac=item_frac)
+  size = int(round(item_frac * resolution))
+  truth = np.stack([g['background'], g['position']], 1)
+  read = np.array([synthetic.scene_of(t, size) for t in g['target']])
+  np.testing.assert_array_equal(read, truth)
+  assert set(g['background'].tolist()) == set(range(len(synthetic.BACKGROUNDS)))
+  assert set(g['position'].tolist()) == set(range(len(synthetic.POSITIONS)))
+  rng = np.random.default_rng(0)  # Noise a generated image may have: still read.
+  noisy = np.clip(g['target'] + rng.normal(0, 25, g['target'].shape), 0, 255)
+  noisy = noisy.astype(np.uint8)
+  assert np.mean([synthetic.scene_of(t, size) == tuple(x)
+                  for t, x in zip(noisy, truth)]) >= 0.97
+  # The same items in other scenes: what moved reads as moved, the rest stays.
+  for i in range(90):
+    item = tuple(int(g[k][i]) for k in ('shape', 'color', 'pattern', 'color2'))
+    background, position = truth[i]
+    other_bg = (background + 1 + i % 4) % len(synthetic.BACKGROUNDS)
+    other_pos = (position + 1 + i % 2) % len(synthetic.POSITIONS)
+    for bg, pos in ((other_bg, position), (background, other_pos)):
+      image = synthetic.target_image(item, bg, pos, resolution, size)[0]
+      assert synthetic.scene_of(image, size) == (bg, pos), (i, bg, pos)
+  # Float input in [-1, 1] reads like uint8; an empty scene has a background only.
+  assert synthetic.scene_of(g['target'][0] / 127.5 - 1, size) == tuple(truth[0])
+  blank = np.broadcast_to(synthetic.BACKGROUND_RGB[2], (resolution, resolution, 3))
+  assert synthetic.scene_of(blank, size) == (2, -1)

@@ -13,7 +13,7 @@ from hyperlora_jax import evaluate, sample
 from hyperlora_jax import runs as runs_lib
 from hyperlora_jax.data import images, synthetic
 from hyperlora_jax.convert import clip_folders
-from hyperlora_jax.models import clip
+from hyperlora_jax.models import clip, vit
 from tests.test_sample import make_run, run_cli, shared_dirs
 
 
@@ -28,18 +28,20 @@ def runs(tmp_path_factory):
 
 def test_scorer_reads_ground_truth_targets(runs):
   config = runs_lib.restore(runs['hyper']).config
-  found = {'color_acc': [], 'pattern_acc': []}
-  wrong = []
+  found = {k: [] for k in evaluate.SYNTHETIC + evaluate.SCENE}
+  wrong = {'pattern_acc': [], 'position_acc': []}
   for batch, n in evaluate.batches(config, 'test', None, 8):
     for k, v in evaluate.score_synthetic(batch['target'], batch).items():
       found[k].append(v[:n])
     # The same items read from the wrong place: far from perfect.
-    shifted = np.roll(batch['target'], 8, axis=2)
-    wrong.append(evaluate.score_synthetic(shifted, batch)['pattern_acc'][:n])
+    shifted = evaluate.score_synthetic(np.roll(batch['target'], 11, axis=2), batch)
+    for k in wrong:
+      wrong[k].append(shifted[k][:n])
   assert len(np.concatenate(found['color_acc'])) == 16  # The whole test split.
-  assert np.mean(np.concatenate(found['color_acc'])) >= 0.99
-  assert np.mean(np.concatenate(found['pattern_acc'])) >= 0.99
-  assert np.mean(np.concatenate(wrong)) < 0.7
+  for k, v in found.items():
+    assert np.mean(np.concatenate(v)) >= 0.99, k
+  for k, v in wrong.items():
+    assert np.mean(np.concatenate(v)) < 0.7, k
 
 
 def test_compare_writes_table_and_grid(runs, tmp_path):
@@ -53,11 +55,11 @@ def test_compare_writes_table_and_grid(runs, tmp_path):
   for name, row in results['rows'].items():
     assert row['mode'] == rows[name][1]
     for k in evaluate.SYNTHETIC:
-      assert set(row['metrics'][k]) == {'mean', 'std', 'seed_std'}
+      assert set(row['metrics'][k]) == {'mean', 'std', 'se', 'seed_std'}
     assert row['metrics']['num_examples'] == 6
   table = (tmp_path / 'results.md').read_text().splitlines()
-  assert table[0].startswith('| Row | Mode | color acc (%) | pattern acc (%) | '
-                             'color gap recovered')
+  assert table[0] == ('| Row | Mode | color acc (%) | pattern acc (%) | color gap recovered | '
+                      'pattern gap recovered | background acc (%) | position acc (%) |')
   assert [line.split(' | ')[0] for line in table[2:6]] == [f'| {r}' for r in rows]
   assert 'std over the 2 seeds' in table[-1]
   # Grid: 3 examples x (context, ground truth, 4 rows); the HyperLoRA column
@@ -98,6 +100,54 @@ def test_gap_recovered():
   assert rows['b']['gap_recovered']['color_acc'] == pytest.approx(0.625)
   assert rows['b']['gap_recovered']['pattern_acc'] is None  # No gap to close.
   assert rows['c']['gap_recovered']['color_acc'] == pytest.approx(1.0)
+  # Edit rows are measured against the edit ends, which were asked the same scenes.
+  rows.update(d=dict(mode='hyperlora_edit', metrics=metrics(0.5, 0.3)),
+              e=dict(mode='no_lora_edit', metrics=metrics(0.0, 0.3)),
+              f=dict(mode='oracle_edit', metrics=metrics(1.0, 0.3)))
+  evaluate._gaps(rows)
+  assert rows['d']['gap_recovered']['color_acc'] == pytest.approx(0.5)
+  assert rows['b']['gap_recovered']['color_acc'] == pytest.approx(0.625)
+
+
+def test_edit_prompts_ask_for_other_scenes(runs):
+  config = runs_lib.restore(runs['hyper']).config
+  batch, n = next(evaluate.batches(config, 'test', None, 16))
+  prompts, background, position = evaluate.edit_prompts(batch, seed=0)
+  assert (background != batch['background']).all()
+  assert (position != batch['position']).all()
+  assert len(set(zip(background.tolist(), position.tolist()))) > 3
+  again = evaluate.edit_prompts(batch, seed=0)
+  assert again[0] == prompts
+  assert evaluate.edit_prompts(batch, seed=1)[0] != prompts
+  for i, prompt in enumerate(prompts):
+    item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    assert prompt == synthetic.prompts(*item, background[i], position[i])['prompt_scene']
+    assert 'S*' in prompt and 'S*' not in evaluate.edit_prompts(batch, 0, 'full')[0][i]
+  edited = evaluate.edit_batch(batch, seed=0)
+  np.testing.assert_array_equal(edited['context'], batch['context'])
+  assert edited['prompt_scene'] == prompts
+  # The asked scene's ground truth scores perfectly against the asked scene;
+  # the example's own target, the item right but the scene not, scores zero there.
+  for k, v in evaluate.score_synthetic(edited['target'], edited).items():
+    assert v[:n].mean() == 1.0, k
+  own = evaluate.score_synthetic(batch['target'], edited)
+  assert own['background_acc'].max() == 0 and own['position_acc'].max() == 0
+
+
+def test_edit_mode_samples_and_scores_the_asked_scene(runs):
+  run = runs_lib.restore(runs['hyper'])
+  per_seed, kept, _ = evaluate.score_mode(run, 'hyperlora_edit', num_examples=4, num_steps=2,
+                                          seeds=(1,), batch_size=4, keep=4)
+  batch, _ = next(evaluate.batches(run.config, 'test', 4, 4))
+  edited = evaluate.edit_batch(batch, seed=1)
+  image = sample.generate(run, batch['context'], edited['prompt_scene'], num_steps=2,
+                          seed=1, image_ids=batch['index'])
+  np.testing.assert_array_equal(kept['generated'], image)
+  np.testing.assert_array_equal(kept['target'], edited['target'])
+  expected = evaluate.score_synthetic(image, edited)
+  assert set(per_seed[0]) == set(evaluate.SYNTHETIC + evaluate.SCENE)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(per_seed[0][k], v)
 
 
 def test_modes(runs):
@@ -108,6 +158,13 @@ def test_modes(runs):
     evaluate.check_mode(config, 'hyperlora')
   with pytest.raises(ValueError, match="Unknown mode 'lora'"):
     evaluate.compare({'x': (runs['lora'], 'lora')}, '/unused')
+  evaluate.check_mode(config, 'single_lora_edit')
+  with pytest.raises(ValueError, match="'hyperlora_edit' needs a hyperlora run"):
+    evaluate.check_mode(config, 'hyperlora_edit')
+  folders = config.copy_and_resolve_references()
+  folders.data.name = 'single'
+  with pytest.raises(ValueError, match="'no_lora_edit' asks for other synthetic scenes"):
+    evaluate.check_mode(folders, 'no_lora_edit')
 
 
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -185,7 +242,8 @@ def test_cli(runs, clip_folder):
   results = json.loads(open(os.path.join(out, 'results.json')).read())
   assert list(results['rows']) == ['hyperlora', 'no_lora', 'oracle']
   assert set(results['rows']['hyperlora']['metrics']) == {
-      'color_acc', 'pattern_acc', 'C2G', 'T2G', 'T2Gdiff', 'CLIP-T', 'num_examples'}
+      'color_acc', 'pattern_acc', 'background_acc', 'position_acc', 'C2G', 'T2G', 'T2Gdiff',
+      'CLIP-T', 'num_examples', 'by_color', 'by_pattern'}
   assert '| hyperlora | hyperlora |' in open(os.path.join(out, 'results.md')).read()
 
 
@@ -200,3 +258,193 @@ def test_cli_errors(runs, args, message):
   result = run_cli('evaluate', runs['dirs'], *args)
   assert result.returncode == 1
   assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+def test_accuracy_per_color_and_pattern():
+  """The breakdown groups each example's (seed-averaged) correctness by its ground truth,
+  with a standard error per value; the table shows it and the worst value's shortfall."""
+  labels = {'color': np.array([0, 0, 0, 1, 1, 2]), 'pattern': np.array([0, 1, 1, 1, 2, 2])}
+  per_seed = [{'color_acc': np.array([1, 1, 0, 0, 0, 1.]), 'pattern_acc': np.ones(6)},
+              {'color_acc': np.array([1, 0, 0, 0, 1, 1.]), 'pattern_acc': np.zeros(6)}]
+  m = evaluate._summary(per_seed, labels)
+  red, orange, yellow = (m['by_color'][c] for c in synthetic.COLORS[:3])
+  assert (red['n'], orange['n'], yellow['n']) == (3, 2, 1)
+  assert red['mean'] == pytest.approx(0.5) and orange['mean'] == pytest.approx(0.25)
+  assert red['se'] == pytest.approx(np.std([1, 0.5, 0]) / np.sqrt(3))
+  assert yellow['mean'] == 1.0 and 'green' not in m['by_color']
+  assert m['by_pattern']['stripes']['mean'] == pytest.approx(0.5)
+  assert m['color_acc']['se'] == pytest.approx(np.std([1, .5, 0, 0, .5, 1]) / np.sqrt(6))
+  results = {'rows': {'a': {'mode': 'hyperlora', 'metrics': m}},
+             'settings': dict(split='test', num_examples=6, num_steps=2, guidance=3.0,
+                              seeds=[0, 1], sampler='ddim')}
+  table = evaluate.markdown_table(results)
+  assert '| Row | red (n=3) | orange (n=2) | yellow (n=1) | worst - mean |' in table
+  assert '| a | 50 ± 24 | 25 ± 18 | 100 ± 0 | -25 |' in table
+
+
+def test_robust_contexts_row(runs, tmp_path):
+  """The robustness split: the same held-out items and targets, other context images."""
+  rows = {'HyperLoRA': (runs['hyper'], 'hyperlora'),
+          'robust': (runs['hyper'], 'hyperlora_robust')}
+  results = evaluate.compare(rows, str(tmp_path), num_examples=4, num_steps=2,
+                             batch_size=4, grid_examples=2)
+  plain, robust = (results['rows'][n]['metrics'] for n in rows)
+  assert plain['num_examples'] == robust['num_examples'] == 4
+  assert set(robust['by_color']) == set(plain['by_color'])  # the same items
+  # Grid: context, ground truth, HyperLoRA, then the robust row's own contexts and images.
+  grid = np.asarray(Image.open(tmp_path / 'grid.png'))
+  assert grid.shape[1] == 5 * (96 + 2) + 2
+  config = runs_lib.restore(runs['hyper']).config
+  batch, _ = next(evaluate.batches(config, 'test', 1, 4))
+  drawn = evaluate.robust_contexts(batch, config.data)
+  assert drawn.shape == batch['context'].shape
+  assert np.abs(drawn - batch['context']).mean() > 0.1
+  with pytest.raises(ValueError, match='needs the synthetic task'):
+    config.data.name = 'paired'
+    evaluate.check_mode(config, 'hyperlora_robust')
+
+
+# ---------------------------------------------------------------- folders
+
+
+@pytest.fixture(scope='module')
+def dino_folder(tmp_path_factory):
+  """A tiny random ViTModel saved as facebook/dino-vits16 is: no pooler, and a
+  ViTImageProcessor with ImageNet's statistics."""
+  folder = str(tmp_path_factory.mktemp('dino'))
+  torch.manual_seed(1)
+  config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, image_size=32, patch_size=8)
+  transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+  transformers.ViTImageProcessor(size={'height': 32, 'width': 32},
+                                 image_mean=list(vit.IMAGENET_MEAN),
+                                 image_std=list(vit.IMAGENET_STD)).save_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope='module')
+def image_folders(tmp_path_factory):
+  """generated/ and references/: 5 pairs of synthetic targets and contexts at the
+  models' 32 px and at 64 px (resized), one reference a JPEG; prompts.json."""
+  base = tmp_path_factory.mktemp('folders')
+  (base / 'generated').mkdir()
+  (base / 'references').mkdir()
+  prompts = {}
+  for i, resolution in enumerate((32, 64, 32, 64, 48)):
+    g = synthetic.example(i, 'test', resolution=resolution)
+    name = f'subject_{i}'
+    Image.fromarray(g['target']).save(base / 'generated' / f'{name}.png')
+    Image.fromarray(g['context']).save(base / 'references' / f'{name}.{"jpg" if i == 1 else "png"}')
+    prompts[name] = g['prompt_full']
+  (base / 'prompts.json').write_text(json.dumps(prompts))
+  return {k: str(base / k) for k in ('generated', 'references', 'prompts.json')}
+
+
+def transformers_folder_scores(folders, dino_folder, clip_folder):
+  """{name: (DINO, CLIP-I and CLIP-T of the pair, the pair's unit DINO and CLIP image
+  embeddings)}, computed by transformers alone."""
+  folder, model = clip_folder
+  dino = transformers.ViTModel.from_pretrained(dino_folder, add_pooling_layer=False).eval()
+  dino_processor = transformers.ViTImageProcessor.from_pretrained(dino_folder)
+  clip_processor = transformers.CLIPImageProcessor(size={'shortest_edge': 32},
+                                                   crop_size={'height': 32, 'width': 32})
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+  prompts = json.loads(open(folders['prompts.json']).read())
+  unit = lambda t: (t / t.norm(dim=-1, keepdim=True)).numpy()
+  out = {}
+  for name in sorted(prompts):
+    pair = [Image.open(os.path.join(folders[d], f)).convert('RGB')
+            for d in ('generated', 'references') for f in os.listdir(folders[d])
+            if f.startswith(name + '.')]
+    with torch.no_grad():
+      d = unit(dino(**dino_processor(images=pair, return_tensors='pt')).last_hidden_state[:, 0])
+      c = model.get_image_features(**clip_processor(images=pair, return_tensors='pt'))
+      c = unit(getattr(c, 'pooler_output', c))
+      ids = tokenizer([prompts[name]], padding='max_length', max_length=24, truncation=True,
+                      return_tensors='pt').input_ids
+      t = model.get_text_features(input_ids=ids)
+      t = unit(getattr(t, 'pooler_output', t))
+    out[name] = ({'DINO': float(d[0] @ d[1]), 'CLIP-I': float(c[0] @ c[1]),
+                  'CLIP-T': float(t[0] @ c[0])}, {'DINO': d, 'CLIP': c})
+  return out
+
+
+def test_folder_metrics_match_transformers(image_folders, dino_folder, clip_folder, tmp_path):
+  results = evaluate.score_folders(
+      image_folders['generated'], image_folders['references'], str(tmp_path),
+      prompts_file=image_folders['prompts.json'], dino_folder=dino_folder,
+      clip_folder=clip_folder[0], batch_size=4)  # 5 pairs: a padded second batch
+  assert json.loads((tmp_path / 'results.json').read_text()) == results
+  expected = transformers_folder_scores(image_folders, dino_folder, clip_folder)
+  assert list(results['per_image']) == list(expected)
+  dino, scorer = evaluate.load_dino(dino_folder), evaluate.load_clip(clip_folder[0])
+  pairs = {name: (g, r) for name, g, r in images.pair_images(image_folders['generated'],
+                                                            image_folders['references'])}
+  for name, (scores, embeddings) in expected.items():
+    pixels = [images.read_rgb(p) for p in pairs[name]]
+    # Pixels resized by PIL and by jax.image.resize differ by one 8-bit level at most;
+    # at the models' own size they are the same pixels.
+    same = pixels[0].shape[:2] == (32, 32)
+    tol, embedding_tol = (1e-5, 1e-6) if same else (2e-4, 5e-4)
+    ours = {'DINO': evaluate.dino_embeddings(dino, pixels),
+            'CLIP': evaluate.clip_image_embeddings(scorer, pixels)}
+    for k, v in embeddings.items():
+      np.testing.assert_allclose(ours[k], v, atol=embedding_tol, err_msg=f'{name} {k}')
+    for k, v in scores.items():
+      assert results['per_image'][name][k] == pytest.approx(v, abs=tol), (name, k)
+  for k in evaluate.FOLDER_METRICS:
+    values = np.array([s[k] for s, _ in expected.values()])
+    assert np.ptp(values) > 1e-3  # Different pairs, different scores.
+    assert results['metrics'][k]['mean'] == pytest.approx(values.mean(), abs=1e-3)
+    assert results['metrics'][k]['std'] == pytest.approx(values.std(), abs=1e-3)
+  assert results['metrics']['num_pairs'] == 5
+  table = (tmp_path / 'results.md').read_text().splitlines()
+  assert table[0] == '| Pairs | DINO | CLIP-I | CLIP-T |'
+  assert table[2].startswith(f'| 5 | {results["metrics"]["DINO"]["mean"]:.3f} ± ')
+
+
+def test_folder_errors(image_folders, dino_folder, clip_folder, tmp_path):
+  gen, ref = image_folders['generated'], image_folders['references']
+  score = lambda g=gen, r=ref, **kw: evaluate.score_folders(
+      g, r, str(tmp_path / 'out'), **{'dino_folder': dino_folder, **kw})
+  partial = tmp_path / 'partial'
+  partial.mkdir()
+  for name in ('subject_0.png', 'subject_2.png', 'stray.png'):
+    Image.new('RGB', (8, 8)).save(partial / name)
+  with pytest.raises(ValueError, match=r'1 generated images have none of the same name in '
+                     r'.*references: stray; 3 reference images have none of the same name '
+                     r'in .*partial: subject_1, subject_3, subject_4\.'):
+    score(g=str(partial))
+  (partial / 'stray.png').write_bytes(b'not a png')
+  with pytest.raises(ValueError, match='Cannot read the image .*stray.png'):
+    score(g=str(partial))
+  with pytest.raises(FileNotFoundError, match='No such reference folder: /nonexistent'):
+    score(r='/nonexistent')
+  with pytest.raises(ValueError, match="not a ViT: its model_type is 'clip'"):
+    score(dino_folder=clip_folder[0])
+  with pytest.raises(ValueError, match='Nothing to score'):
+    score(dino_folder=None)
+  with pytest.raises(ValueError, match=r'CLIP-T \(--prompts\) needs a CLIP folder'):
+    score(prompts_file=image_folders['prompts.json'])
+  prompts = tmp_path / 'prompts.json'
+  prompts.write_text(json.dumps({'subject_0': 'a figure'}))
+  with pytest.raises(ValueError, match='has no prompt for 4 generated images: subject_1, '):
+    score(prompts_file=str(prompts), clip_folder=clip_folder[0])
+  assert not (tmp_path / 'out').exists()  # Nothing written before the inputs are known good.
+
+
+def test_folder_cli(runs, image_folders, dino_folder, clip_folder, tmp_path):
+  out = tmp_path / 'cli'
+  result = run_cli('evaluate', runs['dirs'], f'--generated={image_folders["generated"]}',
+                   f'--references={image_folders["references"]}',
+                   f'--prompts={image_folders["prompts.json"]}', f'--dino={dino_folder}',
+                   f'--clip={clip_folder[0]}', f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ['results.json', 'results.md']
+  results = json.loads((out / 'results.json').read_text())
+  assert set(results['metrics']) == {'num_pairs', 'DINO', 'CLIP-I', 'CLIP-T'}
+  assert '| Pairs | DINO | CLIP-I | CLIP-T |' in result.stdout
+  missing = run_cli('evaluate', runs['dirs'], f'--generated={image_folders["generated"]}',
+                    f'--dino={dino_folder}')
+  assert missing.returncode == 1
+  assert 'Error: --generated needs --references' in missing.stderr.splitlines()[-1]

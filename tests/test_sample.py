@@ -125,15 +125,17 @@ def test_restore_run_is_the_trained_run(run):
                jax.device_get(run['built'].frozen['unet']))
   # The default eval hook ran at the end, on the test split.
   (scalars,) = run['evals']
-  assert set(scalars) == {'eval/hyperlora/color_acc', 'eval/hyperlora/pattern_acc'}
+  assert set(scalars) == {f'eval/hyperlora/{k}' for k in ('color_acc', 'pattern_acc',
+                                                           'background_acc', 'position_acc')}
   assert all(0.0 <= v <= 1.0 for v in scalars.values())
 
 
 def test_restore_run_checkpoints(run, tmp_path):
-  with pytest.raises(FileNotFoundError, match='config.json does not exist'):
+  with pytest.raises(FileNotFoundError, match='No training run at .*no checkpoints/'):
     runs.restore(str(tmp_path / 'missing'))
   config_json = open(os.path.join(run['workdir'], 'config.json')).read()
   (tmp_path / 'config.json').write_text(config_json)
+  (tmp_path / 'checkpoints').mkdir()
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
     runs.restore(str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r'step 3 .* steps \[2\]'):
@@ -150,6 +152,10 @@ def test_restore_run_checkpoints(run, tmp_path):
   manager.close()
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get(runs.restore(str(tmp_path), step=1).params), ema)
+  # The config is the one saved with the checkpoint: an overwritten config.json (an
+  # export aimed at it, a rerun with another shape) does not lose the run.
+  (tmp_path / 'config.json').write_text('{"objective": "unet_full"}')
+  assert runs.restore(str(tmp_path)).config.objective == 'hyperlora'
 
 
 def _generate(run, context, prompts, **kwargs):
@@ -244,3 +250,40 @@ def test_cli_errors(run, tmp_path, args, message):
   result = run_cli('sample', run['dirs'], *args, '--prompt=x', f'--out={tmp_path}')
   assert result.returncode == 1
   assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize('tool,args,message', [
+    ('sample', ['--num_steps=-3', '--prompt=x', '--out=OUT'],
+     'Error: --num_steps=-3: must be >= 1.'),
+    ('sample', ['--num_steps=0', '--prompt=x', '--out=OUT'],
+     'Error: --num_steps=0: must be >= 1.'),
+    ('evaluate', ['--num_steps=-2', '--out=OUT'], 'Error: --num_steps=-2: must be >= 1.'),
+    ('evaluate', ['--num_examples=-1', '--out=OUT'],
+     'Error: --num_examples=-1: must be >= 0.'),
+    ('export', ['--format=merged-unet', '--out=RUN'], "is a training run's folder"),
+    ('export', ['--format=kohya', '--out=RUN/config.json'], 'inside the files of'),
+])
+def test_cli_refuses_bad_values_and_outputs_in_a_run(run, tmp_path, tool, args, message):
+  args = [a.replace('RUN', run['workdir']).replace('OUT', str(tmp_path / 'o'))
+          for a in args]
+  config_json = open(os.path.join(run['workdir'], 'config.json')).read()
+  result = run_cli(tool, run['dirs'], f'--workdir={run["workdir"]}', *args)
+  assert result.returncode == 1
+  assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
+  assert not (tmp_path / 'o').exists()
+  assert open(os.path.join(run['workdir'], 'config.json')).read() == config_json
+
+
+def test_cli_takes_a_relative_workdir(run, tmp_path):
+  """The README's quickstart uses relative paths: sample from a relative --workdir,
+  quietly (no Orbax/TFDS INFO lines)."""
+  context, prompts = examples(1)
+  Image.fromarray(images.to_uint8(context)[0]).save(tmp_path / 'item.png')
+  relative = os.path.relpath(run['workdir'], ROOT)
+  result = run_cli('sample', run['dirs'], f'--workdir={relative}',
+                   f'--context={os.path.relpath(tmp_path / "item.png", ROOT)}',
+                   f'--prompt={prompts[0]}', '--num_steps=2',
+                   f'--out={os.path.relpath(tmp_path / "out", ROOT)}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'grid.png' in os.listdir(tmp_path / 'out')
+  assert 'orbax' not in result.stderr.lower(), result.stderr[-3000:]

@@ -1,13 +1,17 @@
 """The quickstart's path at the smallest size: base model -> pipeline folder -> single
 LoRA and hypernetwork on it -> report with table, grid and an exported LoRA."""
+import json
+import logging
 import os
+import signal
 
 import ml_collections
 import pytest
 
 from configs import quickstart, tiny_test
-from hyperlora_jax import main, runs
+from hyperlora_jax import defaults, evaluate, main, objectives, runs, stages, train
 from hyperlora_jax.convert import lora_files, pipeline
+from hyperlora_jax.data import pipeline as data_pipeline
 from hyperlora_jax.data import synthetic
 
 
@@ -30,10 +34,45 @@ def _tiny_stages():
   return c
 
 
-def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch):
+class _Preempting:
+  """The training data of a stage whose process gets SIGTERM at its first batch."""
+
+  def __init__(self, *args):
+    self.it = data_pipeline.for_training(*args)
+
+  def __next__(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+def _train(config, workdir, data=data_pipeline.for_training, **kwargs):
+  return train.train_and_evaluate(defaults.fill(config), workdir,
+                                  build_objective=objectives.build, create_dataset=data,
+                                  evaluate_fn=evaluate.evaluate_fn, **kwargs)
+
+
+def _record(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch, caplog):
+  caplog.set_level(logging.INFO)
   monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README's command
-  main.train_and_evaluate(_tiny_stages(), 'run')
+  # Pre-empted in the base stage: it saves, and the run stops before anything uses it.
+  with pytest.raises(train.Preempted, match='saved step 1'):
+    stages.run(_tiny_stages(), 'run', lambda c, d: _train(c, d, _Preempting))
+  assert os.listdir('run') == ['base'] and not os.path.exists('run/base/pipeline')
+  main.train_and_evaluate(_tiny_stages(), 'run')  # Resumes the base, then the rest.
   workdir = str(tmp_path / 'run')
+  assert _record(os.path.join(workdir, 'base', 'pipeline_export.json'))['step'] == 2
+  assert 'Stage 3/3' in caplog.text and 'ETA of the remaining stages' in caplog.text
   # The base model is an ordinary diffusers folder the later stages loaded.
   base = pipeline.load_pipeline(os.path.join(workdir, 'base', 'pipeline'))
   assert base.unet_config['in_channels'] == 3
@@ -55,6 +94,16 @@ def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch):
   main.train_and_evaluate(_tiny_stages(), 'run')
   assert os.path.getmtime(
       os.path.join(workdir, 'base', 'pipeline', 'unet', 'config.json')) == mtime
+  # The base trains on: its export is redone, and the stages trained on the old one are
+  # trained again (the old runs kept beside them).
+  longer = _tiny_stages()
+  longer.stages.base.train.num_steps = 3
+  stages.run(longer, 'run', lambda c, d: _train(c, d, allow_config_changes=True))
+  base = _record(os.path.join(workdir, 'base', 'pipeline_export.json'))
+  assert base['step'] == 3
+  for name in ('single_lora', 'hyperlora_heads'):
+    assert _record(os.path.join(workdir, name, 'base_export.json')) == base
+    assert os.path.isdir(os.path.join(workdir, f'{name}.stale-0', 'checkpoints'))
 
 
 @pytest.mark.parametrize('size', ['cpu', 'gpu'])

@@ -45,9 +45,7 @@ class Objective(NamedTuple):
 def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # sigterm_at_step > 0: this process gets SIGTERM before that step; < 0:
-  # process 1 alone, before step -sigterm_at_step.
-  config.data = dict(noise=0.0, nan_at_step=-1, sigterm_at_step=0)
+  config.data = dict(noise=0.0, nan_at_step=-1)
   defaults.fill(config)
   config.train.update(num_steps=8, batch_size=8, log_every=2, eval_every=1,
                       checkpoint_every=4, compute_dtype='float32')
@@ -93,6 +91,9 @@ def example(i):
 class ToyData:
   """Per-host batches of examples step*B + [p*b, (p+1)*b); state = step."""
   seen = []  # ids yielded in this process, across runs; tests clear it.
+  # > 0: this process gets SIGTERM before that step; < 0: process 1 alone, before step
+  # -sigterm_at. Not in the config: the resume that follows has the same config.
+  sigterm_at = 0
 
   def __init__(self, config, split, process_index, process_count):
     del split
@@ -111,7 +112,7 @@ class ToyData:
     self.step += 1
     if self.step == self.data.nan_at_step:
       x[0, 0] = np.nan
-    at = self.data.sigterm_at_step
+    at = ToyData.sigterm_at
     if at == self.step:
       os.kill(os.getpid(), signal.SIGTERM)  # A preemption notice mid-run.
     elif at < 0 and jax.process_index() == 1 and self.step >= -at:
@@ -239,10 +240,11 @@ def test_sigterm_then_resume_on_8_devices_equals_uninterrupted(tmp_path):
   full, full_curve = run(config, tmp_path / 'full')
   full_seen = ToyData.seen
 
-  config.data.sigterm_at_step = 4
-  ToyData.seen = []
-  stopped, _ = run(config, tmp_path / 'resumed')
-  assert int(stopped['step']) == 4
+  ToyData.seen, ToyData.sigterm_at = [], 4
+  with pytest.raises(train.Preempted, match='saved step 4 .* run the same command again') as e:
+    run(config, tmp_path / 'resumed')
+  ToyData.sigterm_at = 0
+  stopped = e.value.state
   first_seen = ToyData.seen
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
   # The uninterrupted run saved step 4 asynchronously while its next steps
@@ -308,8 +310,9 @@ def test_real_pipeline_preempted_and_resumed(tmp_path):
   full = run_colors(tmp_path / 'full')
   full_seen, seen[:] = list(seen), []
   preempt_at.append(3)
-  stopped = run_colors(tmp_path / 'resumed')
-  assert int(stopped['step']) == 4  # Noticed at the next step, saved there.
+  with pytest.raises(train.Preempted) as e:
+    run_colors(tmp_path / 'resumed')
+  assert int(e.value.state['step']) == e.value.step == 4  # Noticed at the next step.
   resumed = run_colors(tmp_path / 'resumed')
   assert int(resumed['step']) == 6
   np.testing.assert_allclose(flat_params(resumed), flat_params(full),
@@ -366,8 +369,11 @@ def _script(argv):
     workdir, out, pid, port, sigterm_at = argv[1:]
     jax.distributed.initialize(f'127.0.0.1:{port}', 2, int(pid))
     config = toy_config()
-    config.data.sigterm_at_step = int(sigterm_at)
-    state, curve = run(config, workdir)
+    ToyData.sigterm_at = int(sigterm_at)
+    try:
+      state, curve = run(config, workdir)
+    except train.Preempted as e:  # Every host stops at the same saved step.
+      state, curve = e.state, []
     result = dict(curve=curve, params=flat_params(state), seen=ToyData.seen,
                   step=int(state['step']))
   else:  # resume8

@@ -89,3 +89,17 @@ def test_main_turns_triton_gemm_off_unless_the_user_sets_it():
   assert main_lib.default_xla_flags('') == '--xla_gpu_enable_triton_gemm=false'
   mine = '--xla_gpu_enable_triton_gemm=true'
   assert main_lib.default_xla_flags(mine) == mine
+
+
+def test_preempted_run_exits_143_saying_it_will_resume(monkeypatch, capsys):
+  from hyperlora_jax import main as main_lib, train  # pylint: disable=import-outside-toplevel
+
+  def preempted(config, workdir):
+    raise train.Preempted(7, '/runs/x')
+  monkeypatch.setattr(main_lib, 'train_and_evaluate', preempted)
+  monkeypatch.setattr(main_lib.jax.config, 'update', lambda *args: None)
+  with pytest.raises(SystemExit) as e:
+    main_lib.main(['main'])
+  assert e.value.code == 143  # As a SIGTERM'd process: schedulers requeue, none succeeds.
+  assert 'saved step 7 in /runs/x; run the same command again to resume' in (
+      capsys.readouterr().err)

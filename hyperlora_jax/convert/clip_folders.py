@@ -6,6 +6,7 @@ or a CLIPModel folder holding both, saved by transformers 4.x or 5.x (which drop
 ``text_model.`` / ``vision_model.`` prefix of the models without a projection).
 """
 import functools
+import hashlib
 import json
 import os
 import string
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from hyperlora_jax import files
 from hyperlora_jax.convert import core
 from hyperlora_jax.models import clip
 
@@ -75,12 +77,24 @@ def write_tokenizer(words: Sequence[str], folder: str, max_length: int = 77) -> 
         vocab.append(pieces[0] + pieces[1])
       pieces = [pieces[0] + pieces[1]] + pieces[2:]
   vocab = list(dict.fromkeys(vocab))
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, 'vocab.json'), 'w') as f:
-    json.dump({t: i for i, t in enumerate(vocab)}, f)
-  with open(os.path.join(folder, 'merges.txt'), 'w') as f:
-    f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-  with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-    json.dump({'model_max_length': max_length, 'bos_token': '<|startoftext|>',
-               'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>',
-               'unk_token': '<|endoftext|>', 'tokenizer_class': 'CLIPTokenizer'}, f)
+  with files.atomic_folder(folder) as tmp:
+    with open(os.path.join(tmp, 'vocab.json'), 'w') as f:
+      json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(tmp, 'merges.txt'), 'w') as f:
+      f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+    with open(os.path.join(tmp, 'tokenizer_config.json'), 'w') as f:
+      json.dump({'model_max_length': max_length, 'bos_token': '<|startoftext|>',
+                 'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>',
+                 'unk_token': '<|endoftext|>', 'tokenizer_class': 'CLIPTokenizer'}, f)
+
+
+def cached_tokenizer_folder(words: Sequence[str], max_length: int) -> str:
+  """`write_tokenizer`'s folder for these words, written once into the user's cache
+  (~/.cache/hyperlora_jax/tokenizers/<digest>, or under $XDG_CACHE_HOME): one folder per
+  vocabulary, instead of a temporary folder per model build."""
+  digest = hashlib.sha1(json.dumps([sorted(set(words)), max_length]).encode()).hexdigest()
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  folder = os.path.join(cache, 'hyperlora_jax', 'tokenizers', digest[:16])
+  if not os.path.exists(os.path.join(folder, 'tokenizer_config.json')):
+    write_tokenizer(words, folder, max_length)
+  return folder

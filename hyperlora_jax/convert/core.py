@@ -34,8 +34,13 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
   if not os.path.exists(path):
     raise FileNotFoundError(f'No such checkpoint file: {path}')
+  try:
+    state = load_file(path)
+  except Exception as e:  # SafetensorError and friends do not name the file.
+    raise CheckpointError(f'{path} is not a readable safetensors file (truncated or '
+                          f'damaged?): {e}') from None
   return {k: np.asarray(v, np.float32) if v.dtype.kind == 'f' or v.dtype.name == 'bfloat16' else v
-          for k, v in load_file(path).items()}
+          for k, v in state.items()}
 
 
 def read_torch_pickle(path: str) -> dict[str, np.ndarray]:

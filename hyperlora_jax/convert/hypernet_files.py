@@ -12,6 +12,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from hyperlora_jax import files
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import core
 from hyperlora_jax.models import clip, hypernet
@@ -34,15 +35,15 @@ def save(folder: str, module: hypernet.HyperNetwork, variables: Any,
          hypernet_config: dict, resolution: int) -> None:
   """Writes `module` with its `variables`; `hypernet_config` is the config section it
   was built from (`hypernet.build`)."""
-  os.makedirs(folder, exist_ok=True)
-  save_file({k: np.array(v, np.float32) for k, v in
-             traverse_util.flatten_dict(jax.device_get(variables), sep='/').items()},
-            os.path.join(folder, WEIGHTS), metadata={'format': 'np'})
   spec = {'hypernet': hypernet_config,
           'targets': [[t.path, t.d_in, t.d_out] for t in module.targets],
           'tower': tower_config(module), 'resolution': resolution}
-  with open(os.path.join(folder, CONFIG), 'w') as f:
-    json.dump(spec, f, indent=2)
+  with files.atomic_folder(folder) as tmp:
+    save_file({k: np.array(v, np.float32) for k, v in
+               traverse_util.flatten_dict(jax.device_get(variables), sep='/').items()},
+              os.path.join(tmp, WEIGHTS), metadata={'format': 'np'})
+    with open(os.path.join(tmp, CONFIG), 'w') as f:
+      json.dump(spec, f, indent=2)
 
 
 def load(folder: str):

@@ -43,6 +43,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from hyperlora_jax import files
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import core
 from hyperlora_jax.convert import pipeline
@@ -193,8 +194,8 @@ def _header(factors: Mapping[str, Any], metadata: Optional[Mapping[str, str]]) -
 
 def _write(state: Mapping[str, np.ndarray], path: str, header: Mapping[str, str]) -> None:
   """safetensors to a temporary name, then renamed: no half-written file at ``path``."""
-  save_file(dict(state), path + '.tmp', metadata=dict(header))
-  os.replace(path + '.tmp', path)
+  with files.atomic_file(path) as tmp:
+    save_file(dict(state), tmp, metadata=dict(header))
 
 
 def select_sample(lora: lora_lib.LoRATree, i: int) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from hyperlora_jax import diffusion
+from hyperlora_jax import files
 from hyperlora_jax.convert import core
 from hyperlora_jax.convert import clip_folders
 from hyperlora_jax.models import clip, unet, vae
@@ -211,18 +212,14 @@ def time_ids(unet_module, size: Sequence[int], crop_top_left: Sequence[int] = (0
 
 
 def save_model(params: Any, config: dict, folder: str, weights_name: str) -> None:
-  """Writes a param tree with torch names (config.json + safetensors) to ``folder``.
-
-  Both files go to temporary names first, so an interrupted write never leaves a
-  folder that looks complete.
-  """
-  os.makedirs(folder, exist_ok=True)
-  weights, config_path = os.path.join(folder, weights_name), os.path.join(folder, 'config.json')
-  save_file(core.flax_to_torch(params), weights + '.tmp', metadata={'format': 'pt'})
-  with open(config_path + '.tmp', 'w') as f:
-    json.dump(dict(config), f, indent=2, sort_keys=True)
-  os.replace(weights + '.tmp', weights)
-  os.replace(config_path + '.tmp', config_path)
+  """Writes a param tree with torch names (config.json + safetensors) to ``folder``,
+  through a temporary folder (`files.atomic_folder`): an interrupted write never leaves
+  a folder that looks complete."""
+  with files.atomic_folder(folder) as tmp:
+    save_file(core.flax_to_torch(params), os.path.join(tmp, weights_name),
+              metadata={'format': 'pt'})
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(dict(config), f, indent=2, sort_keys=True)
 
 
 def _save_text(params: Any, config: dict, folder: str, projection: bool) -> None:
@@ -241,13 +238,14 @@ def save_pipeline(folder: str, unet_params: Any, unet_config: dict, text_params:
   xl = (text2_params, text2_config, tokenizer2_folder)
   if any(x is not None for x in xl) and not all(x is not None for x in xl):
     raise ValueError('An SDXL folder needs text2_params, text2_config and tokenizer2_folder.')
-  save_model(unet_params, dict(unet_config, _class_name='UNet2DConditionModel'),
-             os.path.join(folder, 'unet'), UNET_WEIGHTS)
-  _save_text(text_params, text_config, os.path.join(folder, 'text_encoder'), False)
-  shutil.copytree(tokenizer_folder, os.path.join(folder, 'tokenizer'), dirs_exist_ok=True)
-  if text2_params is not None:
-    _save_text(text2_params, text2_config, os.path.join(folder, 'text_encoder_2'), True)
-    shutil.copytree(tokenizer2_folder, os.path.join(folder, 'tokenizer_2'), dirs_exist_ok=True)
-  os.makedirs(os.path.join(folder, 'scheduler'), exist_ok=True)
-  with open(os.path.join(folder, 'scheduler', 'scheduler_config.json'), 'w') as f:
-    json.dump(dict(scheduler_config), f, indent=2, sort_keys=True)
+  with files.atomic_folder(folder) as tmp:  # All parts or none.
+    save_model(unet_params, dict(unet_config, _class_name='UNet2DConditionModel'),
+               os.path.join(tmp, 'unet'), UNET_WEIGHTS)
+    _save_text(text_params, text_config, os.path.join(tmp, 'text_encoder'), False)
+    shutil.copytree(tokenizer_folder, os.path.join(tmp, 'tokenizer'))
+    if text2_params is not None:
+      _save_text(text2_params, text2_config, os.path.join(tmp, 'text_encoder_2'), True)
+      shutil.copytree(tokenizer2_folder, os.path.join(tmp, 'tokenizer_2'))
+    os.makedirs(os.path.join(tmp, 'scheduler'))
+    with open(os.path.join(tmp, 'scheduler', 'scheduler_config.json'), 'w') as f:
+      json.dump(dict(scheduler_config), f, indent=2, sort_keys=True)

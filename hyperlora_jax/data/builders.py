@@ -44,17 +44,16 @@ warning; a split whose examples were all bad is always an error.
 import collections
 import dataclasses
 import hashlib
-import io
+
 import json
 import os
 import pathlib
 
 from absl import logging
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
 import tensorflow_datasets as tfds
 
+from hyperlora_jax.data import images as image_io
 from hyperlora_jax.data import synthetic
 
 VERSION = '1.0.0'
@@ -129,30 +128,34 @@ def _text_features(*names):
 _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
-def _png(array):
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format='PNG')
-  return buf.getvalue()
+def source_fingerprint(root, extra=()) -> dict:
+  """{'files': count, 'digest': ...} of every file under `root` (and the `extra` files):
+  relative names, sizes and modification times, so adding, removing, replacing or
+  editing a file changes it. Stored with a built folder dataset (`build`)."""
+  digest, count = hashlib.sha1(), 0
+  root = pathlib.Path(root)
+  paths = sorted(p for p in root.rglob('*') if p.is_file())
+  paths += [pathlib.Path(e) for e in extra if e and pathlib.Path(e).is_file()]
+  for p in paths:
+    stat = p.stat()
+    digest.update(f'{p.relative_to(root) if p.is_relative_to(root) else p}\0'
+                  f'{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
+    count += 1
+  return {'files': count, 'digest': digest.hexdigest()}
 
 
-def _to_rgb(img):
-  """RGB copy of a non-RGB image: alpha over white, 16-bit scaled to 8."""
-  if img.mode.startswith('I'):
-    # Pillow clips 16-bit values to 255 when converting; scale instead.
-    gray = np.asarray(img, np.float64) / 257.0
-    return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).convert(
-        'RGB')
-  if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
-      img.mode == 'P' and 'transparency' in img.info):
-    rgba = img.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert('RGB')
-  if img.mode == 'F':
-    raise ValueError('float images have no known range')
-  return img.convert('RGB')
+class _Builder(tfds.core.GeneratorBasedBuilder):
+  """TFDS' builder, saying in our words what it builds: its own lines print a
+  'download: Unknown size' for data made here, bypassing the log."""
+
+  def _log_download_bytes(self):
+    logging.info('Building the %s dataset once, in %s ...', self.name, self.data_dir)
+
+  def _log_download_done(self):
+    logging.info('Built %s; later runs reuse it.', self.data_dir)
 
 
-class _FolderBuilder(tfds.core.GeneratorBasedBuilder):
+class _FolderBuilder(_Builder):
   """Shared reading, conversion and bad-example policy of folder builders."""
 
   VERSION = tfds.core.Version(VERSION)
@@ -180,37 +183,24 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder):
                               '(set data.source_dir)')
     return root
 
+  def fingerprint(self) -> dict:
+    return source_fingerprint(self._root, [self._cfg.prompts_file])
+
   @property
   def _static_prompt(self):
     return self._cfg.static_prompt or self.STATIC_PROMPT
 
   def _image(self, path, split):
-    """Encoded RGB image bytes of `path`, or BadExample naming it."""
+    """Encoded RGB image bytes of `path` (`image_io.rgb_bytes`: the one loader the
+    tools share), or BadExample naming it."""
     try:
-      data = pathlib.Path(path).read_bytes()
-    except FileNotFoundError:
-      raise BadExample(f'{path}: file not found') from None
-    try:
-      img = Image.open(path)  # Not from `data`: errors then name the path.
-      img.load()  # Decodes everything: catches truncated files.
-    except (OSError, EOFError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as e:
-      raise BadExample(f'{path}: unreadable image ({e})') from None
-    rotated = img.getexif().get(0x0112, 1) not in (1, None)
-    if img.mode == 'RGB' and not rotated:
-      return data
-    if img.mode != 'RGB':
-      if not self._cfg.convert_modes:
-        raise BadExample(f'{path}: mode {img.mode} is not RGB (set '
-                         'convert_modes to convert it)')
-      logging.info('%s: converting %s to RGB', path, img.mode)
-      try:
-        img = _to_rgb(img)
-      except ValueError as e:
-        raise BadExample(f'{path}: cannot convert {img.mode}: {e}') from None
+      data, converted = image_io.rgb_bytes(str(path), self._cfg.convert_modes)
+    except (FileNotFoundError, ValueError) as e:
+      raise BadExample(str(e)) from None
+    if converted:
+      logging.info('%s: converted %s to RGB', path, converted)
       self._counts[split]['converted'] += 1
-    # Store pixels as displayed, so that no reader must apply EXIF.
-    return _png(np.asarray(ImageOps.exif_transpose(img)))
+    return data
 
   def _generate_examples(self, split, items):
     """Yields (key, example) of items [(key, make)], applying the policy."""
@@ -243,6 +233,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     self._counts = {}
+    self.info.metadata['source'] = self.fingerprint()
     gens = {}
     for split, items in self._list_splits().items():
       if items:
@@ -384,7 +375,7 @@ class Triples(_FolderBuilder):
     return make
 
 
-class Synthetic(tfds.core.GeneratorBasedBuilder):
+class Synthetic(_Builder):
   """The synthetic recontextualization task of synthetic.py."""
 
   name = 'hyperlora_synthetic'
@@ -414,7 +405,8 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
           item_frac=cfg.item_frac)
       out = {k: ex[k] for k in self._INTS + ('box', 'prompt_static',
                                              'prompt_full')}
-      out.update(context=_png(ex['context']), target=_png(ex['target']),
+      out.update(context=image_io.png_bytes(ex['context']),
+                 target=image_io.png_bytes(ex['target']),
                  prompt=ex['prompt_scene'], id=str(i))
       yield i, out
 
@@ -437,7 +429,7 @@ def make_builder(data):
     return Synthetic(config=synthetic_config(
         data.resolution, data.num_train, data.num_test, data.seed,
         data.holdout_seed, data.test_fraction,
-        # Configs saved before the field existed (restore_run) lack it.
+        # Configs saved before the field existed lack it.
         data.get('item_frac', synthetic.ITEM_FRAC)), **kwargs)
   if data.name not in _FOLDER_BUILDERS:
     raise ValueError(f'unknown data.name {data.name!r}: expected synthetic, '
@@ -450,10 +442,21 @@ def make_builder(data):
 
 
 def build(data, rebuild=False):
-  """Builds the dataset of `data` once (a no-op when built) and returns it."""
+  """Builds the dataset of `data` once (a no-op when built) and returns it.
+
+  A folder dataset is rebuilt when its source folder changed since it was built (files
+  added, removed or modified: `source_fingerprint`), with a warning saying so."""
   builder = make_builder(data)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if rebuild else
           tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(download_mode=mode))
+  if isinstance(builder, _FolderBuilder) and not rebuild:
+    was, now = builder.info.metadata.get('source'), builder.fingerprint()
+    if was != now:
+      logging.warning(
+          '%s changed since its dataset was built (%s files then, %d now, or files '
+          'replaced or modified): rebuilding %s.', builder._cfg.root,  # pylint: disable=protected-access
+          was['files'] if was else 'unknown', now['files'], builder.data_path)
+      return build(data, rebuild=True)
   return builder

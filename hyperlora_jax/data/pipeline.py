@@ -59,6 +59,7 @@ import numpy as np
 
 from hyperlora_jax import cli
 from hyperlora_jax import defaults
+from hyperlora_jax.data import augment
 from hyperlora_jax.data import builders
 from hyperlora_jax.data import images
 from hyperlora_jax.data import synthetic
@@ -144,6 +145,11 @@ def _load(source, stop, pad_index, data, subjects, index):
   return out
 
 
+def _augment(config, ex, rng):
+  context = augment.context(images.to_uint8(ex['context']), rng, config)
+  return dict(ex, context=images.normalize(context))
+
+
 def _pad_batch(batch_size, batch):
   """Pads a short final batch with copies of its last row, valid=False."""
   n = len(batch['valid'])
@@ -155,7 +161,7 @@ def _pad_batch(batch_size, batch):
 
 
 def create_dataset(data, split, *, process_index=None, process_count=None,
-                   num_epochs=None, shuffle=True, batch_size=None):
+                   num_epochs=None, shuffle=True, batch_size=None, augment=False):
   """This host's batches of `split`, as a resumable grain iterator.
 
   Args:
@@ -168,6 +174,7 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
     shuffle: shuffle each epoch (seeded by data.seed) within the host's block.
     batch_size: global batch size (default data.batch_size), divided among
       the hosts.
+    augment: draw context-image variations (`data.augment`; for training).
 
   Returns:
     A grain DatasetIterator of batch dicts (module docstring).
@@ -207,6 +214,9 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
       # Padding repeats a record of the host's own block, if it has one.
       functools.partial(_load, source, stop, start if start < stop else 0,
                         data, subjects))
+  if augment and data.augment.p:
+    # Seeded from the element's position in the stream: resumable, new each epoch.
+    ds = ds.random_map(functools.partial(_augment, data.augment), seed=data.seed)
   ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
   if num_epochs is not None:
     ds = ds.map(functools.partial(_pad_batch, batch_size))
@@ -227,10 +237,11 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
 
 
 def for_training(config, split, process_index, process_count):
-  """The training loop's dataset: endless, shuffled batches of config.train.batch_size
-  (the loop's `create_dataset`)."""
+  """The training loop's dataset: endless, shuffled, augmented batches of
+  config.train.batch_size (the loop's `create_dataset`)."""
   return create_dataset(config.data, split, process_index=process_index,
-                        process_count=process_count, batch_size=config.train.batch_size)
+                        process_count=process_count, batch_size=config.train.batch_size,
+                        augment=True)
 
 
 def main(argv):

@@ -20,7 +20,8 @@ context images (each attribute value on its own is still seen in training).
 Every example is a pure function of (seed, split, index), so any range of a
 split can be generated independently and adding examples never changes the
 earlier ones. Rendering is aliasing-free (hard edges, exact palette colors),
-which makes `color_and_pattern_of` read ground-truth pixels back exactly.
+which makes `color_and_pattern_of` (the item) and `scene_of` (background and
+figure position, the editability scorer) read ground-truth pixels back exactly.
 Every item has a border of its primary color, so the primary color covers
 most of the item for every pattern (checks are 50/50 inside the border):
 "dominant color" is well defined.
@@ -200,6 +201,27 @@ def _paste(canvas, shape, color, pattern, color2, size, x0, y0):
   return full
 
 
+def item_box(position, resolution, size):
+  """(x0, y0, x1, y1), end-exclusive: the box of an item of side `size` on the
+  figure's torso at `position`, moved inward where it would leave the image."""
+  x0 = min(max(int(round(_POSITION_X[position] * resolution - size / 2)), 0),
+           resolution - size)
+  y0 = min(max(int(round(0.47 * resolution - size / 2)), 0), resolution - size)
+  return x0, y0, x0 + size, y0 + size
+
+
+def target_image(item, background, position, resolution, size):
+  """A target: the scene (`background`, `position`) with its figure wearing
+  `item` (shape, color, pattern, color2), of side `size`.
+
+  Returns (image [R, R, 3] uint8, item mask [R, R] bool, box [4] int32).
+  """
+  box = item_box(position, resolution, size)
+  image = _scene(resolution, background, position).copy()
+  mask = _paste(image, *item, size, box[0], box[1])
+  return image, mask, np.array(box, np.int32)
+
+
 def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
             test_fraction=0.2, item_frac=ITEM_FRAC):
   """Example `index` of `split`: a dict of numpy arrays and prompt strings.
@@ -235,16 +257,10 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   item = (shape, color, pattern, color2)
   _paste(context, *item, size_c, cx0, cy0)
 
-  size_t = int(round(item_frac * r))
-  x0 = min(max(int(round(_POSITION_X[position] * r - size_t / 2)), 0),
-           r - size_t)
-  y0 = min(max(int(round(0.47 * r - size_t / 2)), 0), r - size_t)
-  target = _scene(r, background, position).copy()
-  mask = _paste(target, *item, size_t, x0, y0)
-
+  target, mask, box = target_image(item, background, position, r,
+                                   int(round(item_frac * r)))
   out = {
-      'context': context, 'target': target, 'mask': mask,
-      'box': np.array([x0, y0, x0 + size_t, y0 + size_t], np.int32),
+      'context': context, 'target': target, 'mask': mask, 'box': box,
       'context_box': np.array([cx0, cy0, cx0 + size_c, cy0 + size_c],
                               np.int32),
   }
@@ -260,6 +276,93 @@ def generate(num, split='train', *, start=0, **kwargs):
   exs = [example(i, split, **kwargs) for i in range(start, start + num)]
   return {k: [e[k] for e in exs] if isinstance(exs[0][k], str)
           else np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def _item_polygon(shape, cx, cy, half):
+  """The item outline as PIL points, or None for the circle (an ellipse)."""
+  if shape == 0:
+    return [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half),
+            (cx - half, cy + half)]
+  if shape == 2:
+    return [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+  if shape == 3:
+    return [(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)]
+  return None
+
+
+def _draw_item(draw, shape, cx, cy, half, fill):
+  polygon = _item_polygon(shape, cx, cy, half)
+  if polygon is None:
+    draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+  else:
+    draw.polygon(polygon, fill=fill)
+
+
+def robust_context(index, shape, color, pattern, color2, *, resolution=32, seed=0):
+  """A context image of the item drawn as a user's photo might show it: the robustness
+  split's contexts (`evaluate`), by drawing code of their own.
+
+  Unlike `example`'s contexts (hard-edged masks, large, centered, on white), the item
+  is drawn with PIL's vector primitives at 4x and downsampled (soft edges), at 30-85% of
+  the side anywhere in the frame, on a random flat, gradient or noise backdrop, and
+  JPEG-compressed at quality 40-90. A pure function of (seed, index, the item).
+  """
+  # Imported here: PIL is the one dependency of this module beyond numpy, and only
+  # this drawer needs it.
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng([seed, 7919, index])
+  k, r = 4, resolution
+  big = r * k
+  kind = rng.integers(3)
+  a, b = rng.integers(0, 256, (2, 3))
+  if kind == 0:
+    backdrop = np.broadcast_to(a, (big, big, 3))
+  elif kind == 1:
+    backdrop = np.broadcast_to(a + (b - a) * np.linspace(0, 1, big)[:, None, None],
+                               (big, big, 3))
+  else:
+    backdrop = a + rng.normal(0, 25, (big, big, 3))
+  canvas = Image.fromarray(np.clip(backdrop, 0, 255).astype(np.uint8))
+  half = rng.uniform(0.15, 0.425) * big
+  cx, cy = rng.uniform(half, big - half, 2)
+  item = Image.new('RGB', (big, big))
+  draw = ImageDraw.Draw(item)
+  _draw_item(draw, shape, cx, cy, half, tuple(int(c) for c in COLOR_RGB[color]))
+  if pattern:
+    # The pattern inside the border, clipped to the inner outline.
+    texture = Image.new('RGB', (big, big), tuple(int(c) for c in COLOR_RGB[color]))
+    tdraw = ImageDraw.Draw(texture)
+    fill = tuple(int(c) for c in COLOR_RGB[color2])
+    cell = 2 * half / _CELLS
+    for i in range(_CELLS):
+      for j in range(_CELLS):
+        x, y = cx - half + j * cell, cy - half + i * cell
+        if (pattern == 1 and i % 2) or (pattern == 3 and (i + j) % 2):
+          tdraw.rectangle([x, y, x + cell, y + cell], fill=fill)
+    if pattern == 2:
+      for du, dv in _DOTS[shape]:
+        x, y, rad = cx + du * half, cy + dv * half, _DOT_RADIUS * half
+        tdraw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=fill)
+    inner = Image.new('L', (big, big), 0)
+    _draw_item(ImageDraw.Draw(inner), shape, cx, cy, half * (1 - _BORDER), 255)
+    item.paste(texture, mask=inner)
+  outline = Image.new('L', (big, big), 0)
+  _draw_item(ImageDraw.Draw(outline), shape, cx, cy, half, 255)
+  canvas.paste(item, mask=outline)
+  small = canvas.resize((r, r), Image.LANCZOS)
+  buffer = io.BytesIO()
+  small.save(buffer, 'JPEG', quality=int(rng.integers(40, 91)))
+  return np.asarray(Image.open(buffer).convert('RGB'))
+
+
+def _labels(image):
+  """Each pixel's nearest palette entry [H, W]: item colors, then scene ones."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    image = np.clip((image + 1) * 127.5, 0, 255)
+  dist = ((image.astype(np.int32)[..., None, :] - _PALETTE)**2).sum(-1)
+  return dist.argmin(-1)
 
 
 def color_and_pattern_of(image, box):
@@ -279,15 +382,10 @@ def color_and_pattern_of(image, box):
   Returns:
     (color, pattern) ints; (-1, -1) if no item-colored pixel is in the box.
   """
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    image = np.clip((image + 1) * 127.5, 0, 255)
   x0, y0, x1, y1 = (int(b) for b in box)
-  crop = image[max(y0, 0):y1, max(x0, 0):x1].astype(np.int32)
-  if crop.size == 0:
+  labels = _labels(np.asarray(image)[max(y0, 0):y1, max(x0, 0):x1])
+  if labels.size == 0:
     return -1, -1
-  dist = ((crop[..., None, :] - _PALETTE)**2).sum(-1)
-  labels = dist.argmin(-1)
   is_item = labels < len(COLORS)
   counts = np.bincount(labels[is_item], minlength=len(COLORS))
   if counts.sum() == 0:
@@ -308,3 +406,58 @@ def color_and_pattern_of(image, box):
   corners = ((b[1:, 1:] & b[:-1, :-1] & ~b[1:, :-1] & ~b[:-1, 1:]).sum()
              + (b[1:, :-1] & b[:-1, 1:] & ~b[1:, 1:] & ~b[:-1, :-1]).sum())
   return int(first), 2 if corners < 2 and frac2 < 0.3 else 3
+
+
+_FIGURE = len(_PALETTE) - 1  # The figure's gray, the palette's last entry.
+
+
+def _figure_and_item(labels):
+  """Pixels labeled an item color or the figure's gray: what moves with the scene's
+  position."""
+  return (labels < len(COLORS)) | (labels == _FIGURE)
+
+
+@functools.lru_cache(maxsize=64)
+def _position_centroids(resolution, size):
+  """The figure-and-item mass's horizontal centroid at each position for an
+  item of side `size` (a solid square: every shape is symmetric about the box's
+  vertical axis). The item is moved inward at the sides, so at large items
+  the centroids sit closer together than the figures do."""
+  out = []
+  for position in range(len(POSITIONS)):
+    image = target_image((0, 0, 0, -1), 0, position, resolution, size)[0]
+    out.append(np.nonzero(_figure_and_item(_labels(image)))[1].mean())
+  return np.array(out)
+
+
+def scene_of(image, item_size):
+  """Reads (background id, position id) of a target from pixels alone.
+
+  The scorer of editability: does the image show the scene its prompt asked
+  for? Pixels are labeled by nearest palette color as in
+  `color_and_pattern_of`. The background is the most frequent scene color on
+  the image's border (the figure never reaches it; a large item may, so only
+  scene-colored pixels vote). The position is the one whose ground-truth
+  centroid of figure-and-item pixels (item or figure colors, wherever they
+  are) lies nearest to the image's: the figure and its item move together,
+  and every such pixel votes, so a blurred figure or a misplaced item moves
+  the reading only in proportion to its mass.
+
+  Args:
+    image: [H, W, 3] with H == W, uint8 in [0, 255] or float in [-1, 1].
+    item_size: the item's side in pixels (an example's box width).
+
+  Returns:
+    (background, position) ints; -1 for what has no pixel to read.
+  """
+  labels = _labels(image)
+  border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0],
+                           labels[1:-1, -1]]) - len(COLORS)
+  votes = np.bincount(border[(border >= 0) & (border < len(BACKGROUNDS))],
+                      minlength=len(BACKGROUNDS))
+  background = int(votes.argmax()) if votes.sum() else -1
+  xs = np.nonzero(_figure_and_item(labels))[1]
+  if not xs.size:
+    return background, -1
+  centroids = _position_centroids(labels.shape[1], int(item_size))
+  return background, int(np.abs(centroids - xs.mean()).argmin())

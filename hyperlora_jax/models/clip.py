@@ -33,13 +33,13 @@ _ACTIVATIONS = {
 }
 
 
-def _activation(name: str):
+def activation(name: str):
   if name not in _ACTIVATIONS:
     raise ValueError(f'Unsupported CLIP hidden_act {name!r}; supported: {sorted(_ACTIVATIONS)}')
   return _ACTIVATIONS[name]
 
 
-def _layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
+def layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
   # The two-pass variance matches torch; CLIP's large activation outliers make the fast
   # E[x^2] - E[x]^2 form lose digits.
   return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
@@ -91,7 +91,7 @@ class CLIPMLP(nn.Module):
   @nn.compact
   def __call__(self, x, lora: Optional[LoRATree] = None):
     y = Dense(self.intermediate_size, dtype=self.dtype, name='fc1')(x, lora)
-    y = _activation(self.hidden_act)(y)
+    y = activation(self.hidden_act)(y)
     return Dense(x.shape[-1], dtype=self.dtype, name='fc2')(y, lora)
 
 
@@ -104,10 +104,10 @@ class CLIPEncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
-    y = _layer_norm(self.layer_norm_eps, self.dtype, 'layer_norm1')(x)
+    y = layer_norm(self.layer_norm_eps, self.dtype, 'layer_norm1')(x)
     x = x + CLIPAttention(self.num_attention_heads, self.dtype, name='self_attn')(
         y, mask, is_causal, lora)
-    y = _layer_norm(self.layer_norm_eps, self.dtype, 'layer_norm2')(x)
+    y = layer_norm(self.layer_norm_eps, self.dtype, 'layer_norm2')(x)
     return x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name='mlp')(y, lora)
 
 
@@ -221,7 +221,7 @@ class _Tower(nn.Module):
   remat: str = 'none'  # of each encoder layer (CLIPEncoder); no checkpoint field
 
   def _norm(self, name: str) -> nn.LayerNorm:
-    return _layer_norm(self.layer_norm_eps, self.dtype, name)
+    return layer_norm(self.layer_norm_eps, self.dtype, name)
 
   def _encoder(self, x, mask=None, is_causal=False, lora: Optional[LoRATree] = None):
     return CLIPEncoder(**_fields(self, CLIPEncoder), name='encoder')(x, mask, is_causal, lora)
@@ -359,7 +359,7 @@ def _build(cls: type, config: Mapping[str, Any], dtype: Any, **overrides) -> nn.
   kwargs = {f.name: config[f.name] for f in dataclasses.fields(cls)
             if f.init and f.name in config and f.name not in ('parent', 'name', 'dtype')}
   module = cls(**{**kwargs, **overrides}, dtype=dtype)
-  _activation(module.hidden_act)
+  activation(module.hidden_act)
   if module.hidden_size % module.num_attention_heads:
     raise ValueError(f'hidden_size {module.hidden_size} is not a multiple of '
                      f'num_attention_heads {module.num_attention_heads}')
@@ -394,6 +394,20 @@ def vision_from_config(config: Mapping[str, Any],
   return _build(CLIPVisionModelWithProjection, sub, dtype, **overrides)
 
 
+def resize_like_pil(x, size: tuple[int, int], method: str, eight_bit: bool) -> jax.Array:
+  """x [n, h, w, c] in [0, 1] resized to ``size`` (height, width) as PIL's antialiased
+  ``Image.resize`` does: width first, then height, each pass clipping the cubic overshoot
+  and, for 8-bit images (``eight_bit``), rounding to 8 bits. ``method``: 'bicubic' (PIL's
+  BICUBIC, Keys a=-0.5) or 'linear' (BILINEAR, a triangle filter)."""
+  n, h, w, c = x.shape
+  for shape in ((n, h, size[1], c), (n,) + tuple(size) + (c,)):
+    if shape != x.shape:  # PIL copies a side it does not resize.
+      x = jnp.clip(jax.image.resize(x, shape, method, antialias=True), 0.0, 1.0)
+      if eight_bit:
+        x = jnp.round(x * 255.0) / 255.0
+  return x
+
+
 def preprocess_images(images, image_size: int = 224, mean: Sequence[float] = CLIP_MEAN,
                       std: Sequence[float] = CLIP_STD) -> jax.Array:
   """CLIPImageProcessor in jnp: bicubic resize of the shorter side, center crop, normalize.
@@ -417,16 +431,11 @@ def preprocess_images(images, image_size: int = 224, mean: Sequence[float] = CLI
   x = images.astype(jnp.float32)
   if images.dtype == jnp.uint8:
     x = x / 255.0
-  n, h, w, c = x.shape
+  h, w = x.shape[1:3]
   # transformers' get_resize_output_image_size: the longer side is floored.
   long = int(image_size * max(h, w) / min(h, w))
   new_h, new_w = (long, image_size) if w <= h else (image_size, long)
-  # As PIL: width first, then height, each pass clipping the cubic overshoot and, for
-  # 8-bit images, rounding to 8 bits.
-  for shape in ((n, h, new_w, c), (n, new_h, new_w, c)):
-    x = jnp.clip(jax.image.resize(x, shape, 'bicubic', antialias=True), 0.0, 1.0)
-    if images.dtype == jnp.uint8:
-      x = jnp.round(x * 255.0) / 255.0
+  x = resize_like_pil(x, (new_h, new_w), 'bicubic', images.dtype == jnp.uint8)
   top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
   x = x[:, top:top + image_size, left:left + image_size]
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

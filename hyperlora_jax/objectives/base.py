@@ -10,7 +10,6 @@ trains through the diffusion loss only says what is trained and how it becomes a
 The config keys are documented in `hyperlora_jax.defaults`.
 """
 import dataclasses
-import tempfile
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -93,20 +92,20 @@ def compute_dtype(config):
 
 
 def load_base(config, rng):
-  """(pipeline.Pipeline, the folder holding its tokenizer/ [and tokenizer_2/]) from
-  config.model.pretrained or from scratch (a closed-vocabulary tokenizer written to a
-  temporary folder)."""
+  """(pipeline.Pipeline, its tokenizer folders: one per text tower) from
+  config.model.pretrained or from scratch (a closed-vocabulary tokenizer, written once
+  into the user's cache)."""
   dtype = compute_dtype(config)
   if config.model.pretrained is None:
     raise ValueError('config.model.pretrained is not set: give the path of a local '
                      'diffusers Stable Diffusion folder (--config.model.pretrained=...).')
   if config.model.pretrained:
-    return pipeline.load_pipeline(config.model.pretrained, dtype), config.model.pretrained
+    base = pipeline.load_pipeline(config.model.pretrained, dtype)
+    folders = [f'{config.model.pretrained}/{p}' for p in ('tokenizer', 'tokenizer_2')]
+    return base, tuple(folders[:len(base.tokenizers)])
   from hyperlora_jax.data import synthetic  # from-scratch models speak the synthetic task
-  folder = tempfile.mkdtemp(prefix='hyperlora_tokenizer_')
-  clip_folders.write_tokenizer(synthetic.vocabulary(), f'{folder}/tokenizer',
-                               config.model.max_length)
-  tokenizer = clip_folders.load_tokenizer(f'{folder}/tokenizer')
+  folder = clip_folders.cached_tokenizer_folder(synthetic.vocabulary(), config.model.max_length)
+  tokenizer = clip_folders.load_tokenizer(folder)
   unet_config = config.model.unet.to_dict()
   text_config = dict(config.model.text.to_dict(), vocab_size=len(tokenizer),
                      max_position_embeddings=config.model.max_length,
@@ -120,7 +119,7 @@ def load_base(config, rng):
   return pipeline.Pipeline(unet_module, unet_params, unet_config, text, text_params,
                            text_config, tokenizer,
                            diffusion.schedule_from_config(scheduler_config),
-                           scheduler_config), folder
+                           scheduler_config), (folder,)
 
 
 def base_models(config, rng, hypernet_fn=None):
@@ -128,13 +127,13 @@ def base_models(config, rng, hypernet_fn=None):
 
   hypernet_fn: targets -> a hypernetwork module, for objectives that have one.
   """
-  base, folder = load_base(config, rng)
+  base, tokenizer_folders = load_base(config, rng)
   targets = find_targets(base.unet_params, base.text_tower_params, config.model.targets)
   xl = base.text2 is not None
   models = Models(base.unet, base.unet_config, base.text, base.text_config, base.tokenizer,
-                  f'{folder}/tokenizer', base.schedule, base.scheduler_config, base.vae,
+                  tokenizer_folders[0], base.schedule, base.scheduler_config, base.vae,
                   hypernet_fn and hypernet_fn(targets), targets, base.text2,
-                  base.text2_config, base.tokenizer2, f'{folder}/tokenizer_2' if xl else None,
+                  base.text2_config, base.tokenizer2, tokenizer_folders[1] if xl else None,
                   base.force_zeros_for_empty_prompt)
   frozen = {'unet': base.unet_params, 'text': base.text_params}
   if xl:
