@@ -15,6 +15,7 @@ steps in one compiled call (`train.fit`), their rows split over the devices of o
 A rerun (after an interruption) fits only the identities of missing shards. A hyperlora
 run reads the dataset for its weight-space loss (hypernet.loss.targets = this workdir).
 """
+import json
 import os
 import time
 
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from hyperlora_jax import files
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import objectives
 from hyperlora_jax import sharding
@@ -35,6 +37,21 @@ def finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, target_weights.INDEX))
 
 
+def _check_resume(config, workdir: str, done: dict) -> None:
+  """The missing shards are fitted as the finished ones were: a rerun whose config
+  differs from theirs (but for the layout, train.LAYOUT) is refused, naming the keys."""
+  path = os.path.join(workdir, 'config.json')
+  if not done or not os.path.exists(path):
+    return
+  with open(path) as f:
+    refused, _ = train.refused_changes(json.load(f), json.loads(config.to_json_best_effort()),
+                                       allow_changes=False)
+  if refused:
+    raise ValueError(f'{workdir} holds {len(done)} shards fitted with another config:\n  '
+                     + '\n  '.join(refused) + '\nRerun with that config, or fit into a '
+                     'new workdir.')
+
+
 def _chunks(keys, n):
   return [keys[i:i + n] for i in range(0, len(keys), n)]
 
@@ -43,12 +60,12 @@ def run(config, workdir: str) -> dict:
   """Fits every train-split identity not fitted yet; returns the index (as written)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  done = target_weights.finished_shards(workdir)
+  _check_resume(config, workdir, done)
+  files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   records = pipeline.subject_records(config.data, 'train')
   n = config.bank.subjects_per_step
   chunks = _chunks(list(records), n)
-  done = target_weights.finished_shards(workdir)
   for k, identities in done.items():
     if k >= len(chunks) or identities != chunks[k]:
       raise ValueError(f'{workdir} holds {target_weights.shard_name(k)} of other identities '

@@ -266,10 +266,8 @@ def personalization_report(config, workdir: str) -> dict:
                              guidance=r.guidance, seeds=seeds, batch_size=n)
   for name, (steps, seconds) in costs.items():
     results['rows'][name].update(steps=steps, seconds_per_subject=seconds)
-  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write(personalization_table(results))
+  files.write_json(os.path.join(out_dir, 'results.json'), results)
+  files.write_text(os.path.join(out_dir, 'results.md'), personalization_table(results))
   logging.info('Results (%s):\n%s', out_dir, personalization_table(results))
   return results
 

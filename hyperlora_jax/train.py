@@ -123,17 +123,22 @@ def config_changes(saved: Mapping, config: Mapping) -> list:
           for k in sorted(set(a) | set(b)) if a.get(k, '<none>') != b.get(k, '<none>')]
 
 
-def check_resume(saved: Mapping, config: Mapping, step: int, directory,
-                 allow_changes: bool) -> None:
-  """Refuses a resume whose config differs from the one its checkpoint was trained
-  with, listing the keys; LAYOUT keys may differ, and with `allow_changes` the
-  SAFE_TO_CHANGE keys too."""
+def refused_changes(saved: Mapping, config: Mapping, allow_changes: bool) -> tuple:
+  """(refused, all) changes from a saved config (filled with today's defaults) to
+  `config`: LAYOUT keys may differ, and with `allow_changes` the SAFE_TO_CHANGE keys too."""
   saved = json.loads(defaults.fill(ml_collections.ConfigDict(saved)).to_json_best_effort())
   changes = config_changes(saved, config)
   among = lambda c, keys: any(c.startswith(k if k.endswith('.') else k + ':')
                               for k in keys)
-  refused = [c for c in changes if not among(c, LAYOUT) and not (
-      allow_changes and among(c, SAFE_TO_CHANGE))]
+  return [c for c in changes if not among(c, LAYOUT) and not (
+      allow_changes and among(c, SAFE_TO_CHANGE))], changes
+
+
+def check_resume(saved: Mapping, config: Mapping, step: int, directory,
+                 allow_changes: bool) -> None:
+  """Refuses a resume whose config differs from the one its checkpoint was trained
+  with, listing the keys (`refused_changes`)."""
+  refused, changes = refused_changes(saved, config, allow_changes)
   if refused:
     keys = ', '.join(k + '*' if k.endswith('.') else k for k in SAFE_TO_CHANGE)
     can = (f'--allow_config_changes allows only {keys}.' if allow_changes else

@@ -110,9 +110,11 @@ def test_preoptimization_fits_every_identity_and_resumes_without_refitting(bank)
   for a, b in zip(again, before[1]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # the same fit again
 
+  # A rerun with another config would fit the missing shards otherwise than these.
   other = bank['config'].copy_and_resolve_references()
-  other.bank.subjects_per_step = 16
-  with pytest.raises(ValueError, match='holds shard_00000.safetensors of other identities'):
+  other.bank.subjects_per_step, other.optim.lr = 16, 0.5
+  with pytest.raises(ValueError, match=r'(?s)holds 2 shards fitted with another config:'
+                     r'\n  bank.subjects_per_step: 32 -> 16\n  optim.lr: .* -> 0.5\n'):
     main.train_one(other, workdir)
 
 
@@ -388,7 +390,7 @@ def test_hdb_config_is_complete(size):
   for row in c.report.rows:
     assert all(r in c.stages for r in row['runs']), row
   stage = c.stages.hyper.copy_and_resolve_references()
-  stages._resolve_stages(stage, '/w')
+  stages._resolve_stages(stage, '/w', '/w/hyper')  # no export there: nothing recorded
   assert stage.hypernet.loss.targets == '/w/targets'
   assert stage.model.pretrained == '/w/base/pipeline'
 

@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from hyperlora_jax import files
 from hyperlora_jax import lora as lora_lib
 
 INDEX = 'index.json'
@@ -48,9 +49,9 @@ def write_shard(folder: str, k: int, identities: Sequence[str], raw: Sequence[np
   header = {'identities': json.dumps(list(identities)),
             'parameterization': json.dumps(parameterization),
             'targets': json.dumps(_targets_json(targets))}
-  save_file({f'group_{g}': np.asarray(r, np.float32) for g, r in enumerate(raw)},
-            path + '.tmp', metadata=header)
-  os.replace(path + '.tmp', path)
+  with files.atomic_file(path) as tmp:
+    save_file({f'group_{g}': np.asarray(r, np.float32) for g, r in enumerate(raw)}, tmp,
+              metadata=header)
   return path
 
 
@@ -84,10 +85,7 @@ def write_index(folder: str) -> dict:
                          'the shards before it; delete the folder and fit it again.')
     for row, identity in enumerate(header['identities']):
       index['identities'][identity] = [shard_name(k), row]
-  path = os.path.join(folder, INDEX)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(index, f, indent=1)
-  os.replace(path + '.tmp', path)
+  files.write_json(os.path.join(folder, INDEX), index, indent=1)
   return index
 
 
