@@ -20,7 +20,8 @@ attention and MLP: the paper's 30K numbers) and times the library's own paths (b
   identity, called once per identity), and their ratio
 * the peak device memory of the 32-identity pre-optimization (process peak and XLA's plan)
 
-Run it twice: the second run's cold compile is the warm-cache number. A row that fails
+Run it twice: the second run's cold numbers are the warm-cache ones (a fresh process whose
+programs are all in the persistent cache). A row that fails
 (e.g. out of memory) prints its error and the rest still run; --remat=dots_saveable
 recomputes activations in the fits' backward.
 """
@@ -30,7 +31,6 @@ import os
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
-import json
 import sys
 import tempfile
 import time
@@ -41,7 +41,7 @@ from hyperlora_jax import main as _main  # noqa: F401  (sets our XLA_FLAGS befor
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
-from hyperlora_jax import defaults, diffusion, finetune, objectives, runs, train
+from hyperlora_jax import defaults, diffusion, files, finetune, objectives, runs, train
 from hyperlora_jax.convert import clip_folders, pipeline
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip, unet as unet_lib, vae as vae_lib
@@ -169,11 +169,14 @@ def one_subject(run, args, rows):
   cold = finetune.personalize(run, context, **kwargs)
   warm = finetune.personalize(run, context, **kwargs)
   path = os.path.join(tempfile.mkdtemp(), 'subject.safetensors')
-  for _ in range(2):  # the export's first call compiles its gather
+  writes = []
+  for personal in (cold, warm):  # the export's first call compiles its gather
     start = time.perf_counter()
-    trees, _ = finetune.loras(warm)
+    trees, _ = finetune.loras(personal)
     finetune.write(trees[0], 'diffusers', path, run.objective.models.unet_config, {})
-    write_s = time.perf_counter() - start
+    writes.append(time.perf_counter() - start)
+  first = cold.prepare_s + cold.compile_s + cold.fit_s + writes[0]
+  write_s = writes[1]
   total = warm.prepare_s + warm.fit_s + write_s
   rank = max(f['down'].shape[0] for f in trees[0].values())
   rows += [
@@ -182,7 +185,9 @@ def one_subject(run, args, rows):
        f'{warm.fit_s:.3f} s, file (rank {rank}, {os.path.getsize(path) / 2**20:.1f} MiB) '
        f'{write_s:.3f} s; target <= 1 s'),
       ('one subject: compile of the fine-tuning loop', f'{cold.compile_s:.1f} s cold, '
-       f'{warm.compile_s:.1f} s warm', 'target <= 10 s from a warm cache')]
+       f'{warm.compile_s:.1f} s warm', 'target <= 10 s from a warm cache'),
+      ("one subject: this process' first context -> LoRA file, compiles included",
+       f'{first:.1f} s', 'from a warm cache in a second run of the benchmark')]
 
 
 def together(run, args, rows):
@@ -264,11 +269,9 @@ def main(argv=None):
   table = format_table(rows, notes)
   print(table)
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write(table)
+    files.write_text(args.out, table)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'rows': rows, 'notes': notes}, f, indent=2)
+    files.write_json(args.json, {'rows': rows, 'notes': notes})
 
 
 if __name__ == '__main__':

@@ -158,6 +158,9 @@ def test_hdb_benchmark_tiny_prints_every_target_row(tmp_path):
   cold, warm = re.findall(r'([0-9.]+) s (?:cold|warm)',
                           rows['one subject: compile of the fine-tuning loop'])
   assert float(cold) > 0 and float(warm) > 0
+  first = _number(rows["one subject: this process' first context -> LoRA file, compiles "
+                       'included'])
+  assert first > float(cold)  # the loop's compile is part of it
   assert rows['2 subjects fine-tuned together'].endswith('subjects/s')
   for name in ('pre-optimization, 2 identities per step',
                'pre-optimization, one identity at a time'):
