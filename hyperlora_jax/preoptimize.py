@@ -12,7 +12,8 @@ identities are fitted together, one image of each in every step, config.train.nu
 steps in one compiled call (`train.fit`), their rows split over the devices of one host
 (config.mesh). Each such group becomes one shard of the run's target-weights dataset
 (`convert.target_weights`); index.json, keyed by identity, is written when every shard is.
-A rerun (after an interruption) fits only the identities of missing shards. A hyperlora
+A rerun (after an interruption) fits only the identities of missing shards, with the
+config the finished ones were fitted with (another is refused, naming the keys). A hyperlora
 run reads the dataset for its weight-space loss (hypernet.loss.targets = this workdir).
 """
 import json
