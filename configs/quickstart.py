@@ -54,7 +54,9 @@ SIZES = {
 }
 
 
-def _stage(objective, size, steps, prompt, seed=0, **model):
+def stage(objective, size, steps, prompt, seed=0, **model):
+  """One stage trained on the synthetic task at `size` (a SIZES entry); **model updates
+  config.model."""
   c = defaults.get_config(objective)
   c.seed = seed
   c.model.update(unet=defaults.tiny_unet(size['channels'], cross_attention_dim=size['text'],
@@ -78,7 +80,7 @@ def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
+  c.stages.base = stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
   c.stages.base.model.scheduler.prediction_type = s['prediction']
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
   runs, order = {}, ['base']
@@ -90,18 +92,18 @@ def get_config(size='cpu'):
     order.append(name)
 
   for seed in s['seeds']:  # Seed 0 of every row first.
-    lora = _stage('unet_lora', s, s['lora'], 'scene', seed, pretrained='stage:base',
-                  prompt_dropout=0.0)
+    lora = stage('unet_lora', s, s['lora'], 'scene', seed, pretrained='stage:base',
+                 prompt_dropout=0.0)
     lora.lora.update(rank=4, alpha=4.0)
     add('single_lora', seed, lora)
     for decoder in s['decoders']:
-      stage = _stage('hyperlora', s, s['hyper'], 'scene', seed, pretrained='stage:base',
-                     prompt_dropout=0.0)
-      stage.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
-      stage.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
-      stage.data.augment.p = 0.5
-      stage.optim.lr = s['hyper_lr']
-      add(f'hyperlora_{decoder}', seed, stage)
+      hyper = stage('hyperlora', s, s['hyper'], 'scene', seed, pretrained='stage:base',
+                    prompt_dropout=0.0)
+      hyper.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
+      hyper.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
+      hyper.data.augment.p = 0.5
+      hyper.optim.lr = s['hyper_lr']
+      add(f'hyperlora_{decoder}', seed, hyper)
   c.stage_order = tuple(order)
   # Rows of several runs report the spread over training seeds, run k sampled with
   # seeds[k]; the no-LoRA and oracle rows (one base model) over the sampling seeds.

@@ -23,6 +23,9 @@ config.data       the input pipeline (`data.pipeline`)
                   there: the scorer reads exact pixels) (32)
   prompt          'scene' (the example's own prompt; synthetic: the scene without the
                   item) | 'static' | 'full' (synthetic only)
+  context         what a batch's 'context' image is: 'context' (the example's context
+                  image; single-image data: the image) | 'target' (its target image: a
+                  subject's own photo is the context, as in HyperDreamBooth) ('context')
   seed            shuffle seed and synthetic data seed (0)
   num_train, num_test, holdout_seed, test_fraction   synthetic sizes and held-out
                   identities (synthetic.py) (1000, 200, 0, 0.2)
@@ -61,7 +64,9 @@ config.model
   scheduler       keys over SD1.5's scheduler config for from-scratch models, e.g.
                   prediction_type ('epsilon' | 'v_prediction'); a pretrained folder
                   brings its own scheduler/ and this section is not read
-  targets         LoRA targets (`lora.TARGET_SETS` names or regexes) ('cross_attn')
+  targets         LoRA targets over the UNet and the text tower(s) (`lora.TARGET_SETS`
+                  names or regexes: 'cross_attn', 'self_attn', 'ff' of the UNet,
+                  'text_attn', 'text_mlp' of the text towers) ('cross_attn')
   prompt_dropout  probability of training on the empty prompt, for guidance (0.1)
   min_snr_gamma   min-SNR loss weighting (None = off)
   init_from       a finished run whose trained hypernetwork params start this one's
@@ -117,6 +122,22 @@ config.hypernet   see `models.hypernet.build`
                   mix ('mid': one coefficient per basis LoRA | 'factors': ByteDance's,
                   down and up each a combination of bases) and base_rank (0: rank) (basis)
   gamma_init      the one trainable scale of every delta starts here (0.0)
+  loss            the hyperlora objective's loss, alpha * diffusion + beta * weight-space
+                  (HyperDreamBooth eq. 2): alpha (1.0), beta (0.0: the diffusion loss
+                  alone); the weight-space term is the mean squared difference of the
+                  predicted raw numbers (plain or LiDB) from the pre-optimized ones of the
+                  example's subject in ``targets``: a target-weights folder (a lora_bank
+                  run's workdir; 'stage:<name>' in a stages config) ('')
+
+config.bank       the lora_bank objective: one LoRA per subject, N subjects stacked and
+                  fitted at once (`objectives.lora_bank`; run by main.py /
+                  `preoptimize`, which writes a target-weights dataset)
+  param           kind 'plain' | 'lidb', rank, a, b, seed: as hypernet.param, whose
+                  raw numbers they are (lidb, rank 1, a 100, b 50, seed 0)
+  subjects_per_step  N: subjects in every step, one image each (32); the split's
+                  subjects are fitted N at a time, config.train.num_steps steps each, at
+                  config.optim.lr (constant; AdamW without clipping, which would couple
+                  the subjects), one safetensors shard per N
 
 config.train
   num_steps         optimizer updates to run (1000)
@@ -209,9 +230,9 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
   c.data = dict(name='synthetic', data_dir='', source_dir='', prompts_file='',
                 static_prompt='', on_bad_example='error', convert_modes=True, resolution=32,
                 prompt='scene', seed=0, num_train=1000, num_test=200, holdout_seed=0,
-                test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, batch_size=8,
-                num_threads=4, prefetch=4, num_workers=0, set_size=0, set_random=True,
-                set_occlude=0.5, id_embed_dim=512,
+                test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, context='context',
+                batch_size=8, num_threads=4, prefetch=4, num_workers=0, set_size=0,
+                set_random=True, set_occlude=0.5, id_embed_dim=512,
                 augment=dict(p=0.0, scale=(0.35, 1.0), background=0.5, jpeg=0.5,
                              jpeg_quality=(30, 95), lowres=0.3, lowres_scale=(0.3, 0.8)))
   c.model = dict(pretrained='', unet=tiny_unet(), text=tiny_text(), max_length=40,
@@ -230,7 +251,8 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
                    queries=1, block='joint', head_dim=0),
       param=dict(kind='plain', rank=2, a=100, b=50, seed=0, num_id=16, num_base=16,
                  use_id=True, use_base=True, mix='mid', base_rank=0),
-      gamma_init=0.0)
+      gamma_init=0.0, loss=dict(alpha=1.0, beta=0.0, targets=''))
+  c.bank = dict(param=dict(kind='lidb', rank=1, a=100, b=50, seed=0), subjects_per_step=32)
   c.train = dict(num_steps=1000, batch_size=8, grad_accum_steps=1, log_every=50,
                  eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
                  nan_policy='stop', remat='none',

@@ -378,9 +378,9 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
       if not trigger:
         prompts = [subjects.without_trigger(p, synthetic.TOKEN) for p in prompts]
       images = np.asarray(sample.generate(
-          run, _lora_inputs(run, batch, context_images), prompts, num_steps=num_steps,
-          guidance=guidance, sampler=sampler, seed=seed, use_lora=lora_kind is not None,
-          image_ids=batch['index'], lora_scale=lora_scale))
+          run, None, prompts, num_steps=num_steps, guidance=guidance, sampler=sampler,
+          seed=seed, use_lora=lora_kind is not None, image_ids=batch['index'],
+          lora_scale=lora_scale, inputs=_lora_inputs(run, batch, context_images)))
       found = score_synthetic(images, batch) if 'color' in batch else {}
       if scorer is not None:
         # CLIP-T against what the image should show: the full prompt if any.
@@ -507,9 +507,10 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
 
   A row's workdir may be a list of runs that differ only in their training
   seed, as many as `seeds`: run k is sampled with seeds[k], and the row's
-  spread is over those runs. A single run is sampled with every seed. Options
-  (a dict of `ROW_OPTIONS`) sample the row's run another way, e.g. one part of
-  its LoRA alone.
+  spread is over those runs. A single run is sampled with every seed. A
+  workdir may also be a `runs.Run` already in memory (e.g. fine-tuned ones).
+  Options (a dict of `ROW_OPTIONS`) sample the row's run another way, e.g. one
+  part of its LoRA alone.
 
   Writes out_dir/results.json, results.md (one table row per entry, in
   order; then each row's accuracy per item color and per pattern) and grid.png
@@ -517,6 +518,9 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   row, its first run, after its own contexts where they are other images:
   the robustness split's). Returns the results dict.
   """
+  several = lambda w: isinstance(w, (list, tuple)) and not isinstance(w, runs.Run)
+  where = lambda w: (f'{w.workdir} ({w.spec.name}, in memory)' if isinstance(w, runs.Run)
+                     else str(w))
   rows = {name: (row[0], row[1], dict(row[2] if len(row) > 2 else {}))
           for name, row in rows.items()}
   for name, (workdirs, mode, options) in rows.items():
@@ -524,7 +528,7 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
     unknown = sorted(set(options) - set(ROW_OPTIONS))
     if unknown:
       raise ValueError(f'Row {name!r}: unknown options {unknown}; known: {ROW_OPTIONS}.')
-    if isinstance(workdirs, (list, tuple)) and len(workdirs) != len(seeds):
+    if several(workdirs) and len(workdirs) != len(seeds):
       raise ValueError(f'Row {name!r} has {len(workdirs)} runs but there are '
                        f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
@@ -532,13 +536,17 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   truths = {}  # '' or EDIT -> the ground truth its rows are scored against
   for name, (workdirs, mode, options) in rows.items():
     pairs = (list(zip(workdirs, [(s,) for s in seeds]))
-             if isinstance(workdirs, (list, tuple)) else [(workdirs, tuple(seeds))])
+             if several(workdirs) else [(workdirs, tuple(seeds))])
     per_seed, truth = [], None
     for k, (workdir, run_seeds) in enumerate(pairs):
-      if workdir not in restored:
-        restored[workdir] = runs.restore(workdir)
-      run = restored[workdir]
-      logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, workdir, run_seeds)
+      if isinstance(workdir, runs.Run):
+        run = workdir
+      else:
+        if workdir not in restored:
+          restored[workdir] = runs.restore(workdir)
+        run = restored[workdir]
+      logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, where(workdir),
+                   run_seeds)
       scores, kept, truth = score_mode(
           run, mode, split=split, num_examples=num_examples,
           num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
@@ -549,7 +557,7 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
         # Edit rows draw other scenes: their ground truth is the first edit row's.
         family = EDIT if mode.endswith(EDIT) else ''
         if family in truths and not np.array_equal(kept['target'], truths[family]):
-          raise ValueError(f'Row {name!r} ({workdir}) sees other {split} examples '
+          raise ValueError(f'Row {name!r} ({where(workdir)}) sees other {split} examples '
                            'than the first row: compare runs of one data config.')
         if not columns:
           columns = [kept['context'], kept['target']]
@@ -562,8 +570,8 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
           labels.append(f'{name}: context')
         columns.append(kept['generated'])
         labels.append(name)
-    results[name] = {'workdir': [str(w) for w, _ in pairs] if len(pairs) > 1
-                                else str(pairs[0][0]),
+    results[name] = {'workdir': [where(w) for w, _ in pairs] if len(pairs) > 1
+                                else where(pairs[0][0]),
                      'mode': mode, 'objective': run.spec.name,
                      'metrics': _summary(per_seed, truth),
                      **({'options': options} if options else {})}

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 LoRATree = Mapping[str, Mapping[str, Any]]
@@ -108,6 +109,7 @@ TARGET_SETS = {
     'self_attn': r'attn1/(to_q|to_k|to_v|to_out_0)$',
     'ff': r'ff/(net_0/proj|net_2)$',
     'text_attn': r'self_attn/(q_proj|k_proj|v_proj|out_proj)$',
+    'text_mlp': r'mlp/(fc1|fc2)$',
 }
 
 
@@ -115,11 +117,13 @@ def _natural_key(path: str):
   return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', path)]
 
 
-def find_targets(params: Any, targets: str | Sequence[str]) -> tuple[Target, ...]:
+def find_targets(params: Any, targets: str | Sequence[str],
+                 required: bool = True) -> tuple[Target, ...]:
   """The Dense layers whose path matches any of ``targets`` (set names or regexes).
 
   The order is the natural order of the paths (down blocks, mid, up blocks), stable
-  across runs and checkpoints, so it can index a decoder's token sequence.
+  across runs and checkpoints, so it can index a decoder's token sequence. ``required``:
+  no match is an error (else an empty tuple).
   """
   if isinstance(targets, str):
     targets = [t.strip() for t in targets.split(',') if t.strip()]
@@ -131,7 +135,7 @@ def find_targets(params: Any, targets: str | Sequence[str]) -> tuple[Target, ...
     layer = path[:-len('/kernel')]
     if any(p.search(layer) for p in patterns):
       found.append(Target(layer, int(kernel.shape[0]), int(kernel.shape[1])))
-  if not found:
+  if not found and required:
     raise ValueError(f'No Dense layer matches LoRA targets {list(targets)}.')
   return tuple(sorted(found, key=lambda t: _natural_key(t.path)))
 
@@ -159,6 +163,49 @@ def merge(params: Any, lora: LoRATree) -> Any:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
+def stack(*trees: LoRATree) -> dict:
+  """One LoRA whose delta at every layer is the sum of the trees' deltas there, exactly:
+  each tree's plain factors (`to_plain`) side by side along the rank, [U1 U2] [D1; D2] =
+  U1 D1 + U2 D2, so ranks add. Shared or per sample: a shared tree's factors are repeated
+  along the batch of a per-sample one."""
+  out = {}
+  for path in dict.fromkeys(p for tree in trees for p in tree):
+    parts = [to_plain(tree[path]) for tree in trees if path in tree]
+    batch = max((f['down'].shape[0] for f in parts if f['down'].ndim == 3), default=None)
+    if batch is not None:
+      parts = [f if f['down'].ndim == 3 else
+               {k: jnp.broadcast_to(v, (batch,) + v.shape) for k, v in f.items()}
+               for f in parts]
+    out[path] = {'down': jnp.concatenate([f['down'] for f in parts], axis=-2),
+                 'up': jnp.concatenate([f['up'] for f in parts], axis=-1)}
+  return out
+
+
+def compress(tree: LoRATree, rank: int) -> tuple[dict, float]:
+  """(a shared LoRA with every layer's delta cut to its best rank-``rank`` approximation
+  (truncated SVD: the least Frobenius error, Eckart-Young), the relative error of the
+  whole LoRA, ||delta - delta_k|| / ||delta|| over all layers together). Layers of rank
+  <= ``rank`` stay exact. The d_out x d_in delta is never formed: a QR of each factor,
+  then the SVD of the small r x r core between them."""
+  out, lost, total = {}, 0.0, 0.0
+  for path, f in tree.items():
+    f = to_plain(f)
+    down, up = np.asarray(f['down'], np.float64), np.asarray(f['up'], np.float64)
+    if down.ndim != 2:
+      raise ValueError(f'compress takes a shared LoRA; {path} is per sample '
+                       f'(down {down.shape}).')
+    q_up, r_up = np.linalg.qr(up)
+    q_down, r_down = np.linalg.qr(down.T)
+    u, s, vt = np.linalg.svd(r_up @ r_down.T)
+    k = min(rank, len(s))
+    root = np.sqrt(s[:k])
+    out[path] = {'down': ((root[:, None] * vt[:k]) @ q_down.T).astype(np.float32),
+                 'up': ((q_up @ u[:, :k]) * root).astype(np.float32)}
+    lost += float(np.sum(s[k:] ** 2))
+    total += float(np.sum(s ** 2))
+  return out, (lost / total) ** 0.5 if total else 0.0
+
+
 # ---------------------------------------------------------------- parameterizations
 # Each maps the raw hypernetwork output for a group of same-shaped targets,
 # raw [B, T, raw_size], to factors with a [B, T, ...] (or shared [T, ...]) layout.
@@ -176,6 +223,10 @@ class PlainLoRA(nn.Module):
 
   def raw_size(self, d_in: int, d_out: int) -> int:
     return self.rank * (d_in + d_out)
+
+  def down_size(self, d_in: int, d_out: int) -> int:
+    """The raw numbers of the down factor, which come first (the rest is up's)."""
+    return self.rank * d_in
 
   @nn.compact
   def __call__(self, raw, d_in, d_out, first_index):
@@ -200,6 +251,10 @@ class LightweightDreamBooth(nn.Module):
 
   def raw_size(self, d_in: int, d_out: int) -> int:
     return self.rank * (self.a + self.b)
+
+  def down_size(self, d_in: int, d_out: int) -> int:
+    """The raw numbers of D_train, which come first (the rest is U_train's)."""
+    return self.rank * self.a
 
   @nn.compact
   def __call__(self, raw, d_in, d_out, first_index):
@@ -359,3 +414,18 @@ def parameterization(config, targets: Sequence[Target]) -> nn.Module:
   if config.kind not in kinds:
     raise ValueError(f'Unknown LoRA parameterization {config.kind!r}; one of {sorted(kinds)}.')
   return kinds[config.kind]()
+
+
+# Parameterizations whose raw numbers are a LoRA's own factors, so one subject's can be
+# fitted directly (a LoRA bank), compared with a prediction and stacked with a new LoRA.
+FACTOR_KINDS = ('plain', 'lidb')
+
+
+def raw_fields(config) -> dict:
+  """What fixes the meaning of a factor parameterization's raw numbers: its kind and rank,
+  and for LiDB a, b and the seed its frozen aux matrices are drawn from."""
+  names = {'plain': ('rank',), 'lidb': ('rank', 'a', 'b', 'seed')}
+  if config.kind not in names:
+    raise ValueError(f'The {config.kind!r} parameterization has no per-subject factors; '
+                     f'one of {FACTOR_KINDS} has.')
+  return {'kind': config.kind, **{n: int(config[n]) for n in names[config.kind]}}

@@ -5,7 +5,9 @@ r"""Trains a config: the same command on a laptop, a GPU node or every TPU host.
 
 A config with ``stages`` runs them one by one (`stages.run`); any other config is one
 run of the training loop, handed its parts here: the objective builder, the data
-pipeline and the evaluation hook (`train_and_evaluate`).
+pipeline and the evaluation hook (`train_and_evaluate`). A run of a per-subject
+objective (``lora_bank``: pre-optimization, one LoRA per identity of the train split)
+is fitted by `preoptimize` instead and writes a target-weights dataset to --workdir.
 
 Overrides are checked against the config file: an unknown key or a value of
 the wrong type stops the run before anything is built. Multi-host runs add
@@ -41,6 +43,7 @@ from hyperlora_jax import cli
 from hyperlora_jax import defaults
 from hyperlora_jax import evaluate
 from hyperlora_jax import objectives
+from hyperlora_jax import preoptimize
 from hyperlora_jax import stages
 from hyperlora_jax import train
 from hyperlora_jax.data import pipeline
@@ -84,10 +87,14 @@ def parse_flags(argv):
 
 
 def train_one(config, workdir: str):
-  """One training run with the project's objectives, data pipeline and eval hook.
-  Raises train.Preempted after a preemption save."""
+  """One training run with the project's objectives, data pipeline and eval hook (a
+  per-subject objective's: `preoptimize.run`). Raises train.Preempted after a preemption
+  save."""
+  config = defaults.fill(config)
+  if objectives.spec(config.objective).per_subject:
+    return preoptimize.run(config, workdir)
   return train.train_and_evaluate(
-      defaults.fill(config), workdir, build_objective=objectives.build,
+      config, workdir, build_objective=objectives.build,
       create_dataset=pipeline.for_training, evaluate_fn=evaluate.evaluate_fn,
       allow_config_changes=_ALLOW_CHANGES.value)
 

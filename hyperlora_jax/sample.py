@@ -102,7 +102,7 @@ def _latent_shape(models, resolution: int) -> tuple:
 
 def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
              sampler='ddim', seed=0, lora_scale=1.0, use_lora=True, image_ids=None,
-             resolution=None, lora=None) -> jax.Array:
+             resolution=None, inputs=None, lora=None) -> jax.Array:
   """Images [B, H, W, 3] in [-1, 1] from a run (`runs.restore` / `runs.from_pretrained`).
 
   Args:
@@ -123,15 +123,17 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
     image_ids: [B] ints (default 0..B-1), e.g. dataset indices so that an
       example gets the same noise whatever batch it is generated in.
     resolution: output side (default config.data.resolution).
+    inputs: what else the run's LoRA is computed from (`Spec.lora_inputs`), one row per
+      image, e.g. a lora_bank run's 'subject' ints [B], a basis run's context sets
+      ('context' [B, N, H, W, 3] with 'set_mask'); `context`, if given, is its 'context'.
     lora: a LoRA tree to apply instead of the run's own (shared, or per sample with
       B rows), e.g. a slider's (`slider`).
   """
   models, spec = run.objective.models, run.spec
   if num_steps < 1:
     raise ValueError(f'num_steps={num_steps}: the sampler needs >= 1 step.')
-  inputs = dict(context) if isinstance(context, Mapping) else (
-      None if context is None else {'context': context})
-  rows = len(next(iter(inputs.values()))) if inputs else None
+  given = dict(inputs or {}, **({} if context is None else {'context': context}))
+  rows = len(next(iter(given.values()))) if given else None
   if isinstance(prompts, str):
     prompts = [prompts] * (rows or 1)
   prompts = list(prompts)
@@ -140,18 +142,21 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
   if isinstance(lora_scale, Mapping):
     part_scales, lora_scale = runs.check_parts(spec, lora_scale), 1.0
   lora_fn = given_lora if lora is not None else run.objective.lora
+  inputs = {}
   if lora is not None:
     inputs = {'lora': lora}
   elif use_lora and spec.lora_inputs:
-    if rows != len(prompts):
-      raise ValueError(f'{len(prompts)} prompts need as many context images; got '
-                       f'{rows or "none"}.')
-    inputs = {k: jnp.asarray(inputs[k]) for k in spec.lora_inputs}
+    for key in spec.lora_inputs:
+      got = given.get(key)
+      if got is None or len(got) != len(prompts):
+        what = ('context images' if key == 'context'
+                else f'{key!r} rows (a {spec.name} run computes its LoRA from them)')
+        raise ValueError(f'{len(prompts)} prompts need as many {what}; got '
+                         f'{"none" if got is None else len(got)}.')
+    inputs = {k: jnp.asarray(given[k]) for k in spec.lora_inputs}
     if part_scales is not None:
-      inputs['part_scales'] = {k: jnp.full((rows,), v, jnp.float32)
+      inputs['part_scales'] = {k: jnp.full((len(prompts),), v, jnp.float32)
                                for k, v in part_scales.items()}
-  else:
-    inputs = {}
   guided = guidance is not None and guidance != 1.0
   ids = objectives.tokenize(models, prompts)
   if guided:
@@ -250,8 +255,9 @@ def main(argv):
     chunk = pairs[start:start + f.batch_size]
     rows = [c for c, _ in chunk]
     images.append(generate(
-        run, None if contexts is None else {k: v[rows] for k, v in contexts.items()},
-        [f.prompt[p] for _, p in chunk], num_steps=f.num_steps,
+        run, None, [f.prompt[p] for _, p in chunk],
+        inputs=None if contexts is None else {k: v[rows] for k, v in contexts.items()},
+        num_steps=f.num_steps,
         guidance=f.guidance, sampler=f.sampler, seed=f.seed,
         lora_scale=lora_scale, image_ids=np.arange(start, start + len(chunk)),
         resolution=resolution))

@@ -7,8 +7,12 @@ diffusers folder that a finished stage whose objective trains the base model
 (`Spec.trains_base`, e.g. ``unet_full``) exports to <workdir>/<name>/pipeline, so a base
 model trained here is loaded exactly like a downloaded SD folder; ``model.init_from =
 'stage:<name>'`` starts a stage from an earlier stage's trained params (the recipe of
-`objectives.hyperlora_basis`), recorded with that stage's step. An optional ``report``
-section then compares the stages on held-out data (`evaluate.compare`).
+`objectives.hyperlora_basis`), recorded with that stage's step; ``hypernet.loss.targets
+= 'stage:<name>'`` points at a finished per-subject stage's target weights (a lora_bank
+pre-optimization). An optional ``report`` section then compares the stages on held-out
+data (`evaluate.compare`); ``report.kind = 'personalization'`` is HyperDreamBooth's Table
+3 instead: each row's personal models of held-out subjects (a run's prediction, fast
+fine-tuning of it or from zero), their fidelity and editability, steps and time.
 
 Nothing stale is built on: a pre-empted stage stops the whole run (`train.Preempted`
 reaches the caller; the next launch resumes it). An export records the step it was made
@@ -24,6 +28,7 @@ import time
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 from absl import logging
 from PIL import Image
 
@@ -31,11 +36,14 @@ from hyperlora_jax import checkpoint
 from hyperlora_jax import evaluate
 from hyperlora_jax import export
 from hyperlora_jax import files
+from hyperlora_jax import finetune
 from hyperlora_jax import objectives
+from hyperlora_jax import preoptimize
 from hyperlora_jax import runs
 from hyperlora_jax import slider
 from hyperlora_jax.convert import pipeline
 from hyperlora_jax.data import images
+from hyperlora_jax.data import pipeline as data_pipeline
 
 PIPELINE = 'pipeline'
 EXPORT_RECORD = 'pipeline_export.json'  # Beside pipeline/: the step it was made from.
@@ -88,6 +96,25 @@ def export_pipeline(workdir: str) -> str:
                              params.get('text2'), m.text2_config, m.tokenizer2_folder)
       files.write_json(record_path, {'step': run.step, 'fingerprint': _fingerprint(folder)})
   return folder
+
+
+def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
+  """'stage:<name>' in model.pretrained (its pipeline folder), model.init_from (its
+  workdir, with the step it had) and hypernet.loss.targets (its workdir) -> paths under
+  `workdir`; a stage trained on an export is checked against it (`_trained_on`)."""
+  with stage.unlocked():
+    pretrained = stage.model.get('pretrained') or ''
+    if pretrained.startswith('stage:'):
+      stage.model.pretrained = os.path.join(workdir, pretrained[len('stage:'):], PIPELINE)
+      _trained_on(stage_dir, stage.model.pretrained)
+    init_from = stage.model.get('init_from') or ''
+    if init_from.startswith('stage:'):
+      source = os.path.join(workdir, init_from[len('stage:'):])
+      stage.model.init_from = source
+      stage.model.init_step = _initialized_from(stage_dir, source)
+    targets = stage.get('hypernet', {}).get('loss', {}).get('targets') or ''
+    if targets.startswith('stage:'):
+      stage.hypernet.loss.targets = os.path.join(workdir, targets[len('stage:'):])
 
 
 def _trained_on(stage_dir: str, base_folder: str) -> None:
@@ -143,31 +170,26 @@ def run(config, workdir: str, train_one: Callable) -> None:
   started, trained = time.time(), 0  # Steps trained by this launch, for the ETA.
   for i, name in enumerate(order):
     stage = config.stages[name]
-    pretrained = stage.model.get('pretrained') or ''
     stage_dir = os.path.join(workdir, name)
-    if pretrained.startswith('stage:'):
-      with stage.unlocked():
-        stage.model.pretrained = os.path.join(workdir, pretrained[len('stage:'):], PIPELINE)
-      _trained_on(stage_dir, stage.model.pretrained)
-    init_from = stage.model.get('init_from') or ''
-    if init_from.startswith('stage:'):
-      source = os.path.join(workdir, init_from[len('stage:'):])
-      step = _initialized_from(stage_dir, source)
-      with stage.unlocked():
-        stage.model.init_from, stage.model.init_step = source, step
+    _resolve_stages(stage, workdir, stage_dir)
     left = sum(steps[n] for n in order[i:])
     eta = (f', ETA of the remaining stages {_eta(left * (time.time() - started) / trained)}'
            if trained else '')
     logging.info('Stage %d/%d: %s (%s) in %s%s', i + 1, len(order), name,
                  stage.objective, stage_dir, eta)
-    if not _finished(stage_dir, stage.train.num_steps):
+    spec = objectives.spec(stage.objective)
+    if not (preoptimize.finished(stage_dir) if spec.per_subject
+            else _finished(stage_dir, stage.train.num_steps)):
       train_one(stage, stage_dir)
       trained += steps[name]
-    if objectives.spec(stage.objective).trains_base:
+    if spec.trains_base:
       export_pipeline(stage_dir)
   if 'report' in config:
     logging.info('Report: evaluating the stages on held-out items...')
-    report(config, workdir)
+    if config.report.get('kind') == 'personalization':
+      personalization_report(config, workdir)
+    else:
+      report(config, workdir)
 
 
 def report(config, workdir: str) -> dict:
@@ -246,3 +268,96 @@ def _slider(r, workdir: str, out_dir: str) -> None:
   slider.write(run, one(a), one(b), os.path.join(out_dir, 'slider'),
                [prompt.decode() if isinstance(prompt, bytes) else str(prompt)],
                list(r.slider.scales), num_steps=r.num_steps, guidance=r.guidance)
+# ---------------------------------------------------------------- personalization
+PERSONAL_METRICS = ('color_acc', 'pattern_acc', 'background_acc', 'position_acc')
+
+
+def _asked(mode: str) -> str:
+  """The mode's editability twin (another scene than the reference's, `evaluate`'s
+  '<mode>_edit'), where evaluate has it."""
+  return mode + '_edit' if mode + '_edit' in evaluate.MODES else mode
+
+
+def _predict_seconds(run: runs.Run, contexts) -> float:
+  """The hypernetwork's forward per subject, compiled (the 'Only Hyper' cost)."""
+  jax.block_until_ready(runs.lora(run, {'context': contexts}))
+  start = time.perf_counter()
+  jax.block_until_ready(runs.lora(run, {'context': contexts}))
+  return (time.perf_counter() - start) / len(contexts)
+
+
+def personalization_report(config, workdir: str) -> dict:
+  """HyperDreamBooth's Table 3 on the first ``report.num_examples`` test examples, each
+  one held-out subject whose context image is its reference photo; writes
+  <workdir>/report/results.md, results.json and grid.png.
+
+  ``report.rows``: in order, {name, runs: the stage(s) it uses (one per report seed, or
+  one for all), mode: 'hyperlora' (the run's LoRA) | 'no_lora' | 'oracle', and for
+  fine-tuned rows steps, from_scratch, rank, lr (`finetune.personalize`; the
+  fine-tuning seed is the report seed)}. Every personal model is asked for another scene than its
+  reference's where evaluate scores editability (`_asked`), with the S* prompt (the
+  oracle: the item in words). Columns: the item's color and pattern (fidelity), the
+  background and figure position (editability), steps, seconds per subject.
+  """
+  r = config.report
+  seeds, n = tuple(r.seeds), r.num_examples
+  restored, rows, costs = {}, {}, {}
+  for row in r.rows:
+    name = row['name']
+    stage_dirs = [os.path.join(workdir, s) for s in row['runs']]
+    for d in stage_dirs:
+      if d not in restored:
+        restored[d] = runs.restore(d)
+    first = restored[stage_dirs[0]]
+    contexts = data_pipeline.load_records(first.config.data, 'test', range(n))['context']
+    if row.get('steps') is None:
+      rows[name] = (stage_dirs if len(stage_dirs) > 1 else stage_dirs[0],
+                    _asked(row['mode']))
+      costs[name] = (0, _predict_seconds(first, contexts) if row['mode'] == 'hyperlora'
+                     else 0.0)
+      continue
+    personal = [finetune.personalize(
+        restored[stage_dirs[k % len(stage_dirs)]], contexts, steps=row['steps'],
+        rank=row['rank'], lr=row['lr'], from_scratch=row['from_scratch'], seed=seed,
+        subject_key='index') for k, seed in enumerate(seeds)]
+    rows[name] = ([p.run for p in personal] if len(seeds) > 1 else personal[0].run,
+                  _asked(row['mode']))
+    costs[name] = (row['steps'], float(np.mean([(p.prepare_s + p.fit_s) / n
+                                                for p in personal])))
+  out_dir = os.path.join(workdir, 'report')
+  results = evaluate.compare(rows, out_dir, num_examples=n, num_steps=r.num_steps,
+                             guidance=r.guidance, seeds=seeds, batch_size=n)
+  for name, (steps, seconds) in costs.items():
+    results['rows'][name].update(steps=steps, seconds_per_subject=seconds)
+  files.write_json(os.path.join(out_dir, 'results.json'), results)
+  files.write_text(os.path.join(out_dir, 'results.md'), personalization_table(results))
+  logging.info('Results (%s):\n%s', out_dir, personalization_table(results))
+  return results
+
+
+def personalization_table(results: dict) -> str:
+  rows = results['rows']
+  first = next(iter(rows.values()))['metrics']
+  metrics = [k for k in PERSONAL_METRICS if k in first]
+  seeds = results['settings']['seeds']
+  spread = lambda v: v.get('seed_std', v['std']) if len(seeds) > 1 else v['std']
+  head = ['Row'] + [k.replace('_acc', ' acc (%)') for k in metrics] + [
+      'steps', 's / subject']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name, row in rows.items():
+    m = row['metrics']
+    lines.append('| ' + ' | '.join(
+        [name] + [f'{100 * m[k]["mean"]:.1f} ± {100 * spread(m[k]):.1f}' for k in metrics]
+        + [str(row['steps']), f'{row["seconds_per_subject"]:.3f}']) + ' |')
+  asked = any(row['mode'].endswith('_edit') for row in rows.values())
+  notes = (f'{first["num_examples"]} held-out subjects (test examples; the reference '
+           'photo is the context image), '
+           + ("each asked for another scene than its reference's (background and "
+              'position both differ), scored against that scene. '
+              if asked else "each asked for its reference's own scene. ")
+           + f'{results["settings"]["num_steps"]} DDIM steps, guidance '
+           f'{results["settings"]["guidance"]}, seeds {seeds}; ± is the std over '
+           + ('the seeds (one training / fine-tuning run each).' if len(seeds) > 1
+              else 'subjects.') + ' s / subject: the hypernetwork and the fine-tuning '
+           'loop after compilation, all subjects in one batch, divided by their number.')
+  return '\n'.join(lines) + '\n\n' + notes + '\n'

@@ -123,17 +123,22 @@ def config_changes(saved: Mapping, config: Mapping) -> list:
           for k in sorted(set(a) | set(b)) if a.get(k, '<none>') != b.get(k, '<none>')]
 
 
-def check_resume(saved: Mapping, config: Mapping, step: int, directory,
-                 allow_changes: bool) -> None:
-  """Refuses a resume whose config differs from the one its checkpoint was trained
-  with, listing the keys; LAYOUT keys may differ, and with `allow_changes` the
-  SAFE_TO_CHANGE keys too."""
+def refused_changes(saved: Mapping, config: Mapping, allow_changes: bool) -> tuple:
+  """(refused, all) changes from a saved config (filled with today's defaults) to
+  `config`: LAYOUT keys may differ, and with `allow_changes` the SAFE_TO_CHANGE keys too."""
   saved = json.loads(defaults.fill(ml_collections.ConfigDict(saved)).to_json_best_effort())
   changes = config_changes(saved, config)
   among = lambda c, keys: any(c.startswith(k if k.endswith('.') else k + ':')
                               for k in keys)
-  refused = [c for c in changes if not among(c, LAYOUT) and not (
-      allow_changes and among(c, SAFE_TO_CHANGE))]
+  return [c for c in changes if not among(c, LAYOUT) and not (
+      allow_changes and among(c, SAFE_TO_CHANGE))], changes
+
+
+def check_resume(saved: Mapping, config: Mapping, step: int, directory,
+                 allow_changes: bool) -> None:
+  """Refuses a resume whose config differs from the one its checkpoint was trained
+  with, listing the keys (`refused_changes`)."""
+  refused, changes = refused_changes(saved, config, allow_changes)
   if refused:
     keys = ', '.join(k + '*' if k.endswith('.') else k for k in SAFE_TO_CHANGE)
     can = (f'--allow_config_changes allows only {keys}.' if allow_changes else
@@ -220,6 +225,50 @@ def make_train_step(loss_fn, tx, schedule, config, mesh):
     return new, metrics
 
   return train_step
+
+
+def fit(loss_fn, draw, optim, remat: str = 'none', log_every: int = 0):
+  """A jitted ``fit(trainable, frozen, data, steps, lr, rng) -> (params, last loss)``
+  that runs `steps` AdamW updates of ``loss_fn`` in one compiled call (a lax.fori_loop):
+  step i's batch is ``draw(data, key_i)``, e.g. `objectives.lora_bank.subject_batch`'s
+  one image of every subject of a bank.
+
+  This is the loop of per-subject LoRAs (pre-optimization, fast fine-tuning): no host
+  round trip per step. ``steps`` and ``lr`` are arguments of the compiled call, so fits
+  of other lengths and rates run the same program. The rate is constant and there is no
+  gradient clipping: a global norm would couple the subjects, whose updates are
+  otherwise each their own (Adam is elementwise). optim: b1, b2, eps, weight_decay
+  (only on params with ndim >= 2). log_every: prints the step and loss every N steps
+  from inside the loop.
+  """
+  if remat != 'none':
+    loss_fn = jax.checkpoint(loss_fn, policy=remat_policy(remat))
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  tx = optax.chain(
+      optax.scale_by_adam(optim.b1, optim.b2, optim.eps),
+      optax.add_decayed_weights(optim.weight_decay,
+                                lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+
+  def report(step, steps, loss):
+    print(f'  step {int(step)}/{int(steps)}  loss {float(loss):.5f}', flush=True)
+
+  def run(trainable, frozen, data, steps, lr, rng):
+    def body(i, carry):
+      params, opt_state, _ = carry
+      key_draw, key_loss = jax.random.split(jax.random.fold_in(rng, i))
+      (loss, _), grads = grad_fn(params, frozen, draw(data, key_draw), key_loss)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+      if log_every:
+        jax.lax.cond((i + 1) % log_every == 0,
+                     lambda: jax.debug.callback(report, i + 1, steps, loss), lambda: None)
+      return params, opt_state, loss
+
+    params, _, loss = jax.lax.fori_loop(
+        0, steps, body, (trainable, tx.init(trainable), jnp.zeros((), jnp.float32)))
+    return params, loss
+
+  return jax.jit(run)
 
 
 class MetricWriter:

@@ -278,6 +278,37 @@ def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
     ts.find_traces(str(tmp_path / 'nothing_here'))
 
 
+def test_hdb_benchmark_tiny_prints_every_target_row(tmp_path):
+  """benchmarks/hdb_benchmark.py --tiny: every speed and memory row of issue 16, each
+  with its number (through finetune.personalize and the lora_bank fit)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
+  out = tmp_path / 'hdb.md'
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'hdb_benchmark.py'), '--tiny',
+       f'--out={out}', f'--folder={tmp_path / "weights"}',
+       f'--compilation_cache={tmp_path / "cache"}'],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = {}
+  for line in out.read_text().splitlines()[2:]:
+    if line.startswith('| '):
+      name, value, _ = (c.strip() for c in line.strip('|').split('|'))
+      rows[name] = value
+  assert not [v for v in rows.values() if v.startswith('failed')], rows
+  assert _number(rows['one subject: context -> LoRA file, after compilation']) > 0
+  cold, warm = re.findall(r'([0-9.]+) s (?:cold|warm)',
+                          rows['one subject: compile of the fine-tuning loop'])
+  assert float(cold) > 0 and float(warm) > 0
+  first = _number(rows["one subject: this process' first context -> LoRA file, compiles "
+                       'included'])
+  assert first > float(cold)  # the loop's compile is part of it
+  assert rows['2 subjects fine-tuned together'].endswith('subjects/s')
+  for name in ('pre-optimization, 2 identities per step',
+               'pre-optimization, one identity at a time'):
+    assert _number(rows[name]) > 0 and rows[name].endswith('identities/s')
+  assert 'peak memory, pre-optimization at 2 identities per step' in rows
+
+
 FAKE_PYTHON = '''#!/usr/bin/env python3
 """Stands in for python3 under device_run.sh: notes its call, writes a --json file."""
 import json, os, sys

@@ -149,6 +149,9 @@ def test_single_and_triples(tmp_path):
   np.testing.assert_array_equal(b['context'], b['target'])
   assert set(b['prompt']) == {'a [V] face'}
   assert sorted(b['id'][:2]) == ['person0', 'person1']
+  # One identity per image: its id, indexing the split's sorted identities.
+  assert pipeline.subject_keys(data, 'test') == ('person0', 'person1')
+  assert [pipeline.subject_keys(data, 'test')[s] for s in b['subject'][:2]] == list(b['id'][:2])
 
   triples = tmp_path / 'triples'
   for i in range(3):
@@ -235,6 +238,31 @@ def test_worker_processes_give_the_same_batches_and_resume(synthetic_data):
   resumed.set_state(state)
   got += [next(resumed)['index'] for _ in range(7)]
   np.testing.assert_array_equal(np.stack(got), np.stack(want))
+
+
+def test_examples_carry_their_subject_and_the_target_can_be_the_context(synthetic_data):
+  keys = pipeline.subject_keys(synthetic_data, 'train')
+  assert list(keys) == sorted(set(keys)) and len(keys) > 20  # 37 examples, ~33 items
+  data = synthetic_data.copy_and_resolve_references()
+  data.context = 'target'
+  seen = []
+  for b in pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                   num_epochs=1, shuffle=False):
+    np.testing.assert_array_equal(b['context'], b['target'])
+    for i in np.nonzero(b['valid'])[0]:
+      item = synthetic.item_phrase(*(int(b[k][i]) for k in ('shape', 'color', 'pattern',
+                                                             'color2')))
+      assert b['identity'][i] == item == keys[b['subject'][i]]
+      seen.append(int(b['index'][i]))
+  records = pipeline.subject_records(synthetic_data, 'train')
+  assert list(records) == list(keys)
+  assert sorted(i for r in records.values() for i in r) == sorted(seen) == list(range(37))
+  picked = pipeline.load_records(data, 'train', records[keys[0]])
+  assert set(picked['identity']) == {keys[0]} and picked['subject'].tolist() == [0] * len(
+      records[keys[0]])
+  data.context = 'item'
+  with pytest.raises(ValueError, match="data.context must be 'context' or 'target'"):
+    pipeline.create_dataset(data, 'train', process_index=0, process_count=1)
 
 
 def test_syntheticlist(synthetic_data):

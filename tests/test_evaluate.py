@@ -153,13 +153,14 @@ def test_edit_mode_samples_and_scores_the_asked_scene(runs):
 def test_modes(runs):
   config = runs_lib.restore(runs['lora']).config
   assert evaluate.default_modes(config) == ('single_lora', 'no_lora', 'oracle')
-  with pytest.raises(ValueError, match="'hyperlora' needs a hyperlora run; "
+  # (a lora_bank run's per-subject LoRAs are sampled in the hyperlora mode too)
+  with pytest.raises(ValueError, match="'hyperlora' needs a hyperlora or lora_bank run; "
                      'this is a unet_lora run'):
     evaluate.check_mode(config, 'hyperlora')
   with pytest.raises(ValueError, match="Unknown mode 'lora'"):
     evaluate.compare({'x': (runs['lora'], 'lora')}, '/unused')
   evaluate.check_mode(config, 'single_lora_edit')
-  with pytest.raises(ValueError, match="'hyperlora_edit' needs a hyperlora run"):
+  with pytest.raises(ValueError, match="'hyperlora_edit' needs a hyperlora or lora_bank run"):
     evaluate.check_mode(config, 'hyperlora_edit')
   folders = config.copy_and_resolve_references()
   folders.data.name = 'single'

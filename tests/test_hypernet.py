@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hyperlora_jax import defaults, lora
+from hyperlora_jax import defaults, lora, objectives
 from hyperlora_jax.models import clip, hypernet, unet
 from tests.test_unet import SD1_TINY
 
@@ -175,22 +175,27 @@ def test_parameterizations_turn_known_raw_values_into_factors():
 
 def test_lidb_size_matches_the_paper_for_sd15():
   """HyperDreamBooth: rank 1, a=100, b=50 gives ~30K predicted numbers for SD1.5 (UNet
-  self+cross attention plus the text encoder's attention and MLP layers)."""
+  self+cross attention plus the text encoder's attention and MLP layers), with the
+  targets found as every objective finds them (UNet and text tower together)."""
   sd15 = dict(SD1_TINY, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
               down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
               up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
               cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
   model = unet.from_config(sd15)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.dummy_inputs()))
-  unet_targets = lora.find_targets(shapes['params'], 'cross_attn,self_attn')
   text = clip.text_from_config(dict(hidden_size=768, intermediate_size=3072,
                                     num_hidden_layers=12, num_attention_heads=12))
   text_shapes = jax.eval_shape(lambda: text.init(jax.random.key(0), *text.dummy_inputs()))
-  text_targets = lora.find_targets(text_shapes['params'], r'self_attn/\w+_proj$|mlp/fc\d$')
+  targets = objectives.base.find_targets(shapes['params'], (text_shapes['params'],),
+                                         'cross_attn,self_attn,text_attn,text_mlp')
+  unet_targets = [t for t in targets if not t.path.startswith('text_model/')]
+  assert targets[:len(unet_targets)] == tuple(unet_targets)  # the UNet's first
+  assert len(unet_targets) == 128 and len(targets) == 128 + 72
+  assert {t.path.split('/')[-1] for t in targets[128:]} == {
+      'q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'}
   lidb = lora.LightweightDreamBooth(1, 100, 50, 0)
-  assert len(unet_targets) == 128 and len(text_targets) == 72
   assert hypernet.predicted_size(lidb, unet_targets) == 19_200
-  assert hypernet.predicted_size(lidb, unet_targets + text_targets) == 30_000
+  assert hypernet.predicted_size(lidb, targets) == 30_000
 
 
 def test_unknown_parts_are_refused(base):

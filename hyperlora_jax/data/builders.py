@@ -525,6 +525,13 @@ _FOLDER_BUILDERS = {'paired': PairedFolders, 'single': SingleImages,
                     'triples': Triples, 'subjects': Subjects}
 
 
+def static_prompt(data) -> str:
+  """The static (supervisory) prompt of a data config's examples ('prompt_static')."""
+  if data.name == 'synthetic':
+    return synthetic.STATIC_PROMPT
+  return data.static_prompt or _FOLDER_BUILDERS[data.name].STATIC_PROMPT
+
+
 def make_builder(data):
   """The TFDS builder (not yet built) for a pipeline data config section."""
   kwargs = dict(data_dir=data.data_dir or None, file_format='array_record')

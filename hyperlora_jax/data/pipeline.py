@@ -32,6 +32,10 @@ Batch (numpy, leading dim B = per-host batch size):
   'prompt'             str [B], the prompt chosen by data.prompt.
   'prompt_static'      str [B]; synthetic also 'prompt_scene', 'prompt_full'.
   'id'                 str [B] (file names / synthetic index).
+  'identity'           str [B], the subject the example shows: the folder layouts' id,
+                       the synthetic item ('a red circle with blue stripes').
+  'subject'            int32 [B], the identity's index in `subject_keys` of the split
+                       (a LoRA bank's row).
   'index'              int64 [B], record index in the split.
   'valid'              bool [B], False for padding.
   synthetic only: 'shape', 'color', 'pattern', 'color2', 'background',
@@ -61,6 +65,7 @@ from hyperlora_jax.data import augment
 from hyperlora_jax.data import builders
 from hyperlora_jax.data import images
 from hyperlora_jax.data import subjects
+from hyperlora_jax.data import synthetic
 
 _PROMPT_KEYS = {'scene': 'prompt', 'static': 'prompt_static',
                 'full': 'prompt_full'}
@@ -73,7 +78,53 @@ def _field(value):
   return np.int32(value) if isinstance(value, int) else value
 
 
-def _load(source, stop, pad_index, data, index):
+def identity_of(example) -> str:
+  """The subject an example shows: the synthetic item's phrase, else its id."""
+  if 'color2' in example:
+    return synthetic.item_phrase(*(int(example[k]) for k in
+                                   ('shape', 'color', 'pattern', 'color2')))
+  return _field(example['id'])
+
+
+_RECORDS = {}  # (built data path, split) -> {identity: record indices}, sorted
+
+
+def _records(builder, split) -> dict:
+  key = (str(builder.data_path), split)
+  if key not in _RECORDS:  # Built data never changes, so one scan per process.
+    source = builder.as_data_source(split=split)
+    found = {}
+    for i in range(len(source)):
+      found.setdefault(identity_of(source[i]), []).append(i)
+    _RECORDS[key] = dict(sorted(found.items()))
+  return _RECORDS[key]
+
+
+def _subjects(builder, split) -> tuple:
+  return tuple(_records(builder, split))
+
+
+def subject_keys(data, split) -> tuple:
+  """The identities of `split`'s examples, sorted: an example's 'subject' is its
+  identity's index here (the rows of a LoRA bank fitted on the split)."""
+  return _subjects(builders.build(data), split)
+
+
+def subject_records(data, split) -> dict:
+  """{identity: its examples' record indices in `split`}, in `subject_keys`' order."""
+  return _records(builders.build(data), split)
+
+
+def load_records(data, split, indices) -> dict:
+  """The examples at record `indices` of `split`, stacked as a batch (numpy)."""
+  builder = builders.build(data)
+  source = builder.as_data_source(split=split)
+  subject_of = {k: i for i, k in enumerate(_subjects(builder, split))}
+  rows = [_load(source, len(source), 0, data, subject_of, i) for i in indices]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _load(source, stop, pad_index, data, subject_of, index):
   """Example `index` of the split; from `stop` on: padding, `pad_index`."""
   valid = index < stop
   index = index if valid else pad_index
@@ -84,8 +135,12 @@ def _load(source, stop, pad_index, data, index):
   out = {k: _field(v) for k, v in ex.items() if k not in ('context', 'target')}
   context = images.fit(ex['context'], data.resolution)
   target = images.fit(ex['target'], data.resolution) if 'target' in ex else context
+  if data.context == 'target':  # The subject's own photo is its context.
+    context = target
+  out['identity'] = identity_of(out)
   out.update(context=images.normalize(context), target=images.normalize(target),
-             index=np.int64(index), valid=valid)
+             index=np.int64(index), valid=valid,
+             subject=np.int32(subject_of[out['identity']]))
   if 'prompt_full' in out:  # Synthetic: keep the scene prompt by name.
     out['prompt_scene'] = out['prompt']
   key = _PROMPT_KEYS[data.prompt]
@@ -139,6 +194,8 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
     raise ValueError(f'batch_size {batch_size} is not divisible by '
                      f'{process_count} hosts')
   batch_size //= process_count
+  if data.context not in ('context', 'target'):
+    raise ValueError(f"data.context must be 'context' or 'target', not {data.context!r}")
   builder = builders.build(data)
   if split not in builder.info.splits:
     raise ValueError(f'{builder.data_path} has no split {split!r}; it has '
@@ -159,10 +216,11 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
   ds = grain.MapDataset.range(start, start + length)
   if shuffle:
     ds = ds.shuffle(seed=data.seed)
+  subject_of = {k: i for i, k in enumerate(_subjects(builder, split))}
   ds = ds.repeat(num_epochs).map(
       # Padding repeats a record of the host's own block, if it has one.
       functools.partial(_load, source, stop, start if start < stop else 0,
-                        data))
+                        data, subject_of))
   if data.set_size:
     if data.augment.p:
       raise ValueError('data.augment varies single context images; a set of them '

@@ -242,16 +242,43 @@ class HyperNetwork(nn.Module):
   gamma_init: float = 0.0
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, with_raw: bool = False):
+    """The LoRA tree; with ``with_raw``, (tree, raw): the decoder's raw numbers per target
+    group ([B, T_g, raw_size], `group_targets`' order) from the same forward, e.g. for a
+    weight-space loss against pre-optimized ones."""
     tokens, pooled = self.encoder(images)
     raw = self.decoder(tokens, pooled)
     gamma = self.param('gamma', nn.initializers.constant(self.gamma_init), ())
-    tree = {}
-    for ((d_in, d_out), idx), group_raw in zip(group_targets(self.targets), raw):
-      factors = self.parameterization(group_raw, d_in, d_out, idx[0])
-      for j, i in enumerate(idx):
-        tree[self.targets[i].path] = dict(target_factors(factors, j), scale=gamma)
-    return tree
+    tree = lora_tree(self.parameterization, self.targets, raw, gamma)
+    return (tree, raw) if with_raw else tree
+
+
+class RawLoRA(nn.Module):
+  """Raw numbers per target group -> a per-sample LoRA tree, without a hypernetwork: how
+  a LoRA bank's stacked subjects (objectives/lora_bank.py) become LoRAs, through the same
+  parameterization (and the same frozen LiDB aux matrices) as a hypernetwork's output."""
+  targets: Sequence[lora_lib.Target]
+  parameterization: nn.Module
+
+  @nn.compact
+  def __call__(self, raw, scale=1.0):
+    return lora_tree(self.parameterization, self.targets, raw, scale)
+
+
+def lora_tree(parameterization, targets, raw, scale) -> dict:
+  """Raw numbers per target group ([B, T_g, raw_size] in `group_targets`' order) -> the
+  per-sample LoRA tree, every layer at ``scale``; ``parameterization`` is a bound module."""
+  tree = {}
+  for ((d_in, d_out), idx), group_raw in zip(group_targets(targets), raw):
+    factors = parameterization(group_raw, d_in, d_out, idx[0])
+    for j, i in enumerate(idx):
+      tree[targets[i].path] = dict(target_factors(factors, j), scale=scale)
+  return tree
+
+
+def raw_shapes(param: nn.Module, targets: Sequence[lora_lib.Target]) -> tuple:
+  """(targets in the group, raw numbers per target) of each target group."""
+  return tuple((len(idx), param.raw_size(*shape)) for shape, idx in group_targets(targets))
 
 
 def target_factors(factors, j):

@@ -33,6 +33,9 @@ class Spec:
     exports as a diffusers folder for later stages.
   lora_parts: the parts its LoRA is the sum of, each of which sampling and export may
     scale (``inputs['part_scales']`` {part: scale}), e.g. ('id', 'base').
+  per_subject: its runs fit one LoRA per subject of the training split, many at once in
+    one compiled call (`preoptimize`), instead of the training loop; a run's result is a
+    target-weights dataset (`convert.target_weights`).
   """
   name: str
   build: Callable[..., 'Objective']
@@ -40,6 +43,7 @@ class Spec:
   lora_inputs: tuple = ()
   trains_base: bool = False
   lora_parts: tuple = ()
+  per_subject: bool = False
 
 
 class Models(NamedTuple):
@@ -131,7 +135,7 @@ def base_models(config, rng, hypernet_fn=None):
   hypernet_fn: targets -> a hypernetwork module, for objectives that have one.
   """
   base, tokenizer_folders = load_base(config, rng)
-  targets = lora_lib.find_targets(base.unet_params, config.model.targets)
+  targets = find_targets(base.unet_params, base.text_tower_params, config.model.targets)
   xl = base.text2 is not None
   models = Models(base.unet, base.unet_config, base.text, base.text_config, base.tokenizer,
                   tokenizer_folders[0], base.schedule, base.scheduler_config, base.vae,
@@ -144,6 +148,21 @@ def base_models(config, rng, hypernet_fn=None):
   if base.vae is not None:
     frozen['vae'] = base.vae_params
   return models, frozen
+
+
+def find_targets(unet_params, text_params, targets) -> tuple:
+  """The LoRA targets (`lora.find_targets`: set names or regexes) over the UNet and the
+  text tower(s): the UNet's layers first, then each tower's, keyed as a pipeline's LoRA
+  tree keys them (``text_model/...``; the second tower's under `pipeline.TEXT2_PREFIX`).
+  Sets name one model's layers ('cross_attn', 'self_attn', 'ff': the UNet's; 'text_attn',
+  'text_mlp': the towers')."""
+  second = [{pipeline.TEXT2_PREFIX.rstrip('/'): p} for p in text_params[1:]]
+  found = tuple(t for tree in (unet_params, *text_params[:1], *second)
+                for t in lora_lib.find_targets(tree, targets, required=False))
+  if not found:
+    raise ValueError(f'No Dense layer of the UNet or the text tower matches LoRA targets '
+                     f'{targets!r}.')
+  return found
 
 
 BASE_PARTS = ('unet', 'text', 'text2')  # What `base` returns ('text2': SDXL only).
@@ -183,22 +202,34 @@ def latents(models: Models, vae_params, images, rng):
 
 def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *, lora,
                         base=frozen_base, metrics=lambda trainable: {},
-                        hypernet_variables=None) -> Objective:
+                        hypernet_variables=None, lora_and_loss=None,
+                        loss_inputs: tuple = ()) -> Objective:
   """An Objective whose loss is the diffusion loss of the UNet ``base`` gives, with the
   LoRA ``lora`` gives, on the batch's targets and prompts (prompt dropout to the empty
-  prompt, min-SNR weighting by config). ``metrics(trainable)`` adds scalars to the log."""
+  prompt, min-SNR weighting by config). ``metrics(trainable)`` adds scalars to the log.
+  A batch may hold 'latents' (its targets already encoded) instead of 'target'.
+
+  ``lora_and_loss(trainable, frozen, batch) -> (tree, loss(diffusion_loss), metrics)``,
+  when given, is what the loss uses instead of ``lora``: the LoRA together with the
+  total loss as a function of the diffusion loss (hyperlora's weight-space loss, computed
+  from the same forward as its LoRA). ``loss_inputs``: batch keys it reads beside the
+  LoRA's inputs (kept by ``prepare``).
+  """
   uncond_ids = [jnp.asarray(i[0]) for i in tokenize(models, [''])]
   extra = time_ids(models.unet, config.data.resolution)
+  lora_and_loss = lora_and_loss or (
+      lambda trainable, frozen, batch: (lora(trainable, frozen, batch), lambda d: d, {}))
 
   def loss_fn(trainable, frozen, batch, rng):
     params = base(trainable, frozen)
-    tree = lora(trainable, frozen, batch)
+    tree, total, more = lora_and_loss(trainable, frozen, batch)
     rng_drop, rng_t, rng_noise, rng_vae = jax.random.split(rng, 4)
     ids = batch['input_ids']
     drop = jax.random.bernoulli(rng_drop, config.model.prompt_dropout, ids[0].shape[:1])
     ids = [jnp.where(drop[:, None], u[None], i) for u, i in zip(uncond_ids, ids)]
     cond = encode_prompts(models.text_towers, params, ids, tree)
-    x0 = latents(models, frozen.get('vae'), batch['target'], rng_vae)
+    x0 = batch['latents'] if 'latents' in batch else latents(
+        models, frozen.get('vae'), batch['target'], rng_vae)
     t = diffusion.random_timesteps(rng_t, models.schedule, x0.shape[0])
     noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
     pred = models.unet.apply({'params': params['unet']}, diffusion.add_noise(
@@ -207,7 +238,7 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
         pred.astype(jnp.float32), diffusion.training_target(models.schedule, x0, noise, t),
         t, models.schedule, config.model.min_snr_gamma)
     loss = losses.mean()
-    return loss, dict(metrics(trainable), diffusion_loss=loss)
+    return total(loss), dict(metrics(trainable), **more, diffusion_loss=loss)
 
   token_cache = {}
 
@@ -219,7 +250,7 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
       token_cache.update(zip(missing, zip(*tokenize(models, missing))))
     out = {'input_ids': tuple(np.stack(ids) for ids in zip(*(token_cache[p] for p in prompts))),
            'target': np.asarray(batch['target'], np.float32)}
-    out.update({k: np.asarray(batch[k]) for k in spec.lora_inputs})
+    out.update({k: np.asarray(batch[k]) for k in spec.lora_inputs + tuple(loss_inputs)})
     return out
 
   return Objective(spec, models, trainable, frozen, loss_fn, prepare, lora, base,
