@@ -30,13 +30,17 @@ Batch (numpy, leading dim B = per-host batch size):
                        side to R) and center-cropped; single-image data has
                        target = context.
   'prompt'             str [B], the prompt chosen by data.prompt.
+  'condition'          float32 [B, R, R, 3] in [-1, 1], where the data has condition
+                       images (a pose map: synthetic with data.pose, VITON-HD's
+                       openpose_img/, triples' condition.*), resized as the target.
   'prompt_static'      str [B]; synthetic also 'prompt_scene', 'prompt_full'.
   'id'                 str [B] (file names / synthetic index).
   'index'              int64 [B], record index in the split.
   'valid'              bool [B], False for padding.
   synthetic only: 'shape', 'color', 'pattern', 'color2', 'background',
                   'position' int32 [B]; 'box' int32 [B, 4] (x0, y0, x1, y1,
-                  end-exclusive) of the item in the target.
+                  end-exclusive) of the item in the target; with data.pose,
+                  'pose' float32 [B, 3] (dx, dy, scale: `synthetic.pose_of`).
 
 The config.data keys are documented, with their defaults, in `hyperlora_jax.defaults`.
 
@@ -75,11 +79,14 @@ def _load(source, stop, pad_index, data, index):
   valid = index < stop
   index = index if valid else pad_index
   ex = source[index]
-  out = {k: _field(v) for k, v in ex.items() if k not in ('context', 'target')}
+  out = {k: _field(v) for k, v in ex.items()
+         if k not in ('context', 'target', 'condition')}
   context = images.fit(ex['context'], data.resolution)
   target = images.fit(ex['target'], data.resolution) if 'target' in ex else context
   out.update(context=images.normalize(context), target=images.normalize(target),
              index=np.int64(index), valid=valid)
+  if 'condition' in ex:  # Built at the target's size: the same resize and crop.
+    out['condition'] = images.normalize(images.fit(ex['condition'], data.resolution))
   if 'prompt_full' in out:  # Synthetic: keep the scene prompt by name.
     out['prompt_scene'] = out['prompt']
   key = _PROMPT_KEYS[data.prompt]
