@@ -3,6 +3,8 @@ r"""Sampling: context images + prompts -> images, with the LoRA a run predicts.
   python -m hyperlora_jax.sample --workdir=RUN --context=item.png \
       --prompt="a figure on the left, pink background, wearing S*" --out=DIR
   python -m hyperlora_jax.sample --pretrained=SD_FOLDER --prompt="a cat" --out=DIR
+  python -m hyperlora_jax.sample --workdir=RUN --context=item.png --prompt=... \
+      --controlnet=CONTROLNET_FOLDER --condition=pose.png --out=DIR   # pose guidance
 
 Every (context, prompt) pair becomes one image <out>/<context>_<prompt #>.png;
 grid.png shows one row per context image: the context, then each prompt.
@@ -12,7 +14,10 @@ grid.png shows one row per context image: the context, then each prompt.
 runs the run's LoRA (its objective's ``lora``: the hypernetwork of a hyperlora
 run), the text tower, the whole sampler loop (a lax.scan) and the VAE decoder.
 Each image of a batch gets its own predicted LoRA, the run's shared LoRA or
-none, in both CFG branches.
+none, in both CFG branches; and, where the run has them (its objective's
+``unet_inputs``: a ControlNet, an IP-Adapter, its own or added), its own
+ControlNet residuals from its condition image (`generate`'s ``inputs``) at every
+step and its own image tokens, in both branches too.
 """
 import functools
 import os
@@ -45,6 +50,8 @@ class _Static(NamedTuple):
   zero_uncond: bool  # SDXL: the empty prompt's embeddings are zeros.
   lora: Any  # the objective's (trainable, frozen, inputs) -> tree, or None: no LoRA
   base: Any  # the objective's (trainable, frozen) -> {'unet', 'text'[, 'text2']}
+  unet_inputs: Any  # the objective's (trainable, frozen, inputs) -> UNetInputs, or None
+  unet_input_keys: tuple
   latent_shape: tuple
   resolution: int
   num_steps: int
@@ -73,8 +80,12 @@ def _sample(static: _Static, params, frozen, schedule, ids, inputs, seed, image_
     n = ids[0].shape[0] // 2
     cond = jax.tree.map(lambda c: c.at[:n].set(0), cond)
   extra = objectives.time_ids(static.unet, static.resolution)
-  unet = lambda x, t: static.unet.apply(
-      {'params': base['unet']}, x, t, lora=lora, **cond, **extra)
+  more = None
+  if static.unet_inputs is not None:
+    per_sample = {k: inputs[k] for k in static.unet_input_keys}
+    more = static.unet_inputs(params, frozen, objectives.tile(per_sample, 2)
+                              if static.guided else per_sample)
+  unet = objectives.denoiser(static.unet, base['unet'], lora, dict(cond, **extra), more)
   # Noise from (seed, image id): an image does not depend on its batch.
   key = jax.random.key(seed)
   noise = jax.vmap(lambda i: jax.random.normal(
@@ -96,7 +107,7 @@ def _latent_shape(models, resolution: int) -> tuple:
 
 def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
              sampler='ddim', seed=0, lora_scale=1.0, use_lora=True, image_ids=None,
-             resolution=None) -> jax.Array:
+             resolution=None, inputs=None) -> jax.Array:
   """Images [B, H, W, 3] in [-1, 1] from a run (`runs.restore` / `runs.from_pretrained`).
 
   Args:
@@ -113,6 +124,9 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
     image_ids: [B] ints (default 0..B-1), e.g. dataset indices so that an
       example gets the same noise whatever batch it is generated in.
     resolution: output side (default config.data.resolution).
+    inputs: what else the run's UNet inputs are computed from, one per image
+      (`Objective.unet_input_keys`): e.g. 'condition' [B, H, W, 3] in [-1, 1], the
+      pose maps a ControlNet reads. Image tokens come from `context`.
   """
   models, spec = run.objective.models, run.spec
   if num_steps < 1:
@@ -121,12 +135,16 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
     prompts = [prompts] * (len(context) if context is not None else 1)
   prompts = list(prompts)
   use_lora = use_lora and spec.lora_kind is not None
+  given = dict(inputs or {}, **({} if context is None else {'context': context}))
+  needed = (spec.lora_inputs if use_lora else ()) + run.objective.unet_input_keys
   inputs = {}
-  if use_lora and spec.lora_inputs:
-    if context is None or len(context) != len(prompts):
-      raise ValueError(f'{len(prompts)} prompts need as many context images; got '
-                       f'{"none" if context is None else len(context)}.')
-    inputs = {'context': jnp.asarray(context)}
+  for key in dict.fromkeys(needed):
+    if given.get(key) is None or len(given[key]) != len(prompts):
+      what = 'context images' if key == 'context' else f'{key!r} inputs'
+      raise ValueError(f'{len(prompts)} prompts need as many {what} for this '
+                       f'{spec.name} run; got '
+                       f'{"none" if given.get(key) is None else len(given[key])}.')
+    inputs[key] = jnp.asarray(given[key])
   guided = guidance is not None and guidance != 1.0
   ids = objectives.tokenize(models, prompts)
   if guided:
@@ -135,6 +153,7 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
   resolution = resolution or run.config.data.resolution
   static = _Static(models.unet, models.text_towers, models.vae, models.zero_uncond,
                    run.objective.lora if use_lora else None, run.objective.base,
+                   run.objective.unet_inputs, run.objective.unet_input_keys,
                    _latent_shape(models, resolution), resolution, num_steps, sampler, guided)
   if image_ids is None:
     image_ids = np.arange(len(prompts))
@@ -153,6 +172,11 @@ def _flags():
   flags.DEFINE_string('pretrained', None, 'A diffusers folder: the base model, no LoRA.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('context', None, 'Context image or folder of images.')
+  flags.DEFINE_string('condition', None, 'For runs with a ControlNet (their own or '
+                      '--controlnet): a condition image (a pose map) for every output, or '
+                      'a folder of one per --context image, in name order.')
+  flags.DEFINE_string('controlnet', None, 'A diffusers controlnet/ folder to sample the '
+                      'run with, frozen (pose guidance; needs --condition).')
   flags.DEFINE_multi_string('prompt', None, 'Prompt(s); repeat for several.')
   flags.DEFINE_integer('num_steps', 25, 'Sampler steps.')
   flags.DEFINE_float('guidance', 3.0, 'Classifier-free guidance scale.')
@@ -188,10 +212,16 @@ def main(argv):
                      '--save_lora need a hyperlora --workdir.')
   if f.context:
     image_io.image_files(f.context)  # Fails before the slow restore.
-  run = (runs.restore(f.workdir, f.step) if f.workdir
-         else runs.from_pretrained(f.pretrained, f.resolution))
+  attach = {'controlnet': {'folder': f.controlnet}} if f.controlnet else None
+  run = (runs.restore(f.workdir, f.step, attach=attach) if f.workdir
+         else runs.from_pretrained(f.pretrained, f.resolution, attach=attach))
   resolution = f.resolution or run.config.data.resolution
-  needs_context = 'context' in run.spec.lora_inputs
+  needs_condition = 'condition' in run.objective.unet_input_keys
+  if needs_condition != bool(f.condition):
+    raise ValueError(f'A {run.spec.name} run with a ControlNet needs --condition.'
+                     if needs_condition else '--condition is for runs with a ControlNet '
+                     '(their own, or --controlnet).')
+  needs_context = 'context' in run.spec.lora_inputs + run.objective.unet_input_keys
   if needs_context != bool(f.context):
     raise ValueError(
         f'A {run.spec.name} run needs --context.' if needs_context
@@ -203,6 +233,14 @@ def main(argv):
     contexts, names = image_io.load_images(f.context, resolution)
   else:
     contexts, names = None, ['image']
+  conditions = None
+  if f.condition:
+    conditions = image_io.load_images(f.condition, resolution)[0]
+    if len(conditions) == 1:
+      conditions = np.repeat(conditions, len(names), 0)
+    elif len(conditions) != len(names):
+      raise ValueError(f'--condition has {len(conditions)} images for {len(names)} context '
+                       'images: give one, or one per context image.')
   pairs = [(c, p) for c in range(len(names)) for p in range(len(f.prompt))]
   images = []
   for start in range(0, len(pairs), f.batch_size):
@@ -212,7 +250,8 @@ def main(argv):
         [f.prompt[p] for _, p in chunk], num_steps=f.num_steps,
         guidance=f.guidance, sampler=f.sampler, seed=f.seed,
         lora_scale=f.lora_scale, image_ids=np.arange(start, start + len(chunk)),
-        resolution=resolution))
+        resolution=resolution, inputs=None if conditions is None else {
+            'condition': conditions[[c for c, _ in chunk]]}))
   images = image_io.to_uint8(np.concatenate(images)).reshape(
       len(names), len(f.prompt), resolution, resolution, 3)
   for c, name in enumerate(names):

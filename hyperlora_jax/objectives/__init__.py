@@ -3,6 +3,8 @@
 * ``hyperlora``: a hypernetwork predicts a per-sample LoRA from the context image.
 * ``unet_lora``: one shared plain LoRA on the UNet.
 * ``unet_full``: the UNet and text tower themselves.
+* ``controlnet``: a ControlNet on condition images (pose maps) beside the frozen UNet.
+* ``ip_adapter``: IP-Adapter's image projection and to_k_ip/to_v_ip (tuning-free).
 
 `build(config, rng)` returns the config's `base.Objective`; `spec(name)` says what a run
 of an objective is without building it. The training loop, sampling, evaluation, export
@@ -10,11 +12,13 @@ and stages use only these: none of them tests ``config.objective``. To add an ob
 write a module with a ``SPEC`` (see `base.Spec`, `base.diffusion_objective`) and list it
 in ``REGISTRY``.
 """
-from hyperlora_jax.objectives import hyperlora, unet_full, unet_lora
+from hyperlora_jax.objectives import controlnet, hyperlora, ip_adapter, unet_full, unet_lora
 from hyperlora_jax.objectives.base import (  # noqa: F401  (what the tools use)
-    Models, Objective, Spec, encode_prompts, time_ids, tokenize)
+    Models, Objective, Spec, encode_prompts, latent_factor, time_ids, tokenize)
+from hyperlora_jax.objectives.conditioning import ADDONS, denoiser, tile  # noqa: F401
 
-REGISTRY = {s.name: s for s in (hyperlora.SPEC, unet_lora.SPEC, unet_full.SPEC)}
+REGISTRY = {s.name: s for s in (hyperlora.SPEC, unet_lora.SPEC, unet_full.SPEC,
+                                 controlnet.SPEC, ip_adapter.SPEC)}
 
 
 def spec(name: str) -> Spec:
