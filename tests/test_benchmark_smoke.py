@@ -135,3 +135,23 @@ def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
     ts.device_ops([e for e in ts.load(str(path)) if e.get('pid') == 1])
   with pytest.raises(FileNotFoundError, match='create_perfetto_trace=True'):
     ts.find_traces(str(tmp_path / 'nothing_here'))
+
+
+def test_tiny_controlnet_row(tmp_path):
+  """benchmarks/controlnet_benchmark.py: ours (a LoRA per image + a ControlNet) beside
+  diffusers' ControlNet pipeline loop, in gpu_benchmark's table."""
+  out = tmp_path / 'table.md'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'controlnet_benchmark.py'), '--tiny',
+       f'--out={out}'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = _table(out.read_text())
+  config = 'ControlNet + DDIM-3 + CFG, 2 images'
+  ours = rows[(config, 'ours (per-sample LoRAs + ControlNet)')]
+  assert _number(ours[0]) > 0 and _number(ours[3]) > 0 and _number(ours[5]) > 0, ours
+  if HAS_TORCH:
+    eager = rows[(config, 'diffusers+peft eager')]
+    assert _number(eager[0]) > 0 and _number(ours[2]) > 0, eager
+    assert rows[(config, 'diffusers+peft compiled')][0] == 'skipped (CPU)'
