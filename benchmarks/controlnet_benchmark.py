@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from hyperlora_jax import diffusion  # noqa: E402
 from hyperlora_jax import lora as lora_lib  # noqa: E402
 from hyperlora_jax.models import controlnet  # noqa: E402
+from hyperlora_jax.models import unet as unet_lib  # noqa: E402
 from hyperlora_jax.objectives import conditioning  # noqa: E402
 
 OURS = 'ours (per-sample LoRAs + ControlNet)'
@@ -49,7 +50,7 @@ def _label(args, images: int) -> str:
 class TorchControl(gb.TorchBench):
   """diffusers' UNet + ControlNetModel.from_unet, the ControlNet pipeline's loop."""
 
-  def sample(self, row, images: int, compiled: bool):
+  def control_sample(self, row, images: int, compiled: bool):
     torch, args, s = self.torch, self.args, self.shapes
     unet = self._unet()
     control = self.diffusers.ControlNetModel.from_unet(
@@ -99,27 +100,27 @@ class JaxControl(gb.JaxBench):
     config = controlnet.config_from_unet(
         shapes.unet, conditioning_embedding_out_channels=_embedding(args))
     self.control = controlnet.from_config(config, self.dtype)
-    abstract = jax.eval_shape(lambda: self.control.init(
-        jax.random.key(0), *self.control.dummy_inputs())['params'])
-    self.control_params = gb._random_params(abstract, 7, args.unet_param_dtype)  # pylint: disable=protected-access
+    self.control_config = config
+    self.control_params = gb._random_params(gb._abstract_params(self.control), 7,  # pylint: disable=protected-access
+                                            args.unet_param_dtype)
 
-  def step_flops(self):
-    """XLA's count of one ControlNet + UNet evaluation at batch 1."""
+  def step_flops(self) -> float:
+    """FLOPs of one ControlNet + UNet evaluation at batch 1 (`gb.flops`, float32
+    modules, as gpu_benchmark counts the UNet's)."""
     s = self.shapes
-    side = s.latent * self.control.condition_factor
+    unet, control = unet_lib.from_config(s.unet), controlnet.from_config(self.control_config)
+    side = s.latent * control.condition_factor
     spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
 
     def step(unet_params, control_params, x, t, text, pose):
-      residuals = conditioning.control_residuals(self.control, control_params, pose, SCALE)
-      fn = conditioning.denoiser(self.module, unet_params, None, {'context': text}, residuals)
-      return fn(x, t)
+      residuals = conditioning.control_residuals(control, control_params, pose, SCALE)
+      return conditioning.denoiser(unet, unet_params, None, {'context': text}, residuals)(x, t)
 
-    return gb._flops(step, jax.eval_shape(lambda: self.unet_params),  # pylint: disable=protected-access
-                     jax.eval_shape(lambda: self.control_params),
-                     spec(1, s.latent, s.latent, s.unet['in_channels']), spec(1, dtype=jnp.int32),
-                     spec(1, s.text_len, s.text_dim, dtype=self.dtype), spec(1, side, side, 3))
+    return gb.flops(step, gb._abstract_params(unet), gb._abstract_params(control),  # pylint: disable=protected-access
+                    spec(1, s.latent, s.latent, s.unet['in_channels']), spec(1, dtype=jnp.int32),
+                    spec(1, s.text_len, s.text_dim), spec(1, side, side, 3))
 
-  def sample(self, row, images: int):
+  def control_sample(self, row, images: int):
     args, s = self.args, self.shapes
     net, hyper_params = self._hypernet(lora_lib.find_targets(self.unet_params, 'cross_attn'))
     batch = self._batch(images)
@@ -149,7 +150,7 @@ class JaxControl(gb.JaxBench):
     _, per_run = gb._measure(run, jax.block_until_ready, 1, args.sample_runs)  # pylint: disable=protected-access
     row.value = 2 * images * args.sample_steps / per_run
     if args.profile_dir:
-      self._profile('controlnet_' + row.config, run)
+      self._profile(row.config, run)
     return gb._planned_bytes(compiled)  # pylint: disable=protected-access
 
 
@@ -164,25 +165,25 @@ def run(args):
     attention = 'cudnn' if device.platform == 'gpu' else 'xla'
   gb._use_attention(attention)  # pylint: disable=protected-access
   shapes, n = gb._shapes(args), args.sample_images  # pylint: disable=protected-access
-  config = f'sample_{n}'
+  config = f'controlnet_sample_{n}'
   rows = []
   notes = [f'JAX {jax.__version__} on {device.device_kind} ({device.platform}).']
   if not args.skip_torch:
     bench = TorchControl(args, shapes)
     notes.append(bench.versions() + '.')
-    for impl in (gb.EAGER, gb.COMPILED):
-      row = gb.Row(config, _label(args, n), impl, 'evals/s')
+    for impl, baseline in zip(gb.TORCH_IMPLS['sample'], ('eager', 'compiled')):
+      row = gb.Row('sample', config, _label(args, n), impl, 'evals/s', baseline, gb._PROCESS)  # pylint: disable=protected-access
       rows.append(row)
-      if impl == gb.COMPILED and (args.skip_compile_torch or not bench.cuda):
+      if baseline == 'compiled' and (args.skip_compile_torch or not bench.cuda):
         row.status = 'skipped (flag)' if args.skip_compile_torch else 'skipped (CPU)'
         continue
       gb._log(f'{row.impl} ...')  # pylint: disable=protected-access
-      gb._run_torch(bench, row, bench.sample, n, impl == gb.COMPILED)  # pylint: disable=protected-access
+      gb._run_torch(bench, row, bench.control_sample, n, baseline == 'compiled')  # pylint: disable=protected-access
       gb._log(f'{row.impl}: {row.value or row.status}')  # pylint: disable=protected-access
   ours = JaxControl(args, shapes)
-  row = gb.Row(config, _label(args, n), OURS, 'evals/s')
+  row = gb.Row('sample', config, _label(args, n), OURS, 'evals/s', '', gb._PROCESS)  # pylint: disable=protected-access
   gb._log(f'{row.impl} ...')  # pylint: disable=protected-access
-  gb._run_ours(row, ours.sample, n)  # pylint: disable=protected-access
+  gb._run_ours(row, ours.control_sample, n)  # pylint: disable=protected-access
   gb._log(f'{row.impl}: {row.value or row.status}')  # pylint: disable=protected-access
   rows.append(row)
   flops = ours.step_flops()
@@ -200,9 +201,9 @@ def run(args):
       'every step, one jit (lax.scan over steps). diffusers: StableDiffusionControlNet'
       'Pipeline\'s loop (ControlNet then UNet on the doubled batch, DDIMScheduler) with one '
       'shared unfused peft LoRA on the cross-attention projections. Evaluations/s = 2 (CFG) '
-      'x images x steps / s; "vs diffusers compiled" is the target ratio (1.2x).',
-      f'MFU = throughput x XLA\'s FLOP count of one ControlNet + UNet evaluation'
-      f' at batch 1 ({flops / 1e12 if flops else float("nan"):.3g} TFLOP) / '
+      'x images x steps / s; "vs torch compiled" is the target ratio (1.2x).',
+      f'MFU = throughput x the FLOPs of one ControlNet + UNet evaluation at batch 1 '
+      f'({flops / 1e12:.3g} TFLOP, counted on the jaxpr: gpu_benchmark.flops) / '
       f'{args.peak_flops:.4g} FLOP/s.',
   ]
   return rows, notes

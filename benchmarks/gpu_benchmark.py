@@ -1,27 +1,45 @@
-r"""Throughput of hyperlora_jax against diffusers + peft, side by side, in one process.
+r"""Throughput and latency of hyperlora_jax against PyTorch, side by side, in one process.
 
-An SD1.5-shaped UNet with random weights (throughput depends on shapes, not values),
-bf16 compute, 64x64 latents and a 77x768 text context:
+Random weights (speed depends on shapes, not values), bf16 compute. Sections (``--only``):
 
-* ``lora``: one LoRA training step (frozen UNet, rank-4 LoRA on to_q/to_k/to_v/to_out.0
-  of every self- and cross-attention, eps MSE at random timesteps, AdamW with grad
-  clipping) at each of ``--batch_sizes``: diffusers + peft eager, diffusers + peft with
-  torch.compile, and ours (`train.make_train_step` under jax.jit with the state donated).
+* ``lora``: one LoRA training step on the SD1.5-shaped UNet (64x64 latents, 77x768
+  text; rank-4 LoRA on to_q/to_k/to_v/to_out.0 of every attention, eps MSE at random
+  timesteps, AdamW with grad clipping) at each of ``--batch_sizes``: diffusers + peft
+  eager and torch.compile'd, and ours (`train.make_train_step` under jax.jit, state
+  donated).
 * ``hyper``: the HyperLoRA step at ``--hyper_batch``: a trainable CLIP ViT-L/14-shaped
-  encoder and a transformer decoder predict a per-sample plain LoRA for the
-  cross-attention projections, trained through the frozen UNet. Ours only; its ratio
-  is taken against diffusers' compiled plain-LoRA step at the same batch.
-* ``sample``: 50-step DDIM with classifier-free guidance (the UNet sees the doubled
-  batch) for ``--sample_images`` images. Ours: the hypernetwork predicts a LoRA per
-  image and `diffusion.sample` runs all steps in one jit; diffusers: its UNet in a
-  Python loop with DDIMScheduler and one shared (unfused) peft LoRA.
+  encoder and a transformer decoder predict a per-sample LoRA for the cross-attention
+  projections, trained through the frozen UNet. Ours against the same step in PyTorch
+  (`benchmarks/torch_peer.py`: transformers' CLIPVisionModel, a torch decoder of our
+  decoder's size, diffusers' UNet with a per-sample LoRA attention processor), eager
+  and compiled; a note also compares it with diffusers' plain LoRA step at that batch.
+* ``sample``: DDIM-50 with classifier-free guidance for ``--sample_images`` images. Ours:
+  the hypernetwork predicts a LoRA per image and `diffusion.sample` runs all steps in
+  one jit; diffusers: its UNet in a Python loop with DDIMScheduler and one shared
+  (unfused) peft LoRA.
+* ``latency``: one personalized image at batch 1, text tower and VAE included on both
+  sides: context image -> LoRA -> DDIM-50 + CFG -> decoded 512 px image. Both load one
+  random-weight SD1.5 folder written here. Ours: `sample.generate` (one compiled call:
+  the hypernetwork, the text tower, the sampler loop, the VAE decoder); diffusers:
+  StableDiffusionPipeline with one LoRA (a diffusers file that our writer made) loaded,
+  fused and unloaded, eager and with the UNet and the VAE decoder under
+  torch.compile(mode=``--latency_compile_mode``, default 'reduce-overhead': CUDA graphs).
+* ``latency_parts``: ours at batch 1 split into its parts, each jitted and timed alone
+  (the hypernetwork, the text tower, the sampler loop with the per-sample LoRA, merged,
+  without it and with fp32-stored weights, one UNet evaluation, the merge, the VAE
+  decoder), to show where the batch-1 time goes.
+* ``sdxl_lora``, ``sdxl_sample``: the ``lora`` and ``sample`` rows on the SDXL-shaped
+  UNet (`defaults.SDXL_UNET`; 1024 px: 128x128 latents, 77x2048 text, pooled text
+  embeds and time ids) at ``--sdxl_batch_sizes`` and for ``--sdxl_sample_images``
+  images with DDIM-``--sdxl_sample_steps``.
 
 Every row reports throughput (images/s for training, UNet evaluations/s for sampling:
-samples in the UNet batch x steps / s), the ratio to diffusers compiled and eager,
-MFU, peak device memory and compile time. All torch rows run first and free their
-memory; then ours. Usage (see benchmarks/README.md):
+samples in the UNet batch x steps / s) or latency (ms), the ratio to PyTorch compiled
+and eager of the same config measured by the same process, MFU, peak device memory and
+compile time. All torch rows run first and free their memory; then ours. Usage (see
+benchmarks/README.md, which has the GPU runbook):
 
-  python benchmarks/gpu_benchmark.py --out=/tmp/bench.md
+  python benchmarks/gpu_benchmark.py --only=lora,hyper --out=/tmp/bench.md
   python benchmarks/gpu_benchmark.py --tiny --out=/tmp/tiny.md   # CPU smoke run
 """
 import os
@@ -40,8 +58,12 @@ import dataclasses
 import functools
 import gc
 import json
+import math
 import platform
+import re
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -49,48 +71,102 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from hyperlora_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax import train
-from hyperlora_jax.models import clip
-from hyperlora_jax.models import hypernet
+from hyperlora_jax import objectives, runs, sample, train
+from hyperlora_jax.convert import clip_folders, lora_files, pipeline
+from hyperlora_jax.models import clip, hypernet
 from hyperlora_jax.models import unet as unet_lib
+from hyperlora_jax.models import vae as vae_lib
 
 GIB = 2 ** 30
 _START = time.perf_counter()
+# Which process measured a row: ratios are only taken between rows of one process.
+_PROCESS = f'{platform.node()}:{os.getpid()}:{int(time.time())}'
 ATTN_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')  # peft names; ours: lora.TARGET_SETS
 CROSS_ATTN_REGEX = r'.*attn2\.(to_q|to_k|to_v|to_out\.0)'
-EAGER, COMPILED = 'diffusers+peft eager', 'diffusers+peft compiled'
-OURS, OURS_SAMPLE = 'ours (jax.jit)', 'ours (per-sample LoRAs)'
+SECTIONS = ('lora', 'hyper', 'sample', 'latency', 'latency_parts', 'sdxl_lora', 'sdxl_sample')
+SDXL_SECTIONS = ('sdxl_lora', 'sdxl_sample')
+_PEFT = ('diffusers+peft eager', 'diffusers+peft compiled')
+TORCH_IMPLS = {'lora': _PEFT, 'sample': _PEFT, 'sdxl_lora': _PEFT, 'sdxl_sample': _PEFT,
+               'hyper': ('PyTorch peer eager', 'PyTorch peer compiled'),
+               'latency': ('diffusers eager', 'diffusers compiled')}
+OURS = {'lora': 'ours (jax.jit)', 'sdxl_lora': 'ours (jax.jit)', 'hyper': 'ours (jax.jit)',
+        'sample': 'ours (per-sample LoRAs)', 'sdxl_sample': 'ours (per-sample LoRAs)',
+        'latency': 'ours (sample.generate)'}
+UNITS = {'sample': 'evals/s', 'sdxl_sample': 'evals/s', 'latency': 'ms', 'latency_parts': 'ms'}
+
+# SD1.5's text tower (CLIP ViT-L/14's) and VAE, for the latency rows' folder.
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, hidden_act='quick_gelu', vocab_size=49408,
+                 projection_dim=768)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                down_block_types=('DownEncoderBlock2D',) * 4,
+                up_block_types=('UpDecoderBlock2D',) * 4, latent_channels=4,
+                norm_num_groups=32, scaling_factor=0.18215)
+PROMPT = 'a photo of a person wearing a red hat in a garden'  # the latency rows'
+LORA_FILE = 'lora.safetensors'  # beside the latency folder's parts
 
 
 # ---------------------------------------------------------------- shapes and flags
 @dataclasses.dataclass(frozen=True)
 class Shapes:
+  name: str  # SD1.5, SDXL, or their tiny stand-ins
   unet: dict  # a diffusers UNet2DConditionModel config
   latent: int  # latent height = width
   text_len: int
   vit: dict  # the hypernetwork's encoder (a CLIPVisionConfig dict)
   decoder: dict  # width, depth, heads, rounds of the transformer decoder
+  text: dict  # the text tower (a CLIPTextConfig dict; latency rows)
+  vae: dict  # an AutoencoderKL config (latency rows; SDXL's has SD1.5's shape)
 
   @property
   def text_dim(self) -> int:
     return self.unet['cross_attention_dim']
 
+  @property
+  def pooled_dim(self) -> int:
+    """SDXL's pooled text embedding (0: no added conditioning)."""
+    if self.unet.get('addition_embed_type') != 'text_time':
+      return 0
+    return (self.unet['projection_class_embeddings_input_dim']
+            - unet_lib.NUM_TIME_IDS * self.unet['addition_time_embed_dim'])
 
-def _shapes(args) -> Shapes:
+  @property
+  def pixels(self) -> int:
+    return self.latent * 2 ** (len(self.vae['block_out_channels']) - 1)
+
+
+def _shapes(args, family: str = 'sd15') -> Shapes:
+  """The full-size shapes of a family ('sd15' | 'sdxl'), or tiny ones with --tiny."""
   decoder = dict(width=args.decoder_width, depth=args.decoder_depth,
                  heads=args.decoder_heads, rounds=args.decoder_rounds)
+  xl = family == 'sdxl'
   if not args.tiny:
-    return Shapes(dict(defaults.SD15_UNET), 64, 77, dict(defaults.VIT_L14), decoder)
+    if xl:
+      return Shapes('SDXL', dict(defaults.SDXL_UNET), 128, 77, dict(defaults.VIT_L14),
+                    decoder, {}, SD15_VAE)
+    return Shapes('SD1.5', dict(defaults.SD15_UNET), 64, 77, dict(defaults.VIT_L14),
+                  decoder, dict(SD15_TEXT, max_position_embeddings=77), SD15_VAE)
   unet = dict(defaults.tiny_unet(channels=(32, 64), cross_attention_dim=32, heads=2),
               in_channels=4, out_channels=4)
+  if xl:  # SDXL's layout in miniature: linear projections, deeper transformers below,
+    # text_time conditioning from a 16-wide pooled embedding and 6 time ids x 8.
+    unet.update(use_linear_projection=True, transformer_layers_per_block=(1, 2),
+                addition_embed_type='text_time', addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=16 + 6 * 8)
   vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
-  return Shapes(unet, 16, 8, vit, decoder)
+  text = dict(defaults.tiny_text(width=32, layers=1, heads=2), max_position_embeddings=8)
+  vae = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+             down_block_types=('DownEncoderBlock2D',) * 2,
+             up_block_types=('UpDecoderBlock2D',) * 2, latent_channels=4)
+  return Shapes('tiny SDXL' if xl else 'tiny', unet, 16, 8, vit, decoder, text, vae)
 
 
 def parse_args(argv=None):
@@ -98,9 +174,9 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--tiny', action='store_true',
                  help='tiny shapes and few iterations (CPU smoke test); no MFU meaning')
-  p.add_argument('--only', default='lora,hyper,sample',
-                 help='comma list of sections: lora, hyper, sample')
-  p.add_argument('--skip_torch', action='store_true', help='no diffusers rows')
+  p.add_argument('--only', default=','.join(SECTIONS),
+                 help=f'comma list of sections: {", ".join(SECTIONS)}')
+  p.add_argument('--skip_torch', action='store_true', help='no PyTorch rows')
   p.add_argument('--skip_compile_torch', action='store_true',
                  help='no torch.compile rows (always skipped when torch runs on CPU)')
   p.add_argument('--batch_sizes', default=None, help='LoRA step batches (16,32; tiny 2,4)')
@@ -113,6 +189,16 @@ def parse_args(argv=None):
   p.add_argument('--sample_runs', type=int, default=None,
                  help='timed sampling runs after one warmup run (2; tiny 1)')
   p.add_argument('--guidance', type=float, default=7.5)
+  p.add_argument('--latency_steps', type=int, default=None, help='DDIM steps (50; tiny 2)')
+  p.add_argument('--latency_runs', type=int, default=None,
+                 help='timed batch-1 images (5; tiny 1)')
+  p.add_argument('--latency_warmup', type=int, default=None,
+                 help='untimed images first; CUDA graphs record in the 2nd (3; tiny 1)')
+  p.add_argument('--latency_compile_mode', default='reduce-overhead',
+                 help="torch.compile mode of the compiled diffusers latency row")
+  p.add_argument('--sdxl_batch_sizes', default=None, help='SDXL LoRA step batches (4,8; tiny 2)')
+  p.add_argument('--sdxl_sample_images', type=int, default=None, help='(4; tiny 2)')
+  p.add_argument('--sdxl_sample_steps', type=int, default=None, help='DDIM steps (30; tiny 2)')
   p.add_argument('--rank', type=int, default=4, help='LoRA rank (alpha = rank)')
   p.add_argument('--decoder_width', type=int, default=None, help='(512; tiny 32)')
   p.add_argument('--decoder_depth', type=int, default=None, help='(4; tiny 1)')
@@ -120,23 +206,25 @@ def parse_args(argv=None):
   p.add_argument('--decoder_rounds', type=int, default=None, help='(2; tiny 1)')
   p.add_argument('--peak_flops', type=float, default=989e12,
                  help='device peak for MFU: 989e12 = H100/H200 SXM dense bf16')
-  p.add_argument('--unet_flops', type=float, default=0.80e12,
-                 help="FLOPs of one UNet forward at batch 1 (torch's FLOP counter on "
-                      'SD1.5 at 64x64); --tiny uses XLA\'s count instead')
   p.add_argument('--dtype', default=None,
                  help='compute dtype of both sides (bfloat16; tiny float32: XLA on CPU '
                       'compiles bf16 twice as slowly)')
   p.add_argument('--unet_param_dtype', default=None,
-                 help="our frozen UNet's stored dtype (default: --dtype)")
+                 help="how our frozen base weights are stored (default: --dtype, as "
+                      "diffusers' frozen weights)")
   p.add_argument('--attention', default='auto', choices=('auto', 'cudnn', 'xla', 'default'),
-                 help="implementation for jax.nn.dot_product_attention: auto = cudnn on "
-                      "GPU, xla elsewhere; default = leave JAX's choice")
+                 help="jax.nn.dot_product_attention: auto/cudnn = cuDNN's fused attention "
+                      'where it applies on a GPU (the UNet names its own), xla = XLA\'s '
+                      "everywhere, default = JAX's choice where a call names none")
   p.add_argument('--remat', default='none',
                  help="our train.remat: none, full or a jax.checkpoint_policies name")
   p.add_argument('--encoder_remat', default=None,
                  help="the HyperLoRA ViT's hypernet.encoder.remat (default: the config's)")
   p.add_argument('--torch_compile_mode', default='default',
-                 help='torch.compile mode: default, reduce-overhead, max-autotune')
+                 help='torch.compile mode of the training and sampling rows: default, '
+                      'reduce-overhead, max-autotune')
+  p.add_argument('--torch_checkpointing', action='store_true',
+                 help="diffusers' UNet gradient checkpointing in the torch training rows")
   p.add_argument('--xla_flags', default='', help='appended to XLA_FLAGS')
   p.add_argument('--profile_dir', default='',
                  help='write a jax.profiler trace of 2 of our steps (1 sampling run) per '
@@ -149,80 +237,121 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   full = dict(dtype='bfloat16', batch_sizes='16,32', hyper_batch=32, steps=20,
               warmup=3, sample_images=16, sample_steps=50, sample_runs=2,
+              latency_steps=50, latency_runs=5, latency_warmup=3, sdxl_batch_sizes='4,8',
+              sdxl_sample_images=4, sdxl_sample_steps=30,
               decoder_width=512, decoder_depth=4, decoder_heads=8, decoder_rounds=2)
   tiny = dict(dtype='float32', batch_sizes='2,4', hyper_batch=2, steps=2, warmup=1,
-              sample_images=2, sample_steps=3, sample_runs=1,
+              sample_images=2, sample_steps=3, sample_runs=1, latency_steps=2,
+              latency_runs=1, latency_warmup=1, sdxl_batch_sizes='2',
+              sdxl_sample_images=2, sdxl_sample_steps=2,
               decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_rounds=1)
   for key, value in (tiny if args.tiny else full).items():
     if getattr(args, key) is None:
       setattr(args, key, value)
   args.unet_param_dtype = args.unet_param_dtype or args.dtype
-  args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(',') if b]
+  for key in ('batch_sizes', 'sdxl_batch_sizes'):
+    setattr(args, key, [int(b) for b in str(getattr(args, key)).split(',') if b])
   args.only = {s.strip() for s in args.only.split(',') if s.strip()}
-  unknown = args.only - {'lora', 'hyper', 'sample'}
+  unknown = args.only - set(SECTIONS)
   if unknown:
-    p.error(f'--only: unknown sections {sorted(unknown)}')
-  if args.warmup < 1 or args.steps < 1 or args.sample_runs < 1:
-    p.error('--warmup, --steps and --sample_runs must be >= 1')
+    p.error(f'--only: unknown sections {sorted(unknown)}; choose from {", ".join(SECTIONS)}')
+  if min(args.warmup, args.steps, args.sample_runs, args.latency_runs,
+         args.latency_warmup) < 1:
+    p.error('--warmup, --steps, --sample_runs, --latency_runs and --latency_warmup must '
+            'be >= 1')
   return args
 
 
 # ---------------------------------------------------------------- results
 @dataclasses.dataclass
 class Row:
-  config: str  # e.g. lora_b16, hyper_b32, sample_16
+  section: str  # one of SECTIONS
+  config: str  # the rows compared with each other, e.g. lora_16, latency_1
   label: str  # what the table says for config
   impl: str
-  unit: str  # img/s or evals/s
+  unit: str  # img/s or evals/s (more is better), ms (less is better)
+  baseline: str = ''  # 'eager' / 'compiled': a PyTorch row the config's others compare with
+  process: str = ''  # which process measured it (ratios stay within one)
   value: Optional[float] = None
-  flops_per_item: Optional[float] = None
+  flops_per_item: Optional[float] = None  # per image (or UNet evaluation for sampling)
   peak_bytes: Optional[float] = None
   peak_exact: bool = True  # False: XLA's plan for the executable, not a reading
   compile_s: Optional[float] = None
   status: str = ''  # why there is no value: skipped, OOM, error
 
 
-def _row(config: str, impl: str, args) -> Row:
-  kind, n = config.split('_')
-  if kind == 'sample':
-    return Row(config, f'DDIM-{args.sample_steps} + CFG, {n} images', impl, 'evals/s')
-  name = 'LoRA' if kind == 'lora' else 'HyperLoRA'
-  return Row(config, f'{name} train, batch {n[1:]}', impl, 'img/s')
+def _label(section: str, n: int, args) -> str:
+  return {
+      'lora': f'LoRA train, batch {n}',
+      'hyper': f'HyperLoRA train, batch {n}',
+      'sample': f'DDIM-{args.sample_steps} + CFG, {n} images',
+      'latency': f'1 image: context -> LoRA -> DDIM-{args.latency_steps} + CFG -> decoded',
+      'latency_parts': 'ours at batch 1, by part',
+      'sdxl_lora': f'SDXL LoRA train, batch {n}',
+      'sdxl_sample': f'SDXL DDIM-{args.sdxl_sample_steps} + CFG, {n} images',
+  }[section]
 
 
-def _reference(rows, config: str, impl: str) -> Optional[Row]:
-  """The diffusers row (``impl``) that ``config`` is compared against."""
-  if config.startswith('hyper_'):
-    config = 'lora_' + config.split('_')[1]
-  for row in rows:
-    if row.config == config and row.impl == impl and row.value:
-      return row
+def _row(section: str, n: int, impl: str, args, baseline: str = '') -> Row:
+  return Row(section, f'{section}_{n}', _label(section, n, args), impl,
+             UNITS.get(section, 'img/s'), baseline, _PROCESS)
+
+
+def _rate(row: Row) -> float:
+  """Items per second: the throughput, or images per second of a latency."""
+  return 1000 / row.value if row.unit == 'ms' else row.value
+
+
+def _reference(rows, row: Row, baseline: str, config: Optional[str] = None) -> Optional[Row]:
+  """The PyTorch row (``baseline``) of ``config`` (default: row's) from row's process."""
+  for r in rows:
+    if (r.config == (config or row.config) and r.baseline == baseline and r.value
+        and r.process == row.process):
+      return r
   return None
 
 
+def _sort_key(row: Row):
+  number = re.search(r'(\d+)$', row.config)
+  return SECTIONS.index(row.section), int(number.group(1)) if number else 0
+
+
+def _cross_notes(rows) -> list:
+  """The HyperLoRA rows against diffusers' plain LoRA step at the same batch (issue 20's
+  older target), where one process measured both."""
+  notes = []
+  for r in rows:
+    if r.section == 'hyper' and not r.baseline and r.value:
+      ref = _reference(rows, r, 'compiled', config='lora_' + r.config.split('_')[1])
+      if ref:
+        notes.append(f'{r.label}, {r.impl}: {r.value / ref.value:.2f}x {ref.impl}\'s plain '
+                     f'LoRA step at that batch ({ref.value:.1f} img/s, same process).')
+  return notes
+
+
 def format_table(rows, notes, peak_flops: float) -> str:
-  head = ('| config | implementation | throughput | vs diffusers compiled | '
-          'vs diffusers eager | MFU | peak memory | compile |')
+  head = ('| config | implementation | throughput or latency | vs torch compiled | '
+          'vs torch eager | MFU | peak memory | compile |')
   lines = [head, '|' + ' --- |' * 8]
-  order = {'lora': 0, 'hyper': 1, 'sample': 2}
-  rows = sorted(rows, key=lambda r: (order[r.config.split('_')[0]],
-                                     int(r.config.split('_')[1].lstrip('b'))))
+  rows = sorted(rows, key=_sort_key)
   for r in rows:
     cells = [r.label, r.impl]
     if r.value is None:
       cells += [r.status or '-'] + ['-'] * 5
     else:
       ratios = []
-      for impl in (COMPILED, EAGER):
-        ref = _reference(rows, r.config, impl)
-        ratios.append(f'{r.value / ref.value:.2f}x' if ref else '-')
-      mfu = (f'{100 * r.value * r.flops_per_item / peak_flops:.3g}%'
+      for baseline in ('compiled', 'eager'):
+        ref = _reference(rows, r, baseline)
+        ratios.append(f'{_rate(r) / _rate(ref):.2f}x' if ref else '-')
+      mfu = (f'{100 * _rate(r) * r.flops_per_item / peak_flops:.3g}%'
              if r.flops_per_item else '-')
       peak = '-' if r.peak_bytes is None else (
           f'{"" if r.peak_exact else "~"}{r.peak_bytes / GIB:.2f} GiB')
       comp = '-' if r.compile_s is None else f'{r.compile_s:.1f} s'
-      cells += [f'{r.value:.1f} {r.unit}'] + ratios + [mfu, peak, comp]
+      value = f'{r.value:.1f} {r.unit}' if r.unit != 'ms' else f'{r.value:.3g} ms'
+      cells += [value] + ratios + [mfu, peak, comp]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  notes = list(notes) + _cross_notes(rows)
   return '\n'.join(lines + [''] + [f'- {n}' for n in notes]) + '\n'
 
 
@@ -254,10 +383,148 @@ def _error_status(e: Exception) -> str:
   return 'error: ' + ' '.join(text.split())[:100].replace('|', '/')
 
 
-# ---------------------------------------------------------------- diffusers + peft
+# ---------------------------------------------------------------- FLOPs
+def _sub_jaxprs(value):
+  if isinstance(value, jax_core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, jax_core.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """Model FLOPs as torch.utils.flop_counter counts them: 2 x multiply-adds of every
+  matmul and convolution (an attention is its two matmuls); elementwise work is free.
+  A scan counts its body ``length`` times, a cond its dearest branch."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
+    if name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * out * math.prod(lhs[i] for i in contract)
+    elif name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape  # per output: in-features / groups x kernel window
+      total += 2 * out * math.prod(rhs[d] for d in eqn.params['dimension_numbers'].rhs_spec[1:])
+    else:
+      subs = [jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+      if name == 'cond':
+        total += max(subs, default=0.0)
+      else:
+        total += eqn.params.get('length', 1) * sum(subs) if name == 'scan' else sum(subs)
+  return total
+
+
+def flops(fn, *args) -> float:
+  """`jaxpr_flops` of fn(*args) (ShapeDtypeStructs do), traced, never compiled.
+
+  Not XLA's cost analysis: `Lowered.cost_analysis()` is None on GPUs (a PJRT plugin;
+  indexing it was the TypeError behind the old note's 0.00425 TFLOP per UNet forward),
+  the compiled program's misses the cuBLAS/cuDNN custom calls that do the work, and
+  neither counts a scan's body more than once.
+  """
+  return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _abstract_params(module, *inputs):
+  inputs = inputs or module.dummy_inputs()
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))['params']
+
+
+def model_flops(shapes: Shapes, hypernet_config) -> dict:
+  """Forward FLOPs per item of every model a section runs (float32 modules: their
+  attention is XLA's matmuls, which the count sees; cuDNN's is one opaque call).
+
+  'unet': one evaluation at batch 1; 'hypernet': per context image (its targets: every
+  cross-attention projection); 'text': one prompt; 'vae_decoder': one image.
+  """
+  f32 = jax.ShapeDtypeStruct
+  unet = unet_lib.from_config(shapes.unet)
+  unet_params = _abstract_params(unet)
+  added = {}
+  if shapes.pooled_dim:
+    added = dict(text_embeds=f32((1, shapes.pooled_dim), jnp.float32),
+                 time_ids=f32((1, unet_lib.NUM_TIME_IDS), jnp.float32))
+  counts = {'unet': flops(
+      lambda p, x, t, c, a: unet.apply({'params': p}, x, t, c, **a), unet_params,
+      f32((1, shapes.latent, shapes.latent, shapes.unet['in_channels']), jnp.float32),
+      f32((1,), jnp.int32), f32((1, shapes.text_len, shapes.text_dim), jnp.float32), added)}
+  targets = lora_lib.find_targets(unet_params, 'cross_attn')
+  net = hypernet.build(hypernet_config, targets, clip.vision_from_config(shapes.vit))
+  size = shapes.vit['image_size']
+  images = f32((1, size, size, 3), jnp.float32)
+  counts['hypernet'] = flops(lambda p, x: net.apply({'params': p}, x),
+                             _abstract_params(net, jnp.zeros((1, size, size, 3))), images)
+  if shapes.text:
+    text = clip.text_from_config(shapes.text)
+    counts['text'] = flops(lambda p, i: text.apply({'params': p}, i), _abstract_params(text),
+                           f32((1, shapes.text_len), jnp.int32))
+  if shapes.text:  # the families whose latency rows run the whole pipeline
+    vae = vae_lib.from_config(shapes.vae)
+    latents = f32((1, shapes.latent, shapes.latent, shapes.vae['latent_channels']),
+                  jnp.float32)
+    counts['vae_decoder'] = flops(lambda p, z: vae_lib.decode_latents(vae, p, z),
+                                  _abstract_params(vae), latents)
+  return counts
+
+
+def _work(row: Row, counts: dict, args) -> Optional[float]:
+  """FLOPs per item of a row, one accounting for both sides: a training image = 2 UNet
+  forwards (a frozen-weight backward ~ one forward) + 3 hypernetwork forwards where it
+  trains one; a sampling evaluation = 1 UNet forward; a batch-1 image = 2 x steps UNet
+  forwards + 2 text-tower forwards + the VAE decoder (+ the hypernetwork: ours)."""
+  unet = counts.get('unet')
+  if row.section in ('lora', 'sdxl_lora'):
+    return 2 * unet
+  if row.section == 'hyper':
+    return 2 * unet + 3 * counts['hypernet']
+  if row.section in ('sample', 'sdxl_sample'):
+    return unet
+  if row.section == 'latency':
+    image = 2 * args.latency_steps * unet + 2 * counts['text'] + counts['vae_decoder']
+    return image + (0 if row.baseline else counts['hypernet'])
+  return None
+
+
+# ---------------------------------------------------------------- the latency rows' folder
+def write_random_pipeline(shapes: Shapes, folder: str, rank: int) -> str:
+  """A diffusers SD folder with random weights (unet/, text_encoder/, tokenizer/,
+  scheduler/, vae/) and, beside its parts, a random rank-``rank`` LoRA on every
+  cross-attention projection as a diffusers file (our writer's): what both sides of
+  the latency rows load. Host work only (no device is touched); returns the folder."""
+  tokenizer = os.path.join(folder, 'tokenizer_source')
+  clip_folders.write_tokenizer(PROMPT.split(), tokenizer, max_length=shapes.text_len)
+  tok = clip_folders.load_tokenizer(tokenizer)
+  text_config = dict(shapes.text, max_position_embeddings=shapes.text_len,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+  unet_params = _random_params(_abstract_params(unet_lib.from_config(shapes.unet)), 0,
+                               np.float32, host=True)
+  text_params = _random_params(_abstract_params(clip.text_from_config(text_config)), 1,
+                               np.float32, host=True)
+  vae_params = _random_params(_abstract_params(vae_lib.from_config(shapes.vae)), 2,
+                              np.float32, host=True)
+  pipe = os.path.join(folder, 'pipeline')
+  pipeline.save_pipeline(pipe, unet_params, shapes.unet, text_params, text_config, tokenizer,
+                         diffusion.SD15_SCHEDULER_CONFIG)
+  pipeline.save_model(vae_params, dict(shapes.vae, _class_name='AutoencoderKL'),
+                      os.path.join(pipe, 'vae'), pipeline.UNET_WEIGHTS)
+  rng = np.random.default_rng(3)
+  lora = {t.path: {'down': rng.standard_normal((rank, t.d_in), np.float32) * t.d_in ** -0.5,
+                   'up': rng.standard_normal((t.d_out, rank), np.float32) * 0.1}
+          for t in lora_lib.find_targets(unet_params, 'cross_attn')}
+  lora_files.save_diffusers_lora(lora, os.path.join(pipe, LORA_FILE))
+  return pipe
+
+
+# ---------------------------------------------------------------- PyTorch
 class TorchBench:
   """diffusers' UNet2DConditionModel with peft LoRAs, as diffusers' training scripts
-  use them: bf16 frozen weights, fp32 LoRA params, autocast, SDPA attention."""
+  use them (bf16 frozen weights, fp32 LoRA params, autocast, SDPA attention); the
+  PyTorch peer of the HyperLoRA step; diffusers' StableDiffusionPipeline."""
 
   def __init__(self, args, shapes: Shapes):
     import diffusers  # pylint: disable=g-import-not-at-top
@@ -274,10 +541,11 @@ class TorchBench:
     torch.manual_seed(0)
 
   def versions(self) -> str:
+    import transformers  # pylint: disable=g-import-not-at-top
     t = self.torch
     where = t.cuda.get_device_name() if self.cuda else 'CPU'
     return (f'torch {t.__version__}, diffusers {self.diffusers.__version__}, '
-            f'peft {self.peft.__version__} on {where}')
+            f'peft {self.peft.__version__}, transformers {transformers.__version__} on {where}')
 
   def _sync(self, _=None):
     if self.cuda:
@@ -288,10 +556,22 @@ class TorchBench:
       model = self.diffusers.UNet2DConditionModel(**self.shapes.unet)
     return model.to(dtype=self.dtype)
 
-  def _compile(self, model, compiled):
+  def _compile(self, model, compiled, mode=None):
     if not compiled:
       return model
-    return self.torch.compile(model, mode=self.args.torch_compile_mode, dynamic=False)
+    return self.torch.compile(model, mode=mode or self.args.torch_compile_mode, dynamic=False)
+
+  def _added(self, batch: int):
+    """SDXL's added_cond_kwargs (pooled text embeds, time ids at the latents' pixels);
+    None for SD."""
+    s = self.shapes
+    if not s.pooled_dim:
+      return None
+    ids = self.torch.tensor([s.pixels, s.pixels, 0, 0, s.pixels, s.pixels],
+                            dtype=self.dtype, device=self.device)
+    return {'text_embeds': self.torch.randn(batch, s.pooled_dim, device=self.device,
+                                            dtype=self.dtype),
+            'time_ids': ids.repeat(batch, 1)}
 
   def _reset_peak(self):
     gc.collect()
@@ -308,24 +588,15 @@ class TorchBench:
     if self.cuda:
       self.torch.cuda.empty_cache()
 
-  def lora_train(self, row: Row, batch: int, compiled: bool):
+  def _time_train(self, row: Row, forward, params, batch: int, compiled: bool):
+    """Times the training step every torch row shares: noise at random timesteps,
+    forward(noisy, t) under autocast, eps MSE, AdamW with grad-norm clipping 1.0."""
     torch, args, s = self.torch, self.args, self.shapes
-    model = self._unet()
-    model.requires_grad_(False)
-    model.add_adapter(self.peft.LoraConfig(
-        r=args.rank, lora_alpha=args.rank, init_lora_weights='gaussian',
-        target_modules=list(ATTN_TARGETS)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # diffusers' cast_training_params: fp32 master LoRA weights
-      p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=1e-2)
-    net = self._compile(model, compiled)
     scheduler = self.diffusers.DDPMScheduler.from_config(diffusion.SD15_SCHEDULER_CONFIG)
     latents = torch.randn(batch, s.unet['in_channels'], s.latent, s.latent,
                           device=self.device)
-    text = torch.randn(batch, s.text_len, s.text_dim, device=self.device,
-                       dtype=self.dtype)
 
     def step():
       noise = torch.randn_like(latents)
@@ -334,7 +605,7 @@ class TorchBench:
       noisy = scheduler.add_noise(latents, noise, t)
       with torch.autocast(self.device, dtype=self.dtype,
                           enabled=self.dtype != torch.float32):
-        pred = net(noisy, t, text, return_dict=False)[0]
+        pred = forward(noisy, t)
       loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
       loss.backward()
       torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -347,7 +618,47 @@ class TorchBench:
     row.compile_s = first - per_step if compiled else None
     row.peak_bytes = self._peak()
 
-  def sample(self, row: Row, images: int, compiled: bool):
+  def lora_train(self, row: Row, batch: int, compiled: bool):
+    args, s = self.args, self.shapes
+    model = self._unet()
+    model.requires_grad_(False)
+    model.add_adapter(self.peft.LoraConfig(
+        r=args.rank, lora_alpha=args.rank, init_lora_weights='gaussian',
+        target_modules=list(ATTN_TARGETS)))
+    if args.torch_checkpointing:
+      model.enable_gradient_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # diffusers' cast_training_params: fp32 master LoRA weights
+      p.data = p.data.float()
+    net = self._compile(model, compiled)
+    text = self.torch.randn(batch, s.text_len, s.text_dim, device=self.device,
+                            dtype=self.dtype)
+    added = self._added(batch)
+    self._time_train(row, lambda noisy, t: net(noisy, t, text, added_cond_kwargs=added,
+                                               return_dict=False)[0],
+                     params, batch, compiled)
+
+  def hyper_train(self, row: Row, batch: int, compiled: bool):
+    """The PyTorch peer (benchmarks/torch_peer.py): the ViT, decoder and gamma train in
+    fp32 master weights under autocast; the UNet is frozen in --dtype."""
+    from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
+    torch, args, s = self.torch, self.args, self.shapes
+    unet = self._unet()
+    if args.torch_checkpointing:
+      unet.enable_gradient_checkpointing()
+    peer = torch_peer.HyperLoRA(unet, s.vit, s.decoder, args.rank).to(self.device)
+    params = [p for p in peer.parameters() if p.requires_grad]
+    net = self._compile(peer, compiled)
+    size = s.vit['image_size']
+    mean = torch.tensor(clip.CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+    std = torch.tensor(clip.CLIP_STD, device=self.device).view(1, 3, 1, 1)
+    pixels = (torch.rand(batch, 3, size, size, device=self.device) - mean) / std
+    text = torch.randn(batch, s.text_len, s.text_dim, device=self.device, dtype=self.dtype)
+    added = self._added(batch)
+    self._time_train(row, lambda noisy, t: net(pixels, noisy, t, text, added),
+                     params, batch, compiled)
+
+  def sample(self, row: Row, images: int, steps: int, compiled: bool):
     torch, args, s = self.torch, self.args, self.shapes
     model = self._unet()
     model.requires_grad_(False)
@@ -361,13 +672,15 @@ class TorchBench:
                       device=self.device)
     text = torch.randn(2 * images, s.text_len, s.text_dim, device=self.device,
                        dtype=self.dtype)  # (uncond, cond), as the pipeline
+    added = self._added(2 * images)
 
     @torch.inference_mode()
     def run():
-      scheduler.set_timesteps(args.sample_steps, device=self.device)
+      scheduler.set_timesteps(steps, device=self.device)
       x = x_T
       for t in scheduler.timesteps:
-        out = net(torch.cat([x, x]).to(self.dtype), t, text, return_dict=False)[0]
+        out = net(torch.cat([x, x]).to(self.dtype), t, text, added_cond_kwargs=added,
+                  return_dict=False)[0]
         uncond, cond = out.float().chunk(2)
         eps = uncond + args.guidance * (cond - uncond)
         x = scheduler.step(eps, t, x, return_dict=False)[0]
@@ -375,8 +688,50 @@ class TorchBench:
 
     self._reset_peak()
     first, per_run = _measure(run, self._sync, 1, args.sample_runs)
-    row.value = 2 * images * args.sample_steps / per_run
+    row.value = 2 * images * steps / per_run
     row.compile_s = first - per_run if compiled else None
+    row.peak_bytes = self._peak()
+
+  def latency(self, row: Row, folder: str, compiled: bool):
+    """StableDiffusionPipeline on the latency folder in --dtype, its LoRA file loaded,
+    fused and unloaded (no LoRA layers left); compiled: the UNet and the VAE decoder in
+    channels_last under torch.compile(--latency_compile_mode, fullgraph), as diffusers'
+    speed guide does. One image per call, decoded (output_type='pt')."""
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch, d, args = self.torch, self.diffusers, self.args
+    part = lambda name: os.path.join(folder, name)
+    dtype = dict(torch_dtype=self.dtype)
+    pipe = d.StableDiffusionPipeline(
+        vae=d.AutoencoderKL.from_pretrained(part('vae'), **dtype),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(part('text_encoder'), **dtype),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(part('tokenizer')),
+        unet=d.UNet2DConditionModel.from_pretrained(part('unet'), **dtype),
+        scheduler=d.DDIMScheduler.from_pretrained(part('scheduler')),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipe.to(self.device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(part(LORA_FILE))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay
+    if compiled:
+      mode = args.latency_compile_mode
+      for model in (pipe.unet, pipe.vae):
+        model.to(memory_format=torch.channels_last)
+      pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+      pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
+    size = self.shapes.pixels
+    generator = torch.Generator(self.device)
+
+    @torch.inference_mode()
+    def run():
+      return pipe(PROMPT, height=size, width=size, num_inference_steps=args.latency_steps,
+                  guidance_scale=args.guidance, generator=generator.manual_seed(0),
+                  output_type='pt').images
+
+    self._reset_peak()
+    first, per_image = _measure(run, self._sync, args.latency_warmup, args.latency_runs)
+    row.value = 1000 * per_image
+    row.compile_s = first - per_image if compiled else None
     row.peak_bytes = self._peak()
 
 
@@ -387,12 +742,12 @@ _ATTENTION = {'implementation': None, 'fallbacks': []}
 
 
 def _use_attention(implementation: str) -> None:
-  """Makes every jax.nn.dot_product_attention call use ``implementation``.
+  """Makes the jax.nn.dot_product_attention calls use ``implementation``.
 
-  The UNet and the CLIP tower call jax.nn.dot_product_attention without naming an
-  implementation, and JAX then picks XLA's (which writes the [B, heads, 4096, 4096]
-  logits at 64x64 latents) rather than cuDNN's fused flash attention. A call that
-  cuDNN refuses while tracing (dtype, head dim) stays on XLA's, and is noted.
+  The UNet names its own (`unet.attention_implementation`: cuDNN where it applies on a
+  GPU); the CLIP towers name none, and JAX then picks XLA's. 'cudnn' gives those the
+  UNet's rule; 'xla' overrides every call, the UNet's too; 'default' leaves JAX's
+  choice. A call that cuDNN refuses while tracing stays on XLA's, and is noted.
   """
   first = _ATTENTION['implementation'] is None
   _ATTENTION['implementation'] = None if implementation == 'default' else implementation
@@ -403,9 +758,11 @@ def _use_attention(implementation: str) -> None:
   @functools.wraps(original)
   def attention(query, key, value, *args, **kwargs):
     implementation = _ATTENTION['implementation']
+    if implementation == 'xla':
+      return original(query, key, value, *args, **dict(kwargs, implementation='xla'))
     if kwargs.get('implementation') is not None or implementation is None:
       return original(query, key, value, *args, **kwargs)
-    if implementation == 'cudnn' and unet_lib.attention_implementation(
+    if unet_lib.attention_implementation(
         query.dtype, query.shape[-1], query.shape[-3], key.shape[-3]) != 'cudnn':
       # cuDNN's backward refuses these lengths (the ViT's 257 tokens, the 77 text
       # tokens), and it fails under jax.grad/scan where the except below cannot see it.
@@ -437,22 +794,10 @@ def _planned_bytes(compiled) -> Optional[float]:
     return None
 
 
-def _flops(fn, *args) -> Optional[float]:
-  """XLA's FLOP count of fn(*args) (arrays or ShapeDtypeStructs), unoptimized HLO."""
-  lowered = jax.jit(fn).lower(*args)
-  for stage in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
-    try:
-      cost = stage()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      return float(cost['flops'])
-    except Exception as e:  # pylint: disable=broad-except
-      print(f'XLA cost analysis: {type(e).__name__}: {e}')
-  return None
-
-
-def _random_params(shapes, seed: int, dtype=None):
+def _random_params(shapes, seed: int, dtype=None, host: bool = False):
   """Random params of these shapes, made on the host in a few seconds (a jitted
-  init of the SD UNet compiles for longer; throughput does not depend on values).
+  init of the SD UNet compiles for longer; throughput does not depend on values);
+  numpy arrays with ``host``, else device arrays.
 
   Kernels ~ N(0, 1 / fan_in), cut from one pool of normals at random offsets;
   LayerNorm/GroupNorm scales 1; biases and the rest 0.
@@ -469,65 +814,71 @@ def _random_params(shapes, seed: int, dtype=None):
     else:
       name = getattr(path[-1], 'key', '')
       value = np.full(shape.shape, 1 if name == 'scale' else 0, dt)
-    return jnp.asarray(value)
+    return value if host else jnp.asarray(value)
 
   return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def _hypernet_config(config, shapes: Shapes, args) -> None:
+  """The benchmark's hypernetwork in ``config.hypernet``: the ViT encoder, the
+  transformer decoder, a plain rank-``--rank`` LoRA (in place)."""
+  if args.encoder_remat:
+    config.hypernet.encoder.remat = args.encoder_remat
+  config.hypernet.encoder.update(kind='vit', vit=dict(shapes.vit))
+  config.hypernet.decoder.update(kind='transformer', **shapes.decoder)
+  config.hypernet.param.update(kind='plain', rank=args.rank)
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+
+
 class JaxBench:
-  """Our UNet (frozen, shared by every config), hypernetwork and train step."""
+  """Our UNet (frozen, shared by a family's configs), hypernetwork and train step."""
 
   def __init__(self, args, shapes: Shapes):
     self.args, self.shapes = args, shapes
     self.dtype = jnp.dtype(args.dtype)
     self.module = unet_lib.from_config(shapes.unet, dtype=self.dtype)
     self.schedule = diffusion.load_schedule()  # SD1.5's
-    shapes_ = jax.eval_shape(lambda: self.module.init(
-        jax.random.key(0), *self.module.dummy_inputs())['params'])
-    self.unet_params = _random_params(shapes_, 0, args.unet_param_dtype)
     self.config = defaults.get_config('hyperlora')
     c = self.config
     c.train.remat = args.remat
-    if args.encoder_remat:
-      c.hypernet.encoder.remat = args.encoder_remat
     c.lora.update(rank=args.rank, alpha=float(args.rank))
-    c.hypernet.encoder.update(kind='vit', vit=dict(shapes.vit))
-    c.hypernet.decoder.update(kind='transformer', **shapes.decoder)
-    c.hypernet.param.update(kind='plain', rank=args.rank)
-    self.hyper_flops = None  # XLA's count of one hypernetwork forward, per image
+    _hypernet_config(c, shapes, args)
+    self._latency_run = None
+
+  @functools.cached_property
+  def unet_params(self):
+    return _random_params(_abstract_params(self.module), 0, self.args.unet_param_dtype)
 
   # --- pieces
-  def unet_flops(self) -> Optional[float]:
-    s = self.shapes
-    params = jax.eval_shape(lambda: self.unet_params)
-    x = jax.ShapeDtypeStruct((1, s.latent, s.latent, s.unet['in_channels']), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    text = jax.ShapeDtypeStruct((1, s.text_len, s.text_dim), self.dtype)
-    return _flops(lambda p, x, t, c: self.module.apply({'params': p}, x, t, c),
-                  params, x, t, text)
-
   def _hypernet(self, targets):
     """(module, fp32 params) with a --dtype ViT tower."""
     tower = clip.vision_from_config(self.shapes.vit, dtype=self.dtype)
     net = hypernet.build(self.config.hypernet, targets, tower)
     size = self.shapes.vit['image_size']
-    images = jnp.zeros((1, size, size, 3))
-    variables = jax.eval_shape(net.init, jax.random.key(2), images)
+    variables = jax.eval_shape(net.init, jax.random.key(2), jnp.zeros((1, size, size, 3)))
     assert set(variables) == {'params'}, 'plain LoRA has no aux variables'
-    params = _random_params(variables['params'], 2)
-    if self.hyper_flops is None:
-      self.hyper_flops = _flops(lambda p, x: net.apply({'params': p}, x), params, images)
-    return net, params
+    return net, _random_params(variables['params'], 2)
+
+  def _time_ids(self, batch: int):
+    p = self.shapes.pixels
+    return jnp.tile(jnp.asarray([[p, p, 0, 0, p, p]], jnp.float32), (batch, 1))
 
   def _batch(self, batch: int, rng=3):
     s = self.shapes
-    k1, k2, k3 = jax.random.split(jax.random.key(rng), 3)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(rng), 4)
     size = s.vit['image_size']  # context images at the tower's size: no resize
-    return {
+    out = {
         'latents': jax.random.normal(k1, (batch, s.latent, s.latent, s.unet['in_channels'])),
         'text': jax.random.normal(k2, (batch, s.text_len, s.text_dim), self.dtype),
         'images': jax.random.uniform(k3, (batch, size, size, 3), minval=-1, maxval=1),
     }
+    if s.pooled_dim:  # SDXL's added conditioning
+      out['added'] = {'text_embeds': jax.random.normal(k4, (batch, s.pooled_dim), self.dtype),
+                      'time_ids': self._time_ids(batch)}
+    return out
 
   def _eps_loss(self, unet_params, lora, batch, rng):
     """The objectives' diffusion loss on given latents and text states: eps MSE, random t."""
@@ -537,7 +888,7 @@ class JaxBench:
     noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
     pred = self.module.apply({'params': unet_params},
                              diffusion.add_noise(self.schedule, x0, noise, t), t,
-                             batch['text'], lora=lora)
+                             batch['text'], lora=lora, **batch.get('added', {}))
     target = diffusion.training_target(self.schedule, x0, noise, t)
     return diffusion.diffusion_loss(pred, target, t, self.schedule).mean()
 
@@ -565,14 +916,14 @@ class JaxBench:
     row.value = batch['latents'].shape[0] / per_step
     planned = _planned_bytes(compiled)
     if args.profile_dir:
-      self._profile(name, one)
+      self._profile(name, one, calls=2)
     return planned
 
-  def _profile(self, name: str, fn):
+  def _profile(self, name: str, fn, calls: int = 1):
     # The perfetto JSON beside the xplane is what benchmarks/trace_summary.py reads.
     with jax.profiler.trace(os.path.join(self.args.profile_dir, name),
                             create_perfetto_trace=True):
-      for _ in range(1 if name.startswith('sample') else 2):
+      for _ in range(calls):
         out = fn()
       jax.block_until_ready(out)
 
@@ -600,35 +951,136 @@ class JaxBench:
 
     return self._run_train(row, row.config, loss_fn, trainable, self._batch(batch_size))
 
-  def sample(self, row: Row, images: int):
+  def sample(self, row: Row, images: int, steps: int):
     args, s = self.args, self.shapes
     targets = lora_lib.find_targets(self.unet_params, 'cross_attn')
     net, hyper_params = self._hypernet(targets)
     batch = self._batch(images)
-    uncond = jax.random.normal(jax.random.key(5), (images, s.text_len, s.text_dim),
-                               self.dtype)
+    uncond = self._batch(images, rng=5)  # random stand-ins for the empty prompt's states
+    both = lambda key: jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond[key],
+                                    batch[key])
     x_T = diffusion.init_noise(jax.random.key(6), batch['latents'].shape)
 
-    def sample_fn(unet_params, hyper_params, context_images, text, uncond, x_T):
+    def sample_fn(unet_params, hyper_params, context_images, text, added, x_T):
       tree = net.apply({'params': hyper_params}, context_images)  # a LoRA per image
       # The doubled (uncond, cond) batch: each image's LoRA on both of its halves.
-      tree = jax.tree.map(lambda a: jnp.concatenate([a, a]) if a.ndim else a, tree)
-      text2 = jnp.concatenate([uncond, text])
-      model_fn = lambda x, t: self.module.apply({'params': unet_params}, x, t, text2,
-                                                lora=tree)
-      return diffusion.sample(model_fn, self.schedule, x_T, args.sample_steps, 'ddim',
+      tree = lora_lib.tile_samples(tree, 2)
+      model_fn = lambda x, t: self.module.apply({'params': unet_params}, x, t, text,
+                                                lora=tree, **added)
+      return diffusion.sample(model_fn, self.schedule, x_T, steps, 'ddim',
                               guidance_scale=args.guidance)
 
-    inputs = (self.unet_params, hyper_params, batch['images'], batch['text'], uncond, x_T)
+    inputs = (self.unet_params, hyper_params, batch['images'], both('text'),
+              both('added') if s.pooled_dim else {}, x_T)
     start = time.perf_counter()
     compiled = jax.jit(sample_fn).lower(*inputs).compile()
     row.compile_s = time.perf_counter() - start
     run = lambda: compiled(*inputs)
     _, per_run = _measure(run, jax.block_until_ready, 1, args.sample_runs)
-    row.value = 2 * images * args.sample_steps / per_run
+    row.value = 2 * images * steps / per_run
     if args.profile_dir:
       self._profile(row.config, run)
     return _planned_bytes(compiled)
+
+  def latency_run(self, folder: str) -> runs.Run:
+    """The latency folder as a hyperlora run (`objectives.build`, as a user's config with
+    model.pretrained does; the hypernetwork untrained), its frozen base weights stored
+    as --unet_param_dtype like diffusers' pipeline in torch_dtype."""
+    if self._latency_run is None:
+      c = defaults.get_config('hyperlora')
+      c.model.update(pretrained=folder, targets='cross_attn')
+      c.data.resolution = self.shapes.pixels
+      c.train.compute_dtype = self.args.dtype
+      _hypernet_config(c, self.shapes, self.args)
+      objective = objectives.build(c, jax.random.key(0))
+      dtype = jnp.dtype(self.args.unet_param_dtype)
+      frozen = {k: v if k == 'hypernet' else _cast(v, dtype)
+                for k, v in objective.frozen.items()}
+      self._latency_run = runs.Run(c, objective._replace(trainable=None, frozen=frozen),
+                                   objective.trainable)
+    return self._latency_run
+
+  def _context(self):
+    p = self.shapes.pixels
+    return jax.random.uniform(jax.random.key(7), (1, p, p, 3), minval=-1, maxval=1)
+
+  def latency(self, row: Row, folder: str):
+    """`sample.generate` for one context image and prompt: its first call compiles."""
+    args, run, context = self.args, self.latency_run(folder), self._context()
+    generate = lambda: sample.generate(run, context, [PROMPT], num_steps=args.latency_steps,
+                                       guidance=args.guidance, sampler='ddim')
+    first, per_image = _measure(generate, jax.block_until_ready, args.latency_warmup,
+                                args.latency_runs)
+    row.value, row.compile_s = 1000 * per_image, first - per_image
+    if args.profile_dir:
+      self._profile(row.config, generate)
+
+  def latency_parts(self, folder: str, make_row) -> list:
+    """Rows of ours at batch 1 by part, each jitted alone: where `latency`'s time goes.
+    ``make_row(name)`` gives an empty row for a part."""
+    args, run, context = self.args, self.latency_run(folder), self._context()
+    models, frozen, params = run.objective.models, run.objective.frozen, run.params
+    base = run.objective.base(params, frozen)
+    steps, size = args.latency_steps, self.shapes.pixels
+    ids = tuple(jnp.asarray(np.concatenate(pair)) for pair in
+                zip(objectives.tokenize(models, ['']), objectives.tokenize(models, [PROMPT])))
+    extra = objectives.time_ids(models.unet, size)
+    hyper = jax.jit(lambda p, f, x: run.objective.lora(p, f, {'context': x}))
+    text = jax.jit(lambda b, i: objectives.encode_prompts(models.text_towers, b, i))
+    tree = hyper(params, frozen, context)
+    both = lora_lib.tile_samples(tree, 2)  # the [uncond; cond] batch's factors
+    cond = text(base, ids)
+    factor = runs.latent_factor(models)
+    noise = jax.random.normal(jax.random.key(8), (1, size // factor, size // factor,
+                                                  models.unet_config['in_channels']))
+
+    @jax.jit
+    def loop(unet_params, lora, cond, noise):
+      unet = lambda x, t: models.unet.apply({'params': unet_params}, x, t, lora=lora,
+                                            **cond, **extra)
+      return diffusion.sample(unet, models.schedule, noise, steps, 'ddim', args.guidance)
+
+    @jax.jit
+    def merge(unet_params, tree):  # a batch-1 LoRA is one LoRA: into the kernels
+      plain = {p: lora_lib.to_plain(f) for p, f in tree.items()}
+      return lora_lib.merge(unet_params, {p: {k: v[0] for k, v in f.items()}
+                                          for p, f in plain.items()})
+
+    one_eval = jax.jit(lambda p, lora, cond, x, t: models.unet.apply(
+        {'params': p}, x, t, lora=lora, **cond, **extra))
+    decode = jax.jit(lambda p, z: vae_lib.decode_latents(models.vae, p, z))
+    merged = merge(base['unet'], tree)
+    fp32 = _cast(base['unet'], jnp.float32)
+    x2, t = jnp.concatenate([noise, noise]), jnp.asarray(500)
+    parts = [
+        ('tokenize the prompts (host)', lambda: objectives.tokenize(models, ['', PROMPT]), 1),
+        ('hypernetwork: context -> LoRA', lambda: hyper(params, frozen, context), 1),
+        ('text tower: [empty; prompt]', lambda: text(base, ids), 1),
+        (f'sampler loop ({steps} steps), per-sample LoRA',
+         lambda: loop(base['unet'], both, cond, noise), 1),
+        ('sampler loop, the LoRA merged into the weights',
+         lambda: loop(merged, None, cond, noise), 1),
+        ('sampler loop, no LoRA', lambda: loop(base['unet'], None, cond, noise), 1),
+        ('sampler loop, per-sample LoRA, fp32-stored UNet weights',
+         lambda: loop(fp32, both, cond, noise), 1),
+        (f'one UNet evaluation (batch 2, per-sample LoRA) x {steps}',
+         lambda: one_eval(base['unet'], both, cond, x2, t), steps),
+        ('merge the LoRA into the weights', lambda: merge(base['unet'], tree), 1),
+        ('VAE decoder', lambda: decode(frozen['vae'], noise), 1),
+    ]
+    out = []
+    for name, fn, times in parts:
+      row = make_row(name)
+      _log(f'{row.config}: {name} ...')
+      try:
+        _, per_call = _measure(fn, jax.block_until_ready, args.latency_warmup,
+                               args.latency_runs)
+        row.value = 1000 * per_call * times  # (some parts share compiled programs)
+      except Exception as e:  # pylint: disable=broad-except
+        traceback.print_exc()
+        row.status = _error_status(e)
+      out.append(row)
+    return out
 
 
 def _run_ours(row: Row, fn, *fn_args):
@@ -673,6 +1125,97 @@ def _run_torch(bench: TorchBench, row: Row, fn, *fn_args):
 
 
 # ---------------------------------------------------------------- main
+def _family(section: str) -> str:
+  return 'sdxl' if section in SDXL_SECTIONS else 'sd15'
+
+
+def _sizes(section: str, args) -> list:
+  """The configs of a section: batch sizes, image counts, or 1."""
+  return {'lora': sorted(args.batch_sizes), 'sdxl_lora': sorted(args.sdxl_batch_sizes),
+          'hyper': [args.hyper_batch], 'sample': [args.sample_images],
+          'sdxl_sample': [args.sdxl_sample_images]}.get(section, [1])
+
+
+def _sample_steps(section: str, args) -> int:
+  return args.sdxl_sample_steps if section == 'sdxl_sample' else args.sample_steps
+
+
+def _job(bench, section: str, n: int, folder: Optional[str], args):
+  """fn(row, *more) running one row of ``section`` at ``n`` on ``bench`` (for a
+  TorchBench, ``more`` is ``compiled``); None where the bench has no such row."""
+  if section in ('lora', 'sdxl_lora'):
+    return lambda row, *more: bench.lora_train(row, n, *more)
+  if section == 'hyper':
+    return lambda row, *more: bench.hyper_train(row, n, *more)
+  if section in ('sample', 'sdxl_sample'):
+    return lambda row, *more: bench.sample(row, n, _sample_steps(section, args), *more)
+  if section == 'latency':
+    return lambda row, *more: bench.latency(row, folder, *more)
+  return None  # latency_parts: ours only (JaxBench.latency_parts)
+
+
+def _torch_rows(args, shapes: dict, folder, rows, notes) -> None:
+  """Every selected PyTorch row, eager ones first; their memory is given back before
+  JAX takes its own."""
+  for family, s in shapes.items():
+    try:
+      bench = TorchBench(args, s)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'PyTorch rows skipped: cannot import torch/diffusers/peft ({e}).')
+      notes.append(f'PyTorch rows skipped: import failed ({type(e).__name__}: {e}).')
+      return
+    if not any(n.startswith('torch ') for n in notes):
+      notes.append(bench.versions() + '.')
+    compile_skip = ('skipped (flag)' if args.skip_compile_torch else
+                    None if bench.cuda else 'skipped (CPU)')
+    jobs = [(section, n, fn) for section in SECTIONS
+            if section in args.only and _family(section) == family
+            for n in _sizes(section, args)
+            if (fn := _job(bench, section, n, folder, args)) is not None]
+    for compiled in (False, True):
+      for section, n, fn in jobs:
+        impl = TORCH_IMPLS[section][compiled]
+        if compiled and section == 'latency':
+          impl += f' ({args.latency_compile_mode})'
+        row = _row(section, n, impl, args, 'compiled' if compiled else 'eager')
+        rows.append(row)
+        if compiled and compile_skip:
+          row.status = compile_skip
+          continue
+        _log(f'{row.config}: {row.impl} ...')
+        _run_torch(bench, row, fn, compiled)
+        _log(f'{row.config}: {row.impl}: {row.value or row.status}')
+        _save(args, rows, notes)
+
+
+# Ours in the order of their expected peaks (smallest first), so that each config's
+# process peak is its own.
+_OUR_ORDER = ('sample', 'latency', 'latency_parts', 'lora', 'hyper', 'sdxl_sample',
+              'sdxl_lora')
+
+
+def _our_rows(args, shapes: dict, folder, rows, notes) -> None:
+  for family, s in shapes.items():
+    bench = JaxBench(args, s)
+    for section in _OUR_ORDER:
+      if section not in args.only or _family(section) != family:
+        continue
+      if section == 'latency_parts':
+        make_row = lambda name: dataclasses.replace(_row(section, 1, '', args), impl=name)
+        rows += bench.latency_parts(folder, make_row)
+        _save(args, rows, notes)
+        continue
+      for n in _sizes(section, args):
+        row = _row(section, n, OURS[section], args)
+        _log(f'{row.config}: {row.impl} ...')
+        _run_ours(row, _job(bench, section, n, folder, args))
+        _log(f'{row.config}: {row.impl}: {row.value or row.status}')
+        rows.append(row)
+        _save(args, rows, notes)
+    del bench  # its UNet params go back to JAX's pool for the next family
+    gc.collect()
+
+
 def run(args):
   """Runs the selected rows; returns (rows, notes)."""
   if args.xla_flags:
@@ -685,104 +1228,107 @@ def run(args):
   if attention == 'auto':
     attention = 'cudnn' if device.platform == 'gpu' else 'xla'
   _use_attention(attention)
-  shapes = _shapes(args)
+  families = [f for f in ('sd15', 'sdxl') if any(_family(s) == f for s in args.only)]
+  shapes = {f: _shapes(args, f) for f in families}
+  config = defaults.get_config('hyperlora')
+  counts = {}
+  for family in families:
+    _hypernet_config(config, shapes[family], args)
+    counts[family] = model_flops(shapes[family], config.hypernet)
+    _log(f'{shapes[family].name}: forward FLOPs per item '
+         + ', '.join(f'{k} {v / 1e12:.4g} T' for k, v in counts[family].items()))
   rows = []
   notes = [f'JAX {jax.__version__} on {device.device_kind} ({device.platform}), Python '
            f'{platform.python_version()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}.']
-  hyper_cfg, sample_cfg = f'hyper_b{args.hyper_batch}', f'sample_{args.sample_images}'
-
-  # diffusers first: their memory is given back before JAX takes its own.
-  torch_bench = None
-  if not args.skip_torch:
-    try:
-      torch_bench = TorchBench(args, shapes)
-      notes.append(torch_bench.versions() + '.')
-    except Exception as e:  # pylint: disable=broad-except
-      print(f'diffusers/peft rows skipped: cannot import them ({e}).')
-      notes.append(f'diffusers rows skipped: import failed ({type(e).__name__}: {e}).')
-  if torch_bench is not None:
-    compile_skip = ('skipped (flag)' if args.skip_compile_torch else
-                    None if torch_bench.cuda else 'skipped (CPU)')
-    jobs = []
-    if 'lora' in args.only:
-      jobs += [(f'lora_b{b}', torch_bench.lora_train, b) for b in args.batch_sizes]
-    if 'sample' in args.only:
-      jobs.append((sample_cfg, torch_bench.sample, args.sample_images))
-    for compiled in (False, True):
-      for config, fn, n in jobs:
-        row = _row(config, COMPILED if compiled else EAGER, args)
-        rows.append(row)
-        if compiled and compile_skip:
-          row.status = compile_skip
-          continue
-        _log(f'{config}: {row.impl} ...')
-        _run_torch(torch_bench, row, fn, n, compiled)
-        _log(f'{config}: {row.impl}: {row.value or row.status}')
-        _save(args, rows, notes)
-
-  # Ours, in the order of their expected peaks (smallest first), so that each
-  # config's process peak is its own.
-  bench = JaxBench(args, shapes)
-  xla_unet_flops = bench.unet_flops()
-  _log(f'our UNet built; XLA counts {xla_unet_flops} FLOPs per forward at batch 1')
-  unet_flops = xla_unet_flops if args.tiny else args.unet_flops
-  jobs = []
-  if 'sample' in args.only:
-    jobs.append((_row(sample_cfg, OURS_SAMPLE, args), bench.sample, args.sample_images))
-  if 'lora' in args.only:
-    jobs += [(_row(f'lora_b{b}', OURS, args), bench.lora_train, b)
-             for b in sorted(args.batch_sizes)]
-  if 'hyper' in args.only:
-    jobs.append((_row(hyper_cfg, OURS, args), bench.hyper_train, args.hyper_batch))
-  for row, fn, n in jobs:
-    _log(f'{row.config}: {row.impl} ...')
-    _run_ours(row, fn, n)
-    _log(f'{row.config}: {row.impl}: {row.value or row.status}')
-    rows.append(row)
-    _save(args, rows, notes)
-
-  # FLOPs per item: an image for training, a UNet evaluation for sampling.
+  scratch = folder = None
+  if args.only & {'latency', 'latency_parts'}:
+    scratch = tempfile.mkdtemp(prefix='hyperlora_bench_')
+    _log('writing the latency rows\' random-weight SD folder ...')
+    folder = write_random_pipeline(shapes['sd15'], scratch, args.rank)
+  try:
+    if not args.skip_torch:
+      _torch_rows(args, shapes, folder, rows, notes)
+    _our_rows(args, shapes, folder, rows, notes)
+  finally:
+    if scratch:
+      shutil.rmtree(scratch, ignore_errors=True)
   for row in rows:
-    if unet_flops:
-      row.flops_per_item = unet_flops if row.unit == 'evals/s' else 2 * unet_flops
-      if row.config.startswith('hyper') and bench.hyper_flops:
-        row.flops_per_item += 3 * bench.hyper_flops  # trainable: fwd + 2x for bwd
-  tflop = lambda f: f'{f / 1e12:.3g} TFLOP' if f else 'n/a'
-  d = shapes.decoder
+    row.flops_per_item = _work(row, counts[_family(row.section)], args)
+  return rows, notes + _notes(args, shapes, counts, attention, config)
+
+
+def _notes(args, shapes: dict, counts: dict, attention: str, config) -> list:
+  """What each row runs and how it is counted, for the sections that ran."""
+  only, notes = args.only, []
+  tflop = lambda f: f'{f / 1e12:.4g} TFLOP'
+  for family, s in shapes.items():
+    added = (f', pooled text {s.pooled_dim} + 6 time ids ({s.pixels} px)' if s.pooled_dim
+             else '')
+    notes.append(
+        f'{s.name} UNet with random weights: latents {s.latent}x{s.latent}x4, text '
+        f'{s.text_len}x{s.text_dim}{added}; {args.dtype} compute, our frozen weights '
+        f'stored as {args.unet_param_dtype}; our attention: jax.nn.dot_product_attention '
+        f'({attention!r}); remat={args.remat!r}, ViT encoder remat='
+        f'{config.hypernet.encoder.remat!r}.' + _fallback_note())
+  d, vit = shapes[next(iter(shapes))].decoder, shapes[next(iter(shapes))].vit
+  hyper = (f'a ViT encoder ({vit["num_hidden_layers"]}x{vit["hidden_size"]} at '
+           f'{vit["image_size"]} px) and a transformer decoder (width {d["width"]}, depth '
+           f'{d["depth"]}, {d["rounds"]} rounds) predict a rank-{args.rank} LoRA per image '
+           'on every cross-attention projection')
+  if only & {'lora', 'sdxl_lora'}:
+    notes.append(
+        f'LoRA rows: rank {args.rank} (alpha {args.rank}) on to_q/to_k/to_v/to_out of every '
+        'self- and cross-attention, eps MSE at random timesteps, AdamW + grad-norm clip '
+        f'1.0; diffusers as its train_text_to_image_lora.py ({args.dtype} frozen weights, '
+        f'fp32 LoRA, autocast, SDPA{", gradient checkpointing" * args.torch_checkpointing}).')
+  if 'hyper' in only:
+    notes.append(
+        f'HyperLoRA rows: {hyper} (trainable), through the frozen UNet. The PyTorch peer '
+        '(benchmarks/torch_peer.py) is the same step as a PyTorch user writes it: '
+        "transformers' CLIPVisionModel (SDPA), a torch decoder of our decoder's design and "
+        "size, diffusers' UNet whose attention processors add each sample's LoRA (einsums "
+        'over the batch), fp32 master weights, bf16 autocast, AdamW; its MFU counts the '
+        'same FLOPs as ours.')
+  if only & {'sample', 'sdxl_sample'}:
+    notes.append(
+        f'Sampling: DDIM, guidance {args.guidance}; ours: one jit with the hypernetwork '
+        '(a LoRA per image: ' + hyper + ') and a lax.scan over steps; diffusers: its UNet '
+        'in a Python loop with DDIMScheduler and one shared, unfused peft LoRA on the '
+        'cross-attention projections. Evaluations/s = 2 (CFG) x images x steps / s.')
+  if only & {'latency', 'latency_parts'}:
+    s = shapes['sd15']
+    notes.append(
+        f'Batch-1 image ({s.pixels} px, DDIM-{args.latency_steps}, guidance '
+        f'{args.guidance}, text tower and VAE decoder included): both sides load one '
+        'random-weight SD folder (the UNet above, CLIP ViT-L/14 text, SD\'s VAE). Ours: '
+        f'sample.generate (tokenizing, {hyper}, both prompts, the sampler and the '
+        'decoder in one compiled call); diffusers: StableDiffusionPipeline with the '
+        'LoRA file (our writer\'s) loaded, fused and unloaded; compiled: UNet and VAE '
+        f'decoder channels_last under torch.compile(mode={args.latency_compile_mode!r}, '
+        f'fullgraph=True). {args.latency_runs} timed images after {args.latency_warmup}; '
+        "latency_parts time each of ours' parts alone.")
+  per_family = '; '.join(
+      f'{shapes[f].name}: ' + ', '.join(f'{k} {tflop(v)}' for k, v in c.items())
+      for f, c in counts.items())
   notes += [
-      f'UNet {"tiny" if args.tiny else "SD1.5"} with random weights: latents '
-      f'{shapes.latent}x{shapes.latent}x4, text {shapes.text_len}x{shapes.text_dim}, '
-      f'{args.dtype} compute; our frozen UNet params stored as {args.unet_param_dtype}; '
-      f'our attention: jax.nn.dot_product_attention(implementation={attention!r}); '
-      f'remat={args.remat!r}, ViT encoder remat='
-      f'{bench.config.hypernet.encoder.remat!r}.' + _fallback_note(),
-      f'LoRA rows: rank {args.rank} (alpha {args.rank}) on to_q/to_k/to_v/to_out of every '
-      f'self- and cross-attention, eps MSE at random timesteps, AdamW + grad-norm clip '
-      f'1.0; diffusers as its train_text_to_image_lora.py ({args.dtype} frozen weights, fp32 '
-      f'LoRA, autocast, SDPA). HyperLoRA: ViT encoder {shapes.vit["num_hidden_layers"]}x'
-      f'{shapes.vit["hidden_size"]} at {shapes.vit["image_size"]}px (trainable) + '
-      f'transformer decoder (width {d["width"]}, depth {d["depth"]}, {d["rounds"]} '
-      f'rounds) -> a per-sample rank-{args.rank} LoRA on every cross-attention '
-      f'projection; its ratios are against the plain-LoRA rows at the same batch.',
-      f'Sampling: DDIM-{args.sample_steps}, guidance {args.guidance}; ours: one jit with '
-      f'the hypernetwork (a LoRA per image) and a lax.scan over steps; diffusers: its '
-      f'UNet in a Python loop with DDIMScheduler and one shared, unfused peft LoRA on '
-      f'the cross-attention projections. Evaluations/s = 2 (CFG) x images x steps / s.',
-      f'MFU = throughput x FLOPs per item / {args.peak_flops:.4g} FLOP/s. UNet forward at '
-      f'batch 1: {tflop(unet_flops)} ({"XLA count" if args.tiny else "torch FLOP counter"}'
-      f'; XLA counts {tflop(xla_unet_flops)}). A LoRA step = 2 forwards per image '
-      f'(frozen-weight backward ~ one forward), a sampling evaluation = 1; HyperLoRA adds '
-      f'3x the hypernetwork forward ({tflop(bench.hyper_flops)} per image, XLA count).',
+      f'MFU = items/s x FLOPs per item / {args.peak_flops:.4g} FLOP/s. FLOPs: forward '
+      'model FLOPs counted on our jaxprs as torch.utils.flop_counter counts them (2 x the '
+      "multiply-adds of matmuls and convolutions, attention as its two matmuls; equal to "
+      "its count of diffusers' SD1.5 UNet), per item: " + per_family + '. A training '
+      'image = 2 UNet forwards (+ 3 hypernetwork forwards in the HyperLoRA rows); a '
+      'sampling evaluation = 1 UNet forward; a batch-1 image = 2 x steps UNet forwards + '
+      '2 text-tower forwards + the VAE decoder (+ the hypernetwork, ours only).',
       'Peak memory: torch.cuda.max_memory_allocated per row; ours: device.memory_stats()'
       "['peak_bytes_in_use'], or (~) XLA's plan for the executable where an earlier "
       'config had set the process peak. JAX may take up to '
       f'{_mem_fraction()} of the card (XLA_CLIENT_MEM_FRACTION), without preallocation.',
-      f'Compile: ours = trace + lower + XLA compile; torch = first call minus a steady '
-      f'one (torch.compile mode {args.torch_compile_mode!r}, dynamic=False). Timed: '
-      f'{args.steps} train steps after {args.warmup} warmup, {args.sample_runs} sampling '
-      f'runs after 1.',
+      f'Compile: ours = trace + lower + XLA compile (sample.generate: first call minus a '
+      f'steady one); torch = first call minus a steady one (torch.compile '
+      f'mode {args.torch_compile_mode!r}, dynamic=False). Timed: {args.steps} train steps '
+      f'after {args.warmup} warmup, {args.sample_runs} sampling runs after 1. Ratios: '
+      'PyTorch rows of the same config measured by the same process.',
   ]
-  return rows, notes
+  return notes
 
 
 def _save(args, rows, notes) -> None:

@@ -167,6 +167,17 @@ SD15_UNET = dict(
     up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, cross_attention_dim=768,
     attention_head_dim=8, norm_num_groups=32)
 
+# stabilityai/stable-diffusion-xl-base-1.0's UNet: every field its unet/config.json sets
+# that differs from diffusers' defaults (tests/test_sdxl.py holds it against the whole file).
+SDXL_UNET = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=('DownBlock2D',) + ('CrossAttnDownBlock2D',) * 2,
+    up_block_types=('CrossAttnUpBlock2D',) * 2 + ('UpBlock2D',),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, cross_attention_dim=2048, addition_embed_type='text_time',
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32, sample_size=128, upcast_attention=None)
+
 # CLIP ViT-L/14 vision tower shape (HyperDreamBooth uses a ViT-H; size by config).
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768)

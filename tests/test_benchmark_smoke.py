@@ -1,4 +1,7 @@
-"""benchmarks/: the tiny CPU modes run end to end; trace_summary.py sums a made-up trace."""
+"""benchmarks/: every tiny CPU mode runs end to end, the FLOP count that MFU uses equals
+torch's FLOP counter, ratios stay within one process; trace_summary.py sums a made-up
+trace."""
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -13,12 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_benchmark.py')
 PYTHONPATH = os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ('torch', 'diffusers', 'peft'))
+OURS = 'ours (jax.jit)'
 
 
-def _run(*flags):
+def _run(*flags, script=SCRIPT):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
-  result = subprocess.run([sys.executable, SCRIPT, *flags], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
+  result = subprocess.run([sys.executable, script, *flags], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=400, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result
 
@@ -39,36 +43,173 @@ def _number(cell):
   return float(match.group(1))
 
 
-def test_tiny_run_prints_every_row_with_positive_numbers(tmp_path):
-  out, js = tmp_path / 'table.md', tmp_path / 'rows.json'
-  _run('--tiny', f'--out={out}', f'--json={js}')
-  rows = _table(out.read_text())
-  configs = ['LoRA train, batch 2', 'LoRA train, batch 4', 'DDIM-3 + CFG, 2 images']
-  expected = {(c, 'ours (jax.jit)') for c in configs[:2]}
-  expected |= {('HyperLoRA train, batch 2', 'ours (jax.jit)'),
-               ('DDIM-3 + CFG, 2 images', 'ours (per-sample LoRAs)')}
-  if HAS_TORCH:
-    expected |= {(c, f'diffusers+peft {m}') for c in configs for m in ('eager', 'compiled')}
-  assert expected <= set(rows), sorted(set(expected) - set(rows))
+def _benchmark():
+  """gpu_benchmark.py as a module (its table and FLOP code need no device)."""
+  spec = importlib.util.spec_from_file_location('gpu_benchmark', SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
+
+def _check_rows(rows, expected, torch_impls):
+  """Every expected row is there; PyTorch's compiled rows say they were skipped on CPU
+  and every other row has positive numbers (ratios where PyTorch ran)."""
+  if HAS_TORCH:
+    expected |= {(c, impl) for c, _ in expected for impl in torch_impls}
+  assert expected <= set(rows), sorted(expected - set(rows))
   for (config, impl), cells in rows.items():
-    throughput, _, vs_eager, mfu, _, compile_s = cells
-    if impl == 'diffusers+peft compiled':
-      assert throughput == 'skipped (CPU)', (config, cells)
+    value, _, vs_eager, mfu, _, compile_s = cells
+    if impl in {i for i in torch_impls if 'compiled' in i}:
+      assert value == 'skipped (CPU)', (config, cells)
       continue
-    assert _number(throughput) > 0 and _number(mfu) > 0, (config, impl, cells)
-    assert throughput.endswith('evals/s' if 'DDIM' in config else 'img/s')
+    assert _number(value) > 0 and _number(mfu) > 0, (config, impl, cells)
     if impl.startswith('ours'):
       assert _number(compile_s) > 0, (config, cells)
       if HAS_TORCH:
         assert _number(vs_eager) > 0, (config, cells)
 
+
+def test_tiny_training_and_sampling_rows(tmp_path):
+  out, js = tmp_path / 'table.md', tmp_path / 'rows.json'
+  _run('--tiny', '--only=lora,hyper,sample', '--batch_sizes=2', f'--out={out}',
+       f'--json={js}')
+  rows = _table(out.read_text())
+  expected = {('LoRA train, batch 2', OURS), ('HyperLoRA train, batch 2', OURS),
+              ('DDIM-3 + CFG, 2 images', 'ours (per-sample LoRAs)')}
+  _check_rows({k: v for k, v in rows.items() if k[0] != 'HyperLoRA train, batch 2'},
+              {e for e in expected if 'Hyper' not in e[0]},
+              ('diffusers+peft eager', 'diffusers+peft compiled'))
+  _check_rows({k: v for k, v in rows.items() if k[0] == 'HyperLoRA train, batch 2'},
+              {('HyperLoRA train, batch 2', OURS)},
+              ('PyTorch peer eager', 'PyTorch peer compiled'))
+  for (config, impl), cells in rows.items():
+    assert cells[1] == '-', (config, impl, cells)  # no compiled torch on CPU: no ratio
+    assert cells[0] == 'skipped (CPU)' or cells[0].endswith(
+        'evals/s' if 'DDIM' in config else 'img/s'), (config, impl, cells)
+
+  # MFU's FLOPs: one count for both sides of a config; the HyperLoRA image adds three
+  # hypernetwork forwards (the ViT's layers counted) to the LoRA image's two UNet ones.
+  gb = _benchmark()
+  flops = {(r['config'], r['impl']): r['flops_per_item']
+           for r in json.loads(js.read_text())['rows']}
+  unet = flops[('sample_2', 'ours (per-sample LoRAs)')]
+  assert flops[('lora_2', OURS)] == 2 * unet
+  hyper = (flops[('hyper_2', OURS)] - 2 * unet) / 3
+  vit = gb._shapes(gb.parse_args(['--tiny'])).vit  # pylint: disable=protected-access
+  patches = (vit['image_size'] // vit['patch_size']) ** 2
+  assert hyper > 2 * vit['num_hidden_layers'] * (patches + 1) * 12 * vit['hidden_size'] ** 2
+  if HAS_TORCH:
+    assert flops[('hyper_2', 'PyTorch peer eager')] == flops[('hyper_2', OURS)]
+  assert f'unet {unet / 1e12:.4g} TFLOP' in out.read_text()
+
   # Runs split with --only merge back into the same table (no JAX work: in process).
-  spec = importlib.util.spec_from_file_location('gpu_benchmark', SCRIPT)
-  benchmark = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(benchmark)
-  benchmark.main([f'--merge={js}', f'--out={tmp_path / "merged.md"}'])
+  gb.main([f'--merge={js}', f'--out={tmp_path / "merged.md"}'])
   assert (tmp_path / 'merged.md').read_text() == out.read_text()
+
+
+def test_tiny_latency_rows_and_parts(tmp_path):
+  out = tmp_path / 'table.md'
+  _run('--tiny', '--only=latency,latency_parts', f'--out={out}')
+  rows = _table(out.read_text())
+  latency = '1 image: context -> LoRA -> DDIM-2 + CFG -> decoded'
+  _check_rows({k: v for k, v in rows.items() if k[0] == latency},
+              {(latency, 'ours (sample.generate)')},
+              ('diffusers eager', 'diffusers compiled (reduce-overhead)'))
+  parts = {impl: _number(cells[0]) for (config, impl), cells in rows.items()
+           if config == 'ours at batch 1, by part'}
+  assert len(parts) == 10 and min(parts.values()) > 0, parts
+  assert {'hypernetwork: context -> LoRA', 'VAE decoder',
+          'sampler loop, the LoRA merged into the weights'} <= set(parts)
+
+
+def test_tiny_sdxl_rows(tmp_path):
+  out = tmp_path / 'table.md'
+  _run('--tiny', '--only=sdxl_lora,sdxl_sample', f'--out={out}')
+  rows = _table(out.read_text())
+  _check_rows(rows, {('SDXL LoRA train, batch 2', OURS),
+                     ('SDXL DDIM-2 + CFG, 2 images', 'ours (per-sample LoRAs)')},
+              ('diffusers+peft eager', 'diffusers+peft compiled'))
+  assert 'pooled text 16 + 6 time ids' in out.read_text()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='compares with diffusers')
+def test_tiny_sdxl_parity_is_exact_in_fp32():
+  result = _run('--tiny', script=os.path.join(ROOT, 'benchmarks', 'sdxl_parity.py'))
+  rows = {r['dtype']: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
+  assert rows['float32']['max_rel'] < 1e-4 and rows['bfloat16']['max_rel'] < 5e-2, rows
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="compares with torch's FLOP counter")
+def test_flops_equal_torch_flop_counter_at_full_size():
+  """The count behind MFU, on the full SD1.5 and SDXL UNets and the ViT-L/14 (a lax.scan
+  over its layers), equals torch.utils.flop_counter on diffusers' and transformers'
+  models (meta tensors: nothing is allocated). The old XLA cost analysis said 0.00425
+  TFLOP per SD1.5 forward on GPUs and counted one ViT layer."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+  from hyperlora_jax.models import clip  # pylint: disable=g-import-not-at-top
+
+  gb = _benchmark()
+  args = gb.parse_args([])
+
+  def torch_flops(model, *inputs, **kwargs):
+    with FlopCounterMode(display=False) as counter:
+      model(*inputs, **kwargs)
+    return counter.get_total_flops()
+
+  for family in ('sd15', 'sdxl'):
+    s = gb._shapes(args, family)  # pylint: disable=protected-access
+    ours = gb.model_flops(dataclasses.replace(s, text={}), _hypernet_config(gb, s, args))
+    with torch.device('meta'):
+      unet = diffusers.UNet2DConditionModel(**s.unet)
+      added = ({'text_embeds': torch.randn(1, s.pooled_dim), 'time_ids': torch.randn(1, 6)}
+               if s.pooled_dim else None)
+      theirs = torch_flops(unet, torch.randn(1, 4, s.latent, s.latent), torch.tensor([1]),
+                           torch.randn(1, s.text_len, s.text_dim), added_cond_kwargs=added)
+    assert ours['unet'] == theirs, (family, ours, theirs)
+  assert round(ours['unet'] / 1e12, 2) == 6.76  # SDXL at 1024 px
+
+  vit = clip.vision_from_config(s.vit).clone(remat='full')  # a lax.scan over 24 layers
+  params = gb._abstract_params(vit)  # pylint: disable=protected-access
+  ours = gb.flops(lambda p, x: vit.apply({'params': p}, x), params,
+                  jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  with torch.device('meta'):
+    theirs = torch_flops(transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**s.vit)), torch.randn(1, 3, 224, 224))
+  assert ours == theirs and round(ours / 1e12, 3) == 0.162
+
+
+def _hypernet_config(gb, shapes, args):
+  from hyperlora_jax import defaults  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config('hyperlora')
+  gb._hypernet_config(config, shapes, args)  # pylint: disable=protected-access
+  return config.hypernet
+
+
+def test_ratios_only_within_one_process_and_the_hyperlora_note():
+  gb = _benchmark()
+  args = gb.parse_args(['--tiny'])
+  row = lambda section, n, impl, value, process, baseline='': dataclasses.replace(
+      gb._row(section, n, impl, args, baseline), value=value, process=process)  # pylint: disable=protected-access
+  rows = [row('lora', 4, 'diffusers+peft compiled', 100.0, 'a', 'compiled'),
+          row('lora', 4, OURS, 130.0, 'a'), row('lora', 4, 'ours again', 140.0, 'b'),
+          row('hyper', 4, 'PyTorch peer compiled', 80.0, 'a', 'compiled'),
+          row('hyper', 4, OURS, 90.0, 'a'),
+          row('latency', 1, 'diffusers compiled', 400.0, 'a', 'compiled'),
+          row('latency', 1, 'ours (sample.generate)', 300.0, 'a')]
+  text = gb.format_table(rows, [], 1e15)
+  table = _table(text)
+  assert table[('LoRA train, batch 4', OURS)][1] == '1.30x'
+  assert table[('LoRA train, batch 4', 'ours again')][1] == '-'  # another process
+  assert table[('HyperLoRA train, batch 4', OURS)][1] == '1.12x'
+  latency = next(k for k in table if k[1] == 'ours (sample.generate)')
+  assert table[latency][:2] == ['300 ms', '1.33x']  # less time is faster
+  assert ("HyperLoRA train, batch 4, ours (jax.jit): 0.90x diffusers+peft compiled's plain "
+          'LoRA step') in text
 
 
 def test_memory_plan_prints_xla_plans_of_the_tiny_steps():
@@ -135,6 +276,57 @@ def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
     ts.device_ops([e for e in ts.load(str(path)) if e.get('pid') == 1])
   with pytest.raises(FileNotFoundError, match='create_perfetto_trace=True'):
     ts.find_traces(str(tmp_path / 'nothing_here'))
+
+
+FAKE_PYTHON = '''#!/usr/bin/env python3
+"""Stands in for python3 under device_run.sh: notes its call, writes a --json file."""
+import json, os, sys
+with open(os.environ['CALLS'], 'a') as f:
+  f.write(' '.join(sys.argv[1:]) + '\\n')
+for a in sys.argv[1:]:
+  if a.startswith('--json='):
+    with open(a[len('--json='):], 'w') as f:
+      json.dump({'rows': [], 'notes': [sys.argv[1]]}, f)
+sys.exit(3 if 'sdxl_parity' in sys.argv[1] else 0)
+'''
+
+
+def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_path):
+  """The runbook's driver: one detached job runs the set's processes in a copy of the
+  tree, a collect brings back one archive with every process' files and exit code, and
+  starting the set again runs only what is not done."""
+  fake = tmp_path / 'python3'
+  fake.write_text(FAKE_PYTHON)
+  fake.chmod(0o755)
+  calls, out = tmp_path / 'calls', tmp_path / 'out'
+  out.mkdir()
+  env = dict(os.environ, BENCH_JOB=str(tmp_path / 'job'), BENCH_PYTHON=str(fake),
+             BENCH_FLAGS='--tiny', BENCH_WHEELS=str(tmp_path / 'no_wheels'),
+             CALLS=str(calls), OUT=str(out))
+  script = os.path.join(ROOT, 'benchmarks', 'device_run.sh')
+  run = lambda *a: subprocess.run(['bash', script, *a], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120, check=False)
+  result = run('start', 'issue20,sdxl_parity', '60')
+  assert result.returncode == 0 and 'JOB FINISHED' in result.stdout, result
+  lines = calls.read_text().splitlines()
+  assert [line.split()[0] for line in lines] == ['benchmarks/gpu_benchmark.py'] * 3 + [
+      'benchmarks/sdxl_parity.py'], lines
+  assert all(line.endswith(f'--tiny --json={tmp_path}/job/results/{name}.json '
+                           f'--out={tmp_path}/job/results/{name}.md')
+             for line, name in zip(lines, ('lora_hyper_b32', 'latency', 'lora_sample_b16')))
+  assert '--only=lora,hyper --batch_sizes=32' in lines[0]
+  assert (tmp_path / 'job' / 'tree' / 'hyperlora_jax' / 'sample.py').exists()
+
+  subprocess.run(['tar', 'xzf', str(out / 'results.tgz'), '-C', str(out)], check=True)
+  rc = {p.stem: p.read_text().strip() for p in (out / 'results').glob('*.rc')}
+  assert rc == {'lora_hyper_b32': '0', 'lora_sample_b16': '0', 'latency': '0',
+                'sdxl_parity': '3'}, rc
+  assert json.loads((out / 'results' / 'latency.json').read_text())['rows'] == []
+
+  assert run('start', 'issue20', '60').returncode == 0
+  assert len(calls.read_text().splitlines()) == 4  # all done on this machine already
+  result = run('start', 'issue_twenty')
+  assert result.returncode == 2 and 'sdxl_parity' in result.stderr, result
 
 
 def test_tiny_controlnet_row(tmp_path):

@@ -156,6 +156,18 @@ def test_full_size_sdxl_config_has_diffusers_param_shapes():
   assert sum(np.prod(s) for s in expected.values()) == 2_567_463_684
 
 
+def test_defaults_sdxl_unet_is_the_base_config():
+  """defaults.SDXL_UNET (what the benchmarks and configs build) gives diffusers the
+  same UNet config as SDXL base's whole unet/config.json."""
+  def config(fields):
+    with torch.device('meta'):
+      model = diffusers.UNet2DConditionModel.from_config(fields)
+    return json.loads(json.dumps({k: v for k, v in model.config.items()
+                                  if not k.startswith('_')}))
+
+  assert config(defaults.SDXL_UNET) == config(SDXL_BASE)
+
+
 def test_text_towers_and_prompt_encoding_match(xl):
   pipe, ours = xl['pipe'], xl['ours']
   assert ours.kind == 'sdxl' and ours.force_zeros_for_empty_prompt

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The GPU runbook's driver (benchmarks/README.md). Device calls end at 10 minutes and the
+# rows of a set take longer, so `start` launches one detached job that runs the set's
+# benchmark processes back to back, and every call (`start` too) waits up to SECONDS and
+# brings back what is done as $OUT/results.tgz. The job runs a copy of the tree in
+# $BENCH_JOB: each device call copies the working tree again, and a job importing the
+# package from it can break mid-run.
+#
+#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue20, issue23 and/or
+#                                                       # process names, comma-separated
+#   bash benchmarks/device_run.sh collect [SECONDS]     # every later call (default 500)
+#
+# Each process writes its rows as it measures them (--json), so a job cut short keeps
+# them. On one machine `start` skips the processes already done (an .rc file); on a new
+# one, name the processes still to run.
+set -u
+JOB=${BENCH_JOB:-/tmp/bench_job}
+PY=${BENCH_PYTHON:-python3}
+FLAGS=${BENCH_FLAGS:-}  # appended to every process (the tests: --tiny)
+WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU image lacks
+F=--xla_flags=--xla_gpu_enable_triton_gemm=false  # cuBLAS GEMMs: same speed, faster compile
+
+# set|name|script and flags: one process each, in the order they run. A process holds
+# the rows that are compared with each other (ratios only within one process). New rows
+# first: the b16 LoRA and sampling rows re-measure what issue 20 already has.
+ALL="issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F
+issue20|latency|benchmarks/gpu_benchmark.py --only=latency,latency_parts $F
+issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_sizes=16 $F
+issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora $F
+issue23|sdxl_sample|benchmarks/gpu_benchmark.py --only=sdxl_sample $F
+issue23|sdxl_parity|benchmarks/sdxl_parity.py"
+
+commands() {  # name|command of the processes a comma list of sets and names selects
+  local lines
+  lines=$(echo "$ALL" | awk -F'|' -v want=",$1," \
+    'index(want, "," $1 ",") || index(want, "," $2 ",") {print $2 "|" $3}')
+  if [ -z "$lines" ]; then
+    echo "nothing selected by '$1': sets issue20, issue23 or names of $(echo "$ALL" \
+      | cut -d'|' -f2 | paste -sd,)" >&2
+    return 2
+  fi
+  echo "$lines"
+}
+
+job() {  # the detached job: every process of the set not yet done
+  cd "$JOB/tree" || exit 1
+  export PYTHONPATH=/tmp/site:$JOB/tree PYTHONUNBUFFERED=1
+  while IFS='|' read -r name cmd; do
+    [ -e "$JOB/results/$name.rc" ] && continue
+    echo "$(date +%T) $name: $cmd"
+    extra=()
+    case $cmd in
+      *gpu_benchmark.py*) extra=(--json="$JOB/results/$name.json"
+                                 --out="$JOB/results/$name.md") ;;
+    esac
+    # shellcheck disable=SC2086  # cmd and FLAGS are word lists
+    $PY $cmd $FLAGS "${extra[@]}" > "$JOB/results/$name.log" 2>&1
+    rc=$?
+    echo "$rc" > "$JOB/results/$name.rc"
+    echo "$(date +%T) $name: exit $rc"
+  done < "$JOB/commands"
+  echo "$(date +%T) done" > "$JOB/finished"
+}
+
+running() {
+  [ -e "$JOB/pid" ] && kill -0 "$(cat "$JOB/pid")" 2>/dev/null
+}
+
+start() {
+  local set=$1
+  if running; then
+    echo "a job is running (pid $(cat "$JOB/pid")): collect it" >&2
+    return 1
+  fi
+  commands "$set" > /dev/null || return 2
+  mkdir -p "$JOB/results" || return 1
+  commands "$set" > "$JOB/commands"
+  rm -f "$JOB/finished"
+  if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$WHEELS"/*.whl || return 1
+  fi
+  rm -rf "$JOB/tree" && mkdir -p "$JOB/tree" || return 1
+  cp -r hyperlora_jax benchmarks pyproject.toml "$JOB/tree/" || return 1
+  BENCH_JOB=$JOB BENCH_PYTHON=$PY BENCH_FLAGS=$FLAGS setsid \
+    bash "$JOB/tree/benchmarks/device_run.sh" _job >> "$JOB/log" 2>&1 < /dev/null &
+  echo $! > "$JOB/pid"
+  echo "started set $set (pid $!): $(wc -l < "$JOB/commands") processes"
+}
+
+collect() {  # waits up to $1 s for the job, then brings back everything it wrote
+  local end=$((SECONDS + $1))
+  while running && [ ! -e "$JOB/finished" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+  cat "$JOB/log" 2>/dev/null
+  for log in "$JOB"/results/*.log; do
+    [ -e "$log" ] || continue
+    echo "--- $(basename "$log"): last lines"
+    grep -E '^\[ *[0-9.]+ s\]|^\| |Error|Traceback' "$log" | tail -6
+  done
+  if [ -e "$JOB/finished" ]; then echo 'JOB FINISHED'
+  elif running; then echo 'JOB RUNNING: collect again'
+  else echo 'JOB NOT RUNNING (machine replaced?): start the same set again'; fi
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/results.tgz" -C "$JOB" results log
+  fi
+}
+
+case ${1:-} in
+  start) start "${2:?start SETS [SECONDS]}" && collect "${3:-500}" ;;
+  collect) collect "${2:-500}" ;;
+  _job) job ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
+esac
