@@ -156,11 +156,21 @@ def _init_from(workdir: str, params):
                             'checkpoints/).')
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           params)
-  try:
-    step, loaded = checkpoint.restore_params(directory, abstract)
-  except (ValueError, KeyError) as e:
+  # Orbax's partial restore would fill what the checkpoint lacks without a word: check
+  # every path and shape against its metadata first.
+  step = checkpoint.newest_intact_step(directory)  # None: restore_params says why
+  saved = checkpoint.param_shapes(directory, step) if step is not None else {}
+  wanted = {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  misfit = ([f'missing {k}' for k in wanted if k not in saved]
+            + [f'unexpected {k}' for k in saved if k not in wanted]
+            + [f'{k}: {saved[k]}, here {v}' for k, v in wanted.items()
+               if k in saved and saved[k] != v])
+  if misfit and step is not None:
     raise ValueError(f'train.init_from={workdir}: its params do not fit this run\'s '
-                     f'objective (train the same objective there): {e}') from None
+                     f'objective (train the same objective there); {len(misfit)} '
+                     f'differences, e.g. {"; ".join(misfit[:3])}.')
+  step, loaded = checkpoint.restore_params(directory, abstract, step)
   logging.info('Starting from the params of %s, step %d.', workdir, step)
   return loaded
 
