@@ -45,8 +45,8 @@ ID, BASE = {'id': 1.0, 'base': 0.0}, {'id': 0.0, 'base': 1.0}
 
 
 def _basis(size, steps, seed, stage, **basis):
-  c = quickstart._stage('hyperlora_basis', size, steps, 'scene', seed,  # pylint: disable=protected-access
-                        pretrained='stage:base', prompt_dropout=0.0)
+  c = quickstart.stage('hyperlora_basis', size, steps, 'scene', seed,
+                       pretrained='stage:base', prompt_dropout=0.0)
   c.data.update(set_size=SET_SIZE, set_random=True, set_occlude=0.5)
   c.hypernet.encoder.update(kind='conv', channels=(32, 64))
   c.hypernet.decoder.update(kind='perceiver', width=size['width'], depth=size['depth'],
@@ -67,7 +67,7 @@ def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = quickstart._stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)  # pylint: disable=protected-access
+  c.stages.base = quickstart.stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
   c.stages.base.model.scheduler.prediction_type = s['prediction']
   order, runs = ['base'], {'one_stage': [], 'three_stages': []}
   for seed in s['seeds']:

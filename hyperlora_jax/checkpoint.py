@@ -300,6 +300,18 @@ def restore_params(directory: epath.PathLike, abstract_params,
   return step, restored['state'][name]
 
 
+def param_shapes(directory: epath.PathLike, step: int) -> dict:
+  """{'/'-joined path: shape} of the trained params saved at `step` in `directory`,
+  read from the checkpoint's metadata (no array is read)."""
+  manager = _read_only(directory)
+  try:
+    saved = manager.item_metadata(step)['state']['params']
+  finally:
+    manager.close()
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+
 @contextlib.contextmanager
 def preemption_watch():
   """Yields `preempted(step) -> bool`, True once the run should save and exit.

@@ -32,6 +32,9 @@ config.data       the input pipeline (`data.pipeline`)
   item_frac       synthetic: the item's side in the target, fraction of the resolution
                   (0.34); part of the built data's name, so data of another value is
                   never reused
+  pose            synthetic: draw each figure's offset and size from a range no prompt
+                  names, and give each example its pose map ('condition') (False; True
+                  is part of the built data's name)
   batch_size      global batch size, divided among hosts (create_dataset's batch_size
                   argument overrides it) (8)
   num_threads     reader threads (4); prefetch: batches read ahead (4; >= num_threads,
@@ -73,6 +76,15 @@ config.model
                   (matching params; 'stage:<name>' in a stages config), e.g. stage 2 of
                   `hyperlora_basis` from stage 1 ('': none)
   init_step       that run's step (-1: its newest; a stages config records it)
+  controlnet      folder: a diffusers controlnet/ folder (or 'stage:<name>', a
+                  controlnet stage's export) run frozen beside the UNet on each sample's
+                  'condition' image, in training and sampling ('' = none); scale: the
+                  residuals' conditioning_scale, the controlnet objective's own too (1.0)
+  ip_adapter      weights: an IP-Adapter file (the layout diffusers' load_ip_adapter
+                  takes) and image_encoder: its CLIP vision folder (or 'stage:<name>' for
+                  both: an ip_adapter stage's export), run frozen on each sample's
+                  'context' image ('' = none); scale: the image attention's weight, the
+                  ip_adapter objective's own too (1.0)
 
 config.lora       rank (4), alpha (4.0): the ``unet_lora`` objective's shared LoRA
 
@@ -101,6 +113,19 @@ config.basis      ByteDance HyperLoRA's recipe (`objectives.hyperlora_basis`)
   normalize       each coefficient vector to unit RMS after the set mean (True)
   trainable       a regex over hypernet param paths that overrides the stage's own
                   ('': the stage's, `hyperlora_basis.TRAINABLE`)
+
+config.controlnet the ``controlnet`` objective's ControlNet: from_unet (True: its encoder
+                  starts as the UNet's, zero convs at zero, as diffusers' from_unet;
+                  False: Flax's initializers), conditioning_embedding_out_channels
+                  ((16, 32, 96, 256), SD's 8x; one entry per halving plus one: (16,) for
+                  a pixel-space UNet)
+
+config.ip_adapter the ``ip_adapter`` objective's adapter: kind 'plus' (IP-Adapter Plus'
+                  Resampler over the encoder's penultimate hidden states) | 'plain'
+                  (ImageProjection of the image embedding); num_tokens (16); hidden,
+                  heads, depth: the Resampler's (768, 12, 4; 64 per head, as diffusers);
+                  image_encoder: a CLIP vision folder, frozen ('' = a random tower shaped
+                  by vit, from the run's seed: a stand-in for tiny models); vit
 
 config.hypernet   see `models.hypernet.build`
   encoder         kind 'conv' | 'vit' | 'clip'; channels (conv); vit: a CLIPVisionConfig
@@ -160,6 +185,9 @@ config.train
                     params when it is on
   compute_dtype     activation dtype the objective builds its models with
                     ('bfloat16'); params stay float32 (master weights)
+  init_from         a run's workdir (or 'stage:<name>') whose newest trainable params
+                    start this run, e.g. a second stage that continues the first with
+                    other prompts; read only when this run starts ('' = none)
 
 config.optim      AdamW: lr (1e-4), b1 (0.9), b2 (0.999), eps (1e-8), weight_decay
                   (0.01, only on params with ndim >= 2: biases, norms and gamma are not
@@ -231,19 +259,23 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
                 static_prompt='', on_bad_example='error', convert_modes=True, resolution=32,
                 prompt='scene', seed=0, num_train=1000, num_test=200, holdout_seed=0,
                 test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, context='context',
-                batch_size=8, num_threads=4, prefetch=4, num_workers=0, set_size=0,
-                set_random=True, set_occlude=0.5, id_embed_dim=512,
+                pose=False, batch_size=8, num_threads=4, prefetch=4, num_workers=0,
+                set_size=0, set_random=True, set_occlude=0.5, id_embed_dim=512,
                 augment=dict(p=0.0, scale=(0.35, 1.0), background=0.5, jpeg=0.5,
                              jpeg_quality=(30, 95), lowres=0.3, lowres_scale=(0.3, 0.8)))
   c.model = dict(pretrained='', unet=tiny_unet(), text=tiny_text(), max_length=40,
                  scheduler=dict(prediction_type='epsilon'), targets='cross_attn',
                  prompt_dropout=0.1, min_snr_gamma=ml_collections.config_dict.placeholder(float),
-                 init_from='', init_step=-1)
+                 init_from='', init_step=-1, controlnet=dict(folder='', scale=1.0),
+                 ip_adapter=dict(weights='', image_encoder='', scale=1.0))
   c.lora = dict(rank=4, alpha=4.0)
   c.basis = dict(stage='joint', trigger='', conditions=(0.5, 0.25, 0.25), encoders='separate',
                  region=dict(mode='blur', blur=0.1),
                  identity=dict(kind='none', tokens=4, width=0, crop_size=16, channels=(32, 64)),
                  normalize=True, trainable='')
+  c.controlnet = dict(from_unet=True, conditioning_embedding_out_channels=(16, 32, 96, 256))
+  c.ip_adapter = dict(kind='plus', num_tokens=16, hidden=768, heads=12, depth=4,
+                      image_encoder='', vit=dict(VIT_L14))
   c.hypernet = dict(
       encoder=dict(kind='conv', channels=(32, 64, 128), pretrained='', trainable=True,
                    remat='dots_with_no_batch_dims_saveable', vit=dict(VIT_L14), layer=-1),
@@ -257,7 +289,7 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
                  eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
                  nan_policy='stop', remat='none',
                  ema_decay=ml_collections.config_dict.placeholder(float),
-                 compute_dtype='bfloat16')
+                 compute_dtype='bfloat16', init_from='')
   c.optim = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, warmup_steps=0,
                  schedule='cosine', grad_clip_norm=1.0)
   c.mesh = dict(data=-1, fsdp=1, shard_min_size=2**18, rules=())

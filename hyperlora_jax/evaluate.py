@@ -7,8 +7,14 @@ writes RUN/eval/results.json, results.md and grid.png for the run's modes:
 
   hyperlora    scene prompt (with S*) + the LoRA predicted from the context image
   single_lora  scene prompt + the run's one shared LoRA (unet_lora runs)
+  ip_adapter   scene prompt + the image tokens of the context (ip_adapter runs, or a
+               run with an IP-Adapter add-on), no LoRA
   no_lora      scene prompt, base model alone
   oracle       full prompt (names the item), base model alone (synthetic only)
+
+A run's add-ons (config.model.controlnet / ip_adapter, or attached for the evaluation:
+`compare`'s rows, `runs.restore(attach=...)`) are part of every mode: a ControlNet's
+residuals from each example's condition image (its pose map), image tokens.
 
 and, on synthetic data, each one's edit twin (hyperlora_edit, single_lora_edit,
 no_lora_edit, oracle_edit; not run unless --modes names them): the same context
@@ -18,7 +24,10 @@ image and LoRA, the prompt asking for another scene than the example's
 Synthetic metrics: each generated image's item color and pattern are read at
 the ground-truth box with `synthetic.color_and_pattern_of`, its background and
 figure position with `synthetic.scene_of`, and compared with the held-out
-example's; accuracy over examples (and sampling seeds).
+example's; accuracy over examples (and sampling seeds). On posed data
+(data.pose), pose_acc: whether the figure is where and as large as the pose map
+says (`synthetic.pose_adherence`: center within 0.06 of the side, vertical
+spread within 10%), and pose_err, the center's distance (fraction of the side).
 
 CLIP metrics (the recontextualization paper, after Ruiz et al.): cosine
 similarities of CLIP image embeddings, C2G (context, generated), T2G (target,
@@ -67,15 +76,18 @@ from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip, vit
 
 # mode -> (prompt, the kind of LoRA it applies: the run's `Spec.lora_kind`, or None for
-# the base model alone, the context images: the split's own or the robustness split's,
-# drawn by `synthetic.robust_context` for the same held-out items)
+# the base model alone, or 'tokens' for none beside the image tokens of an IP-Adapter,
+# the context images: the split's own or the robustness split's, drawn by
+# `synthetic.robust_context` for the same held-out items)
 MODES = {
     'hyperlora': ('scene', 'predicted', 'dataset'),
     'hyperlora_robust': ('scene', 'predicted', 'robust'),
     'single_lora': ('scene', 'shared', 'dataset'),
+    'ip_adapter': ('scene', 'tokens', 'dataset'),
     'no_lora': ('scene', None, 'dataset'),
     'oracle': ('full', None, 'dataset'),
 }
+LORA_KINDS = ('predicted', 'shared')
 # Per attribute value, the accuracy of the metric that reads it.
 BREAKDOWNS = {'color': ('color_acc', synthetic.COLORS),
               'pattern': ('pattern_acc', synthetic.PATTERNS)}
@@ -85,14 +97,22 @@ EDIT = '_edit'
 MODES.update({mode + EDIT: value for mode, value in list(MODES.items())})
 SYNTHETIC = ('color_acc', 'pattern_acc')
 SCENE = ('background_acc', 'position_acc')  # synthetic too; no gap columns
+POSE = ('pose_acc', 'pose_err')  # posed synthetic data (data.pose)
 CLIP_METRICS = ('C2G', 'T2G', 'T2Gdiff', 'CLIP-T')
 
 
+def _has_tokens(spec: objectives.Spec, config=None) -> bool:
+  """Whether a run's UNet calls take image tokens: its own (an ip_adapter run) or,
+  given its config, an IP-Adapter add-on's (config.model.ip_adapter)."""
+  return 'context' in spec.unet_inputs or bool(
+      config is not None and config.model.ip_adapter.weights)
+
+
 def own_mode(spec: objectives.Spec) -> str:
-  """The mode of a run's own output: its LoRA's, or the oracle (the base model it
-  trains, given the full prompt) for runs without a LoRA."""
-  return next((m for m, (_, kind, _) in MODES.items() if kind and kind == spec.lora_kind),
-              'oracle')
+  """The mode of a run's own output: its LoRA's or its image tokens', or the oracle
+  (the base model it trains, given the full prompt) for runs without either."""
+  kind = spec.lora_kind or ('tokens' if _has_tokens(spec) else None)
+  return next((m for m, (_, k, _) in MODES.items() if k and k == kind), 'oracle')
 
 
 def default_modes(config) -> tuple:
@@ -110,7 +130,10 @@ def check_mode(config, mode: str) -> None:
   check_mode_name(mode)
   prompt, kind, contexts = MODES[mode]
   spec = objectives.spec(config.objective)
-  if kind is not None and kind != spec.lora_kind:
+  if kind == 'tokens' and not _has_tokens(spec, config):
+    raise ValueError(f'Mode {mode!r} needs image tokens: an ip_adapter run, or a run '
+                     f'with config.model.ip_adapter; this is a {spec.name} run without.')
+  if kind in LORA_KINDS and kind != spec.lora_kind:
     having = [s.name for s in objectives.REGISTRY.values() if s.lora_kind == kind]
     raise ValueError(f'Mode {mode!r} needs a {" or ".join(having)} run; '
                      f'this is a {spec.name} run.')
@@ -145,7 +168,8 @@ def batches(config, split: str, num_examples: Optional[int], batch_size: int):
 def score_synthetic(images, batch) -> dict:
   """Per-example correctness {color_acc, pattern_acc, background_acc,
   position_acc} [B] of images [B, H, W, 3] against the batch's ground truth:
-  the item read at its box, the scene with `synthetic.scene_of`."""
+  the item read at its box, the scene with `synthetic.scene_of`; on posed data
+  also pose_acc and pose_err (`synthetic.pose_adherence` against the target)."""
   read = np.array([synthetic.color_and_pattern_of(image, box)
                    for image, box in zip(np.asarray(images), batch['box'])])
   scene = np.array([synthetic.scene_of(image, box[2] - box[0])
@@ -153,7 +177,16 @@ def score_synthetic(images, batch) -> dict:
   return {'color_acc': (read[:, 0] == batch['color']).astype(np.float32),
           'pattern_acc': (read[:, 1] == batch['pattern']).astype(np.float32),
           'background_acc': (scene[:, 0] == batch['background']).astype(np.float32),
-          'position_acc': (scene[:, 1] == batch['position']).astype(np.float32)}
+          'position_acc': (scene[:, 1] == batch['position']).astype(np.float32),
+          **_pose_scores(images, batch)}
+
+
+def _pose_scores(images, batch) -> dict:
+  if 'pose' not in batch:
+    return {}
+  found = np.array([synthetic.pose_adherence(image, target)
+                    for image, target in zip(np.asarray(images), batch['target'])])
+  return {'pose_acc': found[:, 0].astype(np.float32), 'pose_err': found[:, 1].astype(np.float32)}
 
 
 def edit_prompts(batch, seed: int, kind: str = 'scene'):
@@ -190,19 +223,23 @@ def edit_prompts(batch, seed: int, kind: str = 'scene'):
 def edit_batch(batch, seed: int) -> dict:
   """The batch asking for `edit_prompts`' scenes: its prompts, scene ids, item
   boxes and targets (the ground truth of the asked scene, rendered) replaced;
-  the context images, items and indices kept."""
+  the context images, items and indices kept. On posed data the figure keeps its
+  pose at the asked position, and its pose map ('condition') is drawn there."""
   scene, background, position = edit_prompts(batch, seed)
   full = edit_prompts(batch, seed, 'full')[0]
   resolution, size = batch['target'].shape[1], int(batch['box'][0][2] - batch['box'][0][0])
-  targets, boxes = [], []
+  targets, boxes, conditions = [], [], []
   for i in range(len(scene)):
     item = [int(batch[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    pose = tuple(float(v) for v in batch['pose'][i]) if 'pose' in batch else None
     target, _, box = synthetic.target_image(item, background[i], position[i],
-                                            resolution, size)
+                                            resolution, size, pose)
     targets.append(image_io.normalize(target))
     boxes.append(box)
+    conditions.append(image_io.normalize(synthetic.pose_map(resolution, position[i], pose)))
+  more = {'condition': np.stack(conditions)} if 'pose' in batch else {}
   return dict(batch, prompt_scene=scene, prompt_full=full, background=background,
-              position=position, box=np.stack(boxes), target=np.stack(targets))
+              position=position, box=np.stack(boxes), target=np.stack(targets), **more)
 
 
 # ---------------------------------------------------------------- CLIP
@@ -229,7 +266,7 @@ def load_clip(folder: str) -> CLIPScorer:
                      'the metrics compare projected image embeddings.')
   missing = []
   if not config.get('text_config'):
-    missing.append('a text tower (it is not a CLIPModel)')
+    missing.append('text tower (it is not a CLIPModel)')
   else:
     state = core.read_model_folder(folder)[1]
     if 'text_projection.weight' not in state:
@@ -328,7 +365,8 @@ def evaluate_mode(run: runs.Run, mode: str, **kwargs):
 #                   {'id': 1, 'base': 0} is a hyperlora_basis run's ID-LoRA alone
 #   trigger         False: the prompts without the synthetic task's trigger S*
 #   context_images  k: of each subject's set of context images, the first k only
-ROW_OPTIONS = ('lora_scale', 'trigger', 'context_images')
+#   attach          add-ons to restore the row's runs with ({section: keys}, `runs.restore`)
+ROW_OPTIONS = ('lora_scale', 'trigger', 'context_images', 'attach')
 
 
 def _lora_inputs(run: runs.Run, batch, context_images: Optional[int]):
@@ -379,8 +417,10 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
         prompts = [subjects.without_trigger(p, synthetic.TOKEN) for p in prompts]
       images = np.asarray(sample.generate(
           run, None, prompts, num_steps=num_steps, guidance=guidance, sampler=sampler,
-          seed=seed, use_lora=lora_kind is not None, image_ids=batch['index'],
-          lora_scale=lora_scale, inputs=_lora_inputs(run, batch, context_images)))
+          seed=seed, use_lora=lora_kind in LORA_KINDS, image_ids=batch['index'],
+          lora_scale=lora_scale, inputs=dict(
+              {k: batch[k] for k in run.objective.unet_input_keys if k in batch},
+              **_lora_inputs(run, batch, context_images))))
       found = score_synthetic(images, batch) if 'color' in batch else {}
       if scorer is not None:
         # CLIP-T against what the image should show: the full prompt if any.
@@ -395,8 +435,10 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
       room = keep - sum(len(x) for x in kept['generated'])
       if i == 0 and room > 0:
         for name, x in (('context', _first_context(batch['context'])),
-                        ('target', batch['target']), ('generated', images)):
-          kept[name].append(np.asarray(x)[:min(n, room)])
+                        ('target', batch['target']), ('generated', images),
+                        ('condition', batch.get('condition'))):
+          if x is not None:
+            kept[name].append(np.asarray(x)[:min(n, room)])
     per_seed.append({k: np.concatenate(v) for k, v in scores.items()})
   return (per_seed, {k: np.concatenate(v) for k, v in kept.items() if v},
           {k: np.concatenate(v) for k, v in labels.items()})
@@ -458,13 +500,14 @@ def markdown_table(results: dict) -> str:
   rows = results['rows']
   first = next(iter(rows.values()))['metrics']
   synth = [k for k in SYNTHETIC if k in first]
-  scene = [k for k in SCENE if k in first]
+  scene = [k for k in SCENE + POSE if k in first]
   clip_cols = [k for k in CLIP_METRICS if k in first]
   gaps = any('gap_recovered' in r for r in rows.values())
   seeds = len(results['settings']['seeds'])
   head = (['Row', 'Mode'] + [k.replace('_acc', ' acc (%)') for k in synth]
           + [f'{k.split("_")[0]} gap recovered' for k in synth if gaps]
-          + [k.replace('_acc', ' acc (%)') for k in scene] + clip_cols)
+          + [k.replace('_acc', ' acc (%)').replace('_err', ' err (% of side)')
+             for k in scene] + clip_cols)
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, row in rows.items():
     m = row['metrics']
@@ -499,6 +542,59 @@ def markdown_table(results: dict) -> str:
   return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
 
 
+def group_row(row: str, group: str) -> str:
+  """The name of `row` in evaluation group `group` (`compare`'s row, `grouped_table`)."""
+  return f'{row}, {group}'
+
+
+# The columns of `grouped_table`: metric -> (heading, percent?)
+GROUPED_COLUMNS = {'color_acc': ('color', True), 'pattern_acc': ('pattern', True),
+                   'pose_acc': ('pose', True), 'C2G': ('C2G', False), 'T2G': ('T2G', False),
+                   'T2Gdiff': ('T2Gdiff', False)}
+
+
+def grouped_table(results: dict, row_names: Sequence[str], groups: Sequence[str]) -> str:
+  """`compare`'s results of rows evaluated in several groups (`group_row` names) as one
+  markdown table: a row per name, a column group per group (the recontextualization
+  paper's Table 1: without and with pose), accuracies (%) and CLIP metrics."""
+  first = results['rows'][group_row(row_names[0], groups[0])]['metrics']
+  cols = [k for k in GROUPED_COLUMNS if k in first]
+  seeds = len(results['settings']['seeds'])
+  head = ['Row'] + [f'{g}: {GROUPED_COLUMNS[k][0]}' for g in groups for k in cols]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name in row_names:
+    cells = [name]
+    for group in groups:
+      m = results['rows'][group_row(name, group)]['metrics']
+      for k in cols:
+        v, percent = m[k], GROUPED_COLUMNS[k][1]
+        spread = v.get('seed_std', v['std']) if seeds > 1 else v['se' if percent else 'std']
+        cells.append(f'{100 * v["mean"]:.1f} ± {100 * spread:.1f}' if percent
+                     else f'{v["mean"]:.3f} ± {spread:.3f}')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  s = results['settings']
+  notes = [f'{first["num_examples"]} {s["split"]} examples, {s["num_steps"]} {s["sampler"]} '
+           f'steps, guidance {s["guidance"]}, sampling seeds {s["seeds"]}. color, pattern: '
+           'item accuracy (%); pose: pose adherence (%), the figure where and as large as '
+           'the pose map says (center within 0.06 of the side, vertical spread within '
+           '10%); ± ' + ('the std over the seeds.' if seeds > 1 else
+                         'the standard error over examples (CLIP metrics: the std).')]
+  notes += [results['clip_note']] if results.get('clip_note') else []
+  return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
+
+
+def random_clip(folder: str, vit: Mapping[str, Any], seed: int) -> str:
+  """Writes a CLIP vision tower with random weights (shaped by the CLIPVisionConfig dict
+  `vit`, drawn from `seed`) as a transformers folder, unless it is there; returns it.
+  A stand-in scorer for C2G / T2G / T2Gdiff where no trained CLIP fits (the synthetic
+  task): random features still carry color and layout, but not CLIP's semantics."""
+  if not os.path.exists(os.path.join(folder, 'config.json')):
+    module = clip.vision_from_config(dict(vit))
+    params = jax.jit(module.init)(jax.random.key(seed), *module.dummy_inputs())['params']
+    clip_folders.save_vision_model(params, module, folder)
+  return folder
+
+
 def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
             num_examples: Optional[int] = 200, num_steps=25, guidance=3.0,
             seeds=(0,), sampler='ddim', batch_size: Optional[int] = None,
@@ -510,7 +606,8 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   spread is over those runs. A single run is sampled with every seed. A
   workdir may also be a `runs.Run` already in memory (e.g. fine-tuned ones).
   Options (a dict of `ROW_OPTIONS`) sample the row's run another way, e.g. one
-  part of its LoRA alone.
+  part of its LoRA alone, or with add-ons attached (`runs.restore`'s attach: e.g. a
+  ControlNet for pose guidance).
 
   Writes out_dir/results.json, results.md (one table row per entry, in
   order; then each row's accuracy per item color and per pattern) and grid.png
@@ -539,19 +636,21 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
              if several(workdirs) else [(workdirs, tuple(seeds))])
     per_seed, truth = [], None
     for k, (workdir, run_seeds) in enumerate(pairs):
+      attach = options.get('attach')
       if isinstance(workdir, runs.Run):
         run = workdir
       else:
-        if workdir not in restored:
-          restored[workdir] = runs.restore(workdir)
-        run = restored[workdir]
+        key = (workdir, json.dumps(attach, sort_keys=True))
+        if key not in restored:
+          restored[key] = runs.restore(workdir, attach=attach)
+        run = restored[key]
       logging.info('Evaluating %s: %s in %s, seeds %s.', name, mode, where(workdir),
                    run_seeds)
       scores, kept, truth = score_mode(
           run, mode, split=split, num_examples=num_examples,
           num_steps=num_steps, guidance=guidance, seeds=run_seeds, sampler=sampler,
           batch_size=batch_size, scorer=scorer, keep=grid_examples if k == 0 else 0,
-          **options)
+          **{k: v for k, v in options.items() if k != 'attach'})
       per_seed += scores
       if k == 0:
         # Edit rows draw other scenes: their ground truth is the first edit row's.
@@ -565,6 +664,9 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
           columns.append(kept['target'])
           labels.append('other scene: ground truth')
         truths.setdefault(family, kept['target'])
+        if 'condition' in kept and 'pose map' not in labels:
+          columns.append(kept['condition'])
+          labels.append('pose map')
         if not np.array_equal(kept['context'], columns[0]):
           columns.append(kept['context'])
           labels.append(f'{name}: context')
@@ -753,7 +855,8 @@ def main(argv):
   cli.check_output(out)
   cli.use_compilation_cache(f.compilation_cache)
   modes = f.modes or default_modes(runs.load_config(f.workdir))
-  results = compare({m: (f.workdir, m) for m in modes}, out, split=f.split,
+  attach = {'controlnet': {'folder': f.controlnet}} if f.controlnet else {}
+  results = compare({m: (f.workdir, m, attach) for m in modes}, out, split=f.split,
                     num_examples=f.num_examples or None, num_steps=f.num_steps,
                     guidance=f.guidance, seeds=[int(s) for s in f.seeds],
                     sampler=f.sampler, batch_size=f.batch_size,
@@ -783,6 +886,9 @@ def _flags():
                       'mode CLIP-I (and CLIP-T with --prompts).')
   flags.DEFINE_list('modes', None, f'Modes ({", ".join(MODES)}); default: '
                     'every mode the run has.')
+  flags.DEFINE_string('controlnet', None, 'A diffusers controlnet/ folder to sample every '
+                      "mode with, frozen, on each example's condition image (pose "
+                      'guidance; the data needs condition images).')
   flags.DEFINE_integer('num_examples', 200, 'Examples (0: the whole split).')
   flags.DEFINE_integer('num_steps', 25, 'Sampler steps.')
   flags.DEFINE_float('guidance', 3.0, 'Classifier-free guidance scale.')

@@ -62,15 +62,21 @@ def _load_config(workdir, step):
   return step, defaults.fill(ml_collections.ConfigDict(config))
 
 
-def restore(workdir, step: Optional[int] = None) -> Run:
+def restore(workdir, step: Optional[int] = None, attach: Optional[dict] = None) -> Run:
   """The run trained in `workdir`, at checkpoint `step` (default: the newest intact).
 
   The config is the one saved with that checkpoint. The objective is rebuilt from the
   training seed (so from-scratch frozen models are the ones the run trained against);
   only the trained params of the checkpoint are read (the EMA copy when the run kept
   one), replicated on the current devices.
+
+  attach: frozen add-ons to sample the run with, {section: keys} over the config's
+  ``model.controlnet`` / ``model.ip_adapter`` (e.g. {'controlnet': {'folder': DIR}}):
+  a run trained without pose guidance, evaluated with a ControlNet. They change no
+  trained param, so the checkpoint fits as it is.
   """
   saved_step, config = _load_config(workdir, step)
+  _attach(config, attach)
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   objective = objectives.build(config, init_rng)
   repl = sharding.replicated(sharding.make_mesh(-1, 1))
@@ -79,18 +85,33 @@ def restore(workdir, step: Optional[int] = None) -> Run:
       objective.trainable)
   step, params = checkpoint.restore_params(_path(workdir) / 'checkpoints', abstract, step)
   if step != saved_step:  # Its arrays were damaged: an older step's, same objective.
-    config = _load_config(workdir, step)[1]
+    config = _attach(_load_config(workdir, step)[1], attach)
   # The objective's own trainable copy is the untrained init: drop it.
   return Run(config, objective._replace(trainable=None), params, str(workdir), step)
 
 
-def from_pretrained(folder: str, resolution: Optional[int] = None) -> Run:
+def _attach(config, attach: Optional[dict]):
+  for name, keys in (attach or {}).items():
+    if name not in objectives.ADDONS:
+      raise ValueError(f'Cannot attach {name!r}: add-ons are {objectives.ADDONS}.')
+    unknown = sorted(set(keys) - set(config.model[name]))
+    if unknown:
+      raise ValueError(f'Unknown keys {unknown} for model.{name}; it has '
+                       f'{sorted(config.model[name])}.')
+    config.model[name].update(dict(keys))
+  return config
+
+
+def from_pretrained(folder: str, resolution: Optional[int] = None,
+                    attach: Optional[dict] = None) -> Run:
   """A diffusers folder's base model alone, as a run without a LoRA (at `resolution`,
-  default the UNet's sample_size times the VAE's downsampling)."""
+  default the UNet's sample_size times the VAE's downsampling), with the add-ons
+  `attach` names (as `restore`'s)."""
   config = defaults.get_config('unet_full')
   config.model.pretrained = folder
   config.train.compute_dtype = 'float32'
   config.data.resolution = resolution or 0
+  _attach(config, attach)
   objective = objectives.build(config, jax.random.key(0))
   if not resolution:
     size = objective.models.unet_config.get('sample_size')
@@ -101,12 +122,7 @@ def from_pretrained(folder: str, resolution: Optional[int] = None) -> Run:
   return Run(config, objective._replace(trainable=None), objective.trainable)
 
 
-def latent_factor(models: objectives.Models) -> int:
-  """Pixels per latent along a side: the VAE's downsampling, 1 without a VAE."""
-  if models.vae is None:
-    return 1
-  return 2 ** (len(models.vae.block_out_channels) - 1)
-
+latent_factor = objectives.latent_factor
 
 def lora(run: Run, inputs: Optional[dict] = None, part_scales: Optional[dict] = None):
   """The LoRA tree the run applies, or None (a base model alone). `inputs` holds the

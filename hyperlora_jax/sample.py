@@ -3,6 +3,8 @@ r"""Sampling: context images + prompts -> images, with the LoRA a run predicts.
   python -m hyperlora_jax.sample --workdir=RUN --context=item.png \
       --prompt="a figure on the left, pink background, wearing S*" --out=DIR
   python -m hyperlora_jax.sample --pretrained=SD_FOLDER --prompt="a cat" --out=DIR
+  python -m hyperlora_jax.sample --workdir=RUN --context=item.png --prompt=... \
+      --controlnet=CONTROLNET_FOLDER --condition=pose.png --out=DIR   # pose guidance
 
 Every (context, prompt) pair becomes one image <out>/<context>_<prompt #>.png;
 grid.png shows one row per context image: the context, then each prompt.
@@ -12,7 +14,10 @@ grid.png shows one row per context image: the context, then each prompt.
 runs the run's LoRA (its objective's ``lora``: the hypernetwork of a hyperlora
 run), the text tower, the whole sampler loop (a lax.scan) and the VAE decoder.
 Each image of a batch gets its own predicted LoRA, the run's shared LoRA or
-none, in both CFG branches.
+none, in both CFG branches; and, where the run has them (its objective's
+``unet_inputs``: a ControlNet, an IP-Adapter, its own or added), its own
+ControlNet residuals from its condition image (`generate`'s ``inputs``) at every
+step and its own image tokens, in both branches too.
 """
 import functools
 import os
@@ -45,6 +50,8 @@ class _Static(NamedTuple):
   zero_uncond: bool  # SDXL: the empty prompt's embeddings are zeros.
   lora: Any  # the objective's (trainable, frozen, inputs) -> tree, or None: no LoRA
   base: Any  # the objective's (trainable, frozen) -> {'unet', 'text'[, 'text2']}
+  unet_inputs: Any  # the objective's (trainable, frozen, inputs) -> UNetInputs, or None
+  unet_input_keys: tuple
   latent_shape: tuple
   resolution: int
   num_steps: int
@@ -79,8 +86,12 @@ def _sample(static: _Static, params, frozen, schedule, ids, inputs, seed, image_
     n = ids[0].shape[0] // 2
     cond = jax.tree.map(lambda c: c.at[:n].set(0), cond)
   extra = objectives.time_ids(static.unet, static.resolution)
-  unet = lambda x, t: static.unet.apply(
-      {'params': base['unet']}, x, t, lora=lora, **cond, **extra)
+  more = None
+  if static.unet_inputs is not None:
+    per_sample = {k: inputs[k] for k in static.unet_input_keys}
+    more = static.unet_inputs(params, frozen, objectives.tile(per_sample, 2)
+                              if static.guided else per_sample)
+  unet = objectives.denoiser(static.unet, base['unet'], lora, dict(cond, **extra), more)
   # Noise from (seed, image id): an image does not depend on its batch.
   key = jax.random.key(seed)
   noise = jax.vmap(lambda i: jax.random.normal(
@@ -123,9 +134,11 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
     image_ids: [B] ints (default 0..B-1), e.g. dataset indices so that an
       example gets the same noise whatever batch it is generated in.
     resolution: output side (default config.data.resolution).
-    inputs: what else the run's LoRA is computed from (`Spec.lora_inputs`), one row per
-      image, e.g. a lora_bank run's 'subject' ints [B], a basis run's context sets
-      ('context' [B, N, H, W, 3] with 'set_mask'); `context`, if given, is its 'context'.
+    inputs: what else the run's LoRA and UNet inputs are computed from, one row per
+      image (`Spec.lora_inputs`, `Objective.unet_input_keys`): e.g. a lora_bank run's
+      'subject' ints [B], a basis run's context sets ('context' [B, N, H, W, 3] with
+      'set_mask'), 'condition' [B, H, W, 3] in [-1, 1] (the pose maps a ControlNet
+      reads); `context`, if given, is its 'context' (image tokens come from it too).
     lora: a LoRA tree to apply instead of the run's own (shared, or per sample with
       B rows), e.g. a slider's (`slider`).
   """
@@ -142,21 +155,21 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
   if isinstance(lora_scale, Mapping):
     part_scales, lora_scale = runs.check_parts(spec, lora_scale), 1.0
   lora_fn = given_lora if lora is not None else run.objective.lora
+  needed = ((spec.lora_inputs if use_lora and lora is None else ())
+            + run.objective.unet_input_keys)
   inputs = {}
+  for key in dict.fromkeys(needed):
+    got = given.get(key)
+    if got is None or len(got) != len(prompts):
+      what = 'context images' if key == 'context' else f'{key!r} inputs'
+      raise ValueError(f'{len(prompts)} prompts need as many {what} for this '
+                       f'{spec.name} run; got {"none" if got is None else len(got)}.')
+    inputs[key] = jnp.asarray(got)
   if lora is not None:
-    inputs = {'lora': lora}
-  elif use_lora and spec.lora_inputs:
-    for key in spec.lora_inputs:
-      got = given.get(key)
-      if got is None or len(got) != len(prompts):
-        what = ('context images' if key == 'context'
-                else f'{key!r} rows (a {spec.name} run computes its LoRA from them)')
-        raise ValueError(f'{len(prompts)} prompts need as many {what}; got '
-                         f'{"none" if got is None else len(got)}.')
-    inputs = {k: jnp.asarray(given[k]) for k in spec.lora_inputs}
-    if part_scales is not None:
-      inputs['part_scales'] = {k: jnp.full((len(prompts),), v, jnp.float32)
-                               for k, v in part_scales.items()}
+    inputs['lora'] = lora
+  elif use_lora and part_scales is not None:
+    inputs['part_scales'] = {k: jnp.full((len(prompts),), v, jnp.float32)
+                             for k, v in part_scales.items()}
   guided = guidance is not None and guidance != 1.0
   ids = objectives.tokenize(models, prompts)
   if guided:
@@ -165,6 +178,7 @@ def generate(run: runs.Run, context, prompts, *, num_steps=25, guidance=3.0,
   resolution = resolution or run.config.data.resolution
   static = _Static(models.unet, models.text_towers, models.vae, models.zero_uncond,
                    lora_fn if use_lora else None, run.objective.base,
+                   run.objective.unet_inputs, run.objective.unet_input_keys,
                    _latent_shape(models, resolution), resolution, num_steps, sampler, guided)
   if image_ids is None:
     image_ids = np.arange(len(prompts))
@@ -194,6 +208,11 @@ def _flags():
   flags.DEFINE_string('pretrained', None, 'A diffusers folder: the base model, no LoRA.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.DEFINE_string('context', None, 'Context image or folder of images.')
+  flags.DEFINE_string('condition', None, 'For runs with a ControlNet (their own or '
+                      '--controlnet): a condition image (a pose map) for every output, or '
+                      'a folder of one per --context image, in name order.')
+  flags.DEFINE_string('controlnet', None, 'A diffusers controlnet/ folder to sample the '
+                      'run with, frozen (pose guidance; needs --condition).')
   flags.DEFINE_multi_string('prompt', None, 'Prompt(s); repeat for several.')
   flags.DEFINE_integer('num_steps', 25, 'Sampler steps.')
   flags.DEFINE_float('guidance', 3.0, 'Classifier-free guidance scale.')
@@ -232,10 +251,16 @@ def main(argv):
                      '--save_lora need a hyperlora --workdir.')
   lora_scale = parse_lora_scale(f.lora_scale)
   paths = image_io.image_files(f.context) if f.context else []  # Fails before the restore.
-  run = (runs.restore(f.workdir, f.step) if f.workdir
-         else runs.from_pretrained(f.pretrained, f.resolution))
+  attach = {'controlnet': {'folder': f.controlnet}} if f.controlnet else None
+  run = (runs.restore(f.workdir, f.step, attach=attach) if f.workdir
+         else runs.from_pretrained(f.pretrained, f.resolution, attach=attach))
   resolution = f.resolution or run.config.data.resolution
-  needs_context = 'context' in run.spec.lora_inputs
+  needs_condition = 'condition' in run.objective.unet_input_keys
+  if needs_condition != bool(f.condition):
+    raise ValueError(f'A {run.spec.name} run with a ControlNet needs --condition.'
+                     if needs_condition else '--condition is for runs with a ControlNet '
+                     '(their own, or --controlnet).')
+  needs_context = 'context' in run.spec.lora_inputs + run.objective.unet_input_keys
   if needs_context != bool(f.context):
     raise ValueError(
         f'A {run.spec.name} run needs --context.' if needs_context
@@ -249,15 +274,24 @@ def main(argv):
     contexts, names = runs.inputs_from_files(run, paths, f.as_set, resolution)
   else:
     contexts, names = None, ['image']
+  conditions = None
+  if f.condition:
+    conditions = image_io.load_images(f.condition, resolution)[0]
+    if len(conditions) == 1:
+      conditions = np.repeat(conditions, len(names), 0)
+    elif len(conditions) != len(names):
+      raise ValueError(f'--condition has {len(conditions)} images for {len(names)} context '
+                       'images: give one, or one per context image.')
   pairs = [(c, p) for c in range(len(names)) for p in range(len(f.prompt))]
   images = []
   for start in range(0, len(pairs), f.batch_size):
     chunk = pairs[start:start + f.batch_size]
     rows = [c for c, _ in chunk]
+    inputs = {} if contexts is None else {k: v[rows] for k, v in contexts.items()}
+    if conditions is not None:
+      inputs['condition'] = conditions[rows]
     images.append(generate(
-        run, None, [f.prompt[p] for _, p in chunk],
-        inputs=None if contexts is None else {k: v[rows] for k, v in contexts.items()},
-        num_steps=f.num_steps,
+        run, None, [f.prompt[p] for _, p in chunk], inputs=inputs, num_steps=f.num_steps,
         guidance=f.guidance, sampler=f.sampler, seed=f.seed,
         lora_scale=lora_scale, image_ids=np.arange(start, start + len(chunk)),
         resolution=resolution))

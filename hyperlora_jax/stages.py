@@ -5,14 +5,21 @@ run stage by stage, each in <workdir>/<name>; a finished stage is reused, an
 interrupted one resumes. ``model.pretrained = 'stage:<name>'`` points a stage at the
 diffusers folder that a finished stage whose objective trains the base model
 (`Spec.trains_base`, e.g. ``unet_full``) exports to <workdir>/<name>/pipeline, so a base
-model trained here is loaded exactly like a downloaded SD folder; ``model.init_from =
-'stage:<name>'`` starts a stage from an earlier stage's trained params (the recipe of
-`objectives.hyperlora_basis`), recorded with that stage's step; ``hypernet.loss.targets
-= 'stage:<name>'`` points at a finished per-subject stage's target weights (a lora_bank
-pre-optimization). An optional ``report`` section then compares the stages on held-out
-data (`evaluate.compare`); ``report.kind = 'personalization'`` is HyperDreamBooth's Table
-3 instead: each row's personal models of held-out subjects (a run's prediction, fast
-fine-tuning of it or from zero), their fidelity and editability, steps and time.
+model trained here is loaded exactly like a downloaded SD folder. A stage whose objective
+trains an add-on (`Spec.part`: ``controlnet``, ``ip_adapter``) exports it to
+<workdir>/<name>/<part>, which ``model.controlnet.folder`` / ``model.ip_adapter.weights``
+and ``.image_encoder`` name as 'stage:<name>'. ``train.init_from = 'stage:<name>'``
+starts a stage from another's trained params (a prompt schedule's second stage);
+``model.init_from = 'stage:<name>'`` from the matching params of another stage's
+hypernetwork (the recipe of `objectives.hyperlora_basis`), recorded with that stage's
+step; ``hypernet.loss.targets = 'stage:<name>'`` points at a finished per-subject stage's
+target weights (a lora_bank pre-optimization). An optional ``report`` section then
+evaluates the stages on held-out data, by ``report.kind`` (`REPORTS`): 'compare' (the
+default: the quickstart's rows, or ``report.rows``, `evaluate.compare`), 'grouped' (those
+rows in each of ``report.groups`` of add-ons: the recontextualization paper's Table 1,
+without and with pose guidance) or 'personalization' (HyperDreamBooth's Table 3: each
+row's personal models of held-out subjects, a run's prediction, fast fine-tuning of it
+or from zero, their fidelity and editability, steps and time).
 
 Nothing stale is built on: a pre-empted stage stops the whole run (`train.Preempted`
 reaches the caller; the next launch resumes it). An export records the step it was made
@@ -49,6 +56,13 @@ PIPELINE = 'pipeline'
 EXPORT_RECORD = 'pipeline_export.json'  # Beside pipeline/: the step it was made from.
 BASE_RECORD = 'base_export.json'  # In a stage folder: the export it trained on.
 INIT_RECORD = 'init_from.json'  # In a stage folder: the stage and step it started from.
+DEPENDS_RECORD = 'depends.json'  # In a stage folder: the other stages' outputs it used.
+# Config keys that may name another stage's output as 'stage:<name>': the path under
+# that stage's folder they mean ('' the folder itself: a training run).
+STAGE_KEYS = {'model.controlnet.folder': 'controlnet',
+              'model.ip_adapter.weights': 'ip_adapter/ip-adapter.safetensors',
+              'model.ip_adapter.image_encoder': 'ip_adapter/image_encoder',
+              'train.init_from': ''}
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
@@ -75,6 +89,22 @@ def _fingerprint(folder: str) -> str:
   return digest.hexdigest()[:16]
 
 
+def _export_once(workdir: str, folder: str, record_name: str, write: Callable) -> str:
+  """Runs ``write(run)`` (which writes `folder`, whole or not at all) for the newest
+  step of the run in `workdir` unless <workdir>/<record_name> records that step; then
+  records it, so an export of another step (or of none recorded) is made again."""
+  record_path = os.path.join(workdir, record_name)
+  newest = checkpoint.newest_intact_step(os.path.join(workdir, 'checkpoints'))
+  record = _read_record(record_path)
+  if record is None or record['step'] != newest or not os.path.exists(folder):
+    run = runs.restore(workdir)
+    if jax.process_index() == 0:
+      logging.info('Exporting %s of %s (step %d).', folder, workdir, run.step)
+      write(run)
+      files.write_json(record_path, {'step': run.step, 'fingerprint': _fingerprint(folder)})
+  return folder
+
+
 def export_pipeline(workdir: str) -> str:
   """Writes a trained run's base model as a diffusers folder; returns its path.
 
@@ -82,26 +112,28 @@ def export_pipeline(workdir: str) -> str:
   <workdir>/pipeline_export.json records the step it was made from, so a folder of
   another step (or of none recorded) is exported again."""
   folder = os.path.join(workdir, PIPELINE)
-  record_path = os.path.join(workdir, EXPORT_RECORD)
-  newest = checkpoint.newest_intact_step(os.path.join(workdir, 'checkpoints'))
-  record = _read_record(record_path)
-  if record is None or record['step'] != newest or not os.path.isdir(folder):
-    run = runs.restore(workdir)
+
+  def write(run):
     m, params = run.objective.models, runs.base_params(run)
-    if jax.process_index() == 0:
-      logging.info('Exporting the base model of %s (step %d) to %s.', workdir, run.step,
-                   folder)
-      pipeline.save_pipeline(folder, params['unet'], m.unet_config, params['text'],
-                             m.text_config, m.tokenizer_folder, m.scheduler_config,
-                             params.get('text2'), m.text2_config, m.tokenizer2_folder)
-      files.write_json(record_path, {'step': run.step, 'fingerprint': _fingerprint(folder)})
-  return folder
+    pipeline.save_pipeline(folder, params['unet'], m.unet_config, params['text'],
+                           m.text_config, m.tokenizer_folder, m.scheduler_config,
+                           params.get('text2'), m.text2_config, m.tokenizer2_folder)
+  return _export_once(workdir, folder, EXPORT_RECORD, write)
+
+
+def export_part(workdir: str, part: str) -> str:
+  """Writes the add-on a run trains (`Spec.part`) to <workdir>/<part> (its objective's
+  `export_part`), recorded in <workdir>/<part>_export.json as `export_pipeline`'s."""
+  folder = os.path.join(workdir, part)
+  return _export_once(workdir, folder, f'{part}_export.json', lambda run: (
+      run.objective.export_part(run.params, run.objective.frozen, folder)))
 
 
 def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
   """'stage:<name>' in model.pretrained (its pipeline folder), model.init_from (its
-  workdir, with the step it had) and hypernet.loss.targets (its workdir) -> paths under
-  `workdir`; a stage trained on an export is checked against it (`_trained_on`)."""
+  workdir, with the step it had), hypernet.loss.targets (its workdir) and `STAGE_KEYS`
+  -> paths under `workdir`; a stage is retrained when what it was trained on changed
+  (`_depends_on`)."""
   with stage.unlocked():
     pretrained = stage.model.get('pretrained') or ''
     if pretrained.startswith('stage:'):
@@ -115,13 +147,16 @@ def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
     targets = stage.get('hypernet', {}).get('loss', {}).get('targets') or ''
     if targets.startswith('stage:'):
       stage.hypernet.loss.targets = os.path.join(workdir, targets[len('stage:'):])
+  depends = _resolve_stage_keys(stage, workdir)
+  if depends:
+    _depends_on(stage_dir, DEPENDS_RECORD, depends, 'add-on or run')
 
 
 def _trained_on(stage_dir: str, base_folder: str) -> None:
   """Retrains a stage whose base export changed since it trained on it: its folder is
   moved aside (<stage>.stale-<i>), and the export it now trains on is recorded."""
   _depends_on(stage_dir, BASE_RECORD, _read_record(
-      os.path.join(os.path.dirname(base_folder), EXPORT_RECORD)), 'the base model of step')
+      os.path.join(os.path.dirname(base_folder), EXPORT_RECORD)), 'base model export')
 
 
 def _initialized_from(stage_dir: str, source_dir: str) -> int:
@@ -132,8 +167,30 @@ def _initialized_from(stage_dir: str, source_dir: str) -> int:
     raise ValueError(f'{stage_dir} starts from {source_dir} (model.init_from), which has '
                      'no checkpoint: list that stage before it in stage_order.')
   _depends_on(stage_dir, INIT_RECORD, {'stage': source_dir, 'step': step},
-              f'{os.path.basename(source_dir)} of step')
+              'initial params')
   return step
+
+
+def _resolve_stage_keys(stage, workdir: str) -> Optional[dict]:
+  """Replaces 'stage:<name>' in `STAGE_KEYS` by paths under `workdir`; returns what the
+  stage depends on through them ({key: the source's export record, or its newest step
+  for a run}), None when nothing."""
+  depends = {}
+  for key, sub in STAGE_KEYS.items():
+    *parents, leaf = key.split('.')
+    section = stage
+    for name in parents:
+      section = section.get(name) if section is not None else None
+    value = section.get(leaf) if section is not None else None
+    if not isinstance(value, str) or not value.startswith('stage:'):
+      continue
+    source = os.path.join(workdir, value[len('stage:'):])
+    with stage.unlocked():
+      section[leaf] = os.path.join(source, sub) if sub else source
+    part = sub.split('/')[0]
+    depends[key] = (_read_record(os.path.join(source, f'{part}_export.json')) if part else
+                    {'step': checkpoint.newest_intact_step(os.path.join(source, 'checkpoints'))})
+  return depends or None
 
 
 def _depends_on(stage_dir: str, record_name: str, source: Optional[dict], what: str) -> None:
@@ -142,16 +199,15 @@ def _depends_on(stage_dir: str, record_name: str, source: Optional[dict], what: 
   record_path = os.path.join(stage_dir, record_name)
   had = _read_record(record_path)
   if jax.process_index() and had != source:
-    raise ValueError(f'{stage_dir} was trained on another {what.rsplit(" ", 2)[0]}: run '
-                     'the stages on one process to retrain it.')
+    raise ValueError(f'{stage_dir} was trained on another {what} ({had}, now {source}): '
+                     'run the stages on one process to retrain it.')
   if had is not None and had != source and os.path.isdir(stage_dir):
     i = 0
     while os.path.exists(f'{stage_dir}.stale-{i}'):
       i += 1
     os.rename(stage_dir, f'{stage_dir}.stale-{i}')
-    logging.warning('%s trained on %s %s, now step %s: retraining it (the old run is kept '
-                    'in %s.stale-%d).', stage_dir, what, had.get('step'),
-                    (source or {}).get('step'), stage_dir, i)
+    logging.warning('%s trained on the %s %s, now %s: retraining it (the old run is kept '
+                    'in %s.stale-%d).', stage_dir, what, had, source, stage_dir, i)
   if source is not None and had != source:
     files.write_json(record_path, source)
 
@@ -169,7 +225,9 @@ def run(config, workdir: str, train_one: Callable) -> None:
   steps = {n: config.stages[n].train.num_steps for n in order}
   started, trained = time.time(), 0  # Steps trained by this launch, for the ETA.
   for i, name in enumerate(order):
-    stage = config.stages[name]
+    # A copy: resolving 'stage:' keys below must not write through the config's
+    # field references (keys a config shares between its stages).
+    stage = config.stages[name].copy_and_resolve_references()
     stage_dir = os.path.join(workdir, name)
     _resolve_stages(stage, workdir, stage_dir)
     left = sum(steps[n] for n in order[i:])
@@ -184,12 +242,11 @@ def run(config, workdir: str, train_one: Callable) -> None:
       trained += steps[name]
     if spec.trains_base:
       export_pipeline(stage_dir)
+    if spec.part:
+      export_part(stage_dir, spec.part)
   if 'report' in config:
     logging.info('Report: evaluating the stages on held-out items...')
-    if config.report.get('kind') == 'personalization':
-      personalization_report(config, workdir)
-    else:
-      report(config, workdir)
+    REPORTS[config.report.get('kind', 'compare')](config, workdir)
 
 
 def report(config, workdir: str) -> dict:
@@ -361,3 +418,58 @@ def personalization_table(results: dict) -> str:
               else 'subjects.') + ' s / subject: the hypernetwork and the fine-tuning '
            'loop after compilation, all subjects in one batch, divided by their number.')
   return '\n'.join(lines) + '\n\n' + notes + '\n'
+
+
+def _attachment(addons: dict, workdir: str) -> dict:
+  """An evaluation group's add-ons ({section: keys}) with 'stage:<name>' resolved."""
+  out = {}
+  for name, keys in (addons or {}).items():
+    out[name] = {}
+    for key, value in dict(keys).items():
+      sub = STAGE_KEYS.get(f'model.{name}.{key}', '')
+      if isinstance(value, str) and value.startswith('stage:'):
+        value = os.path.join(workdir, value[len('stage:'):], sub)
+      out[name][key] = value
+  return out
+
+
+def grouped_report(config, workdir: str) -> dict:
+  """``report.rows`` ((row, stage or [one stage per seed], mode), ...) evaluated in each
+  of ``report.groups`` ((group, add-ons to attach), ...: e.g. 'with pose' and a
+  controlnet stage's ControlNet), on the same held-out examples and seeds
+  (`evaluate.compare`); writes <workdir>/report/: results.json/md (a row per row and
+  group), table.md (the rows, a column group per group: `evaluate.grouped_table`) and
+  grid.png. With ``report.clip`` 'random', the CLIP metrics use a random CLIP vision
+  tower (report/clip_random/, shaped by report.clip_vit, drawn from the report's first
+  seed): a stand-in, which the table says."""
+  r = config.report
+  seeds = tuple(r.get('seeds', (0,)))
+  out_dir = os.path.join(workdir, 'report')
+  clip_folder = r.get('clip') or None
+  if clip_folder == 'random':
+    clip_folder = evaluate.random_clip(os.path.join(out_dir, 'clip_random'),
+                                       r.clip_vit.to_dict(), seeds[0])
+  rows = {}
+  for group, addons in r.groups:
+    attach = _attachment(addons, workdir)
+    for name, stage_names, mode in r.rows:
+      dirs = [os.path.join(workdir, n) for n in
+              (stage_names if isinstance(stage_names, (list, tuple)) else [stage_names])]
+      rows[evaluate.group_row(name, group)] = (dirs if len(dirs) > 1 else dirs[0], mode,
+                                               {'attach': attach} if attach else {})
+  results = evaluate.compare(rows, out_dir, num_examples=r.num_examples,
+                             num_steps=r.num_steps, guidance=r.guidance, seeds=seeds,
+                             clip_folder=clip_folder)
+  table = evaluate.grouped_table(results, [row[0] for row in r.rows],
+                                 [group for group, _ in r.groups])
+  if r.get('clip') == 'random':
+    table += ('\nC2G, T2G, T2Gdiff: cosines of a CLIP vision tower with random weights '
+              '(no CLIP trained on this task exists here): a stand-in that sees colors and '
+              'layout, not the semantics of a real CLIP.\n')
+  files.write_text(os.path.join(out_dir, 'table.md'), table)
+  logging.info('Results (%s):\n%s', out_dir, table)
+  return results
+
+
+REPORTS = {'compare': report, 'grouped': grouped_report,
+           'personalization': personalization_report}

@@ -152,6 +152,34 @@ def check_resume(saved: Mapping, config: Mapping, step: int, directory,
     logging.warning('Resuming with config changes: %s', '; '.join(changes))
 
 
+def _init_from(workdir: str, params):
+  """The trainable params of another run's newest intact checkpoint (its EMA where it
+  kept one), in the shapes and shardings of `params`: a run that continues another."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.exists():
+    raise FileNotFoundError(f'train.init_from={workdir}: no training run there (no '
+                            'checkpoints/).')
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          params)
+  # Orbax's partial restore would fill what the checkpoint lacks without a word: check
+  # every path and shape against its metadata first.
+  step = checkpoint.newest_intact_step(directory)  # None: restore_params says why
+  saved = checkpoint.param_shapes(directory, step) if step is not None else {}
+  wanted = {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  misfit = ([f'missing {k}' for k in wanted if k not in saved]
+            + [f'unexpected {k}' for k in saved if k not in wanted]
+            + [f'{k}: {saved[k]}, here {v}' for k, v in wanted.items()
+               if k in saved and saved[k] != v])
+  if misfit and step is not None:
+    raise ValueError(f'train.init_from={workdir}: its params do not fit this run\'s '
+                     f'objective (train the same objective there); {len(misfit)} '
+                     f'differences, e.g. {"; ".join(misfit[:3])}.')
+  step, loaded = checkpoint.restore_params(directory, abstract, step)
+  logging.info('Starting from the params of %s, step %d.', workdir, step)
+  return loaded
+
+
 def init_state(params, tx, ema: bool) -> dict:
   state = {'step': jnp.zeros((), jnp.int32), 'params': params,
            'opt_state': tx.init(params)}
@@ -428,6 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state_shapes, state_shardings))
   if restored is None:
     params = sharding.place(objective.trainable, state_shardings['params'])
+    if config.train.init_from:
+      params = _init_from(config.train.init_from, params)
     state = jax.jit(init, out_shardings=state_shardings)(params)
   else:
     _, state, data_state, _ = restored

@@ -358,3 +358,23 @@ def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_pat
   assert len(calls.read_text().splitlines()) == 4  # all done on this machine already
   result = run('start', 'issue_twenty')
   assert result.returncode == 2 and 'sdxl_parity' in result.stderr, result
+
+
+def test_tiny_controlnet_row(tmp_path):
+  """benchmarks/controlnet_benchmark.py: ours (a LoRA per image + a ControlNet) beside
+  diffusers' ControlNet pipeline loop, in gpu_benchmark's table."""
+  out = tmp_path / 'table.md'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'controlnet_benchmark.py'), '--tiny',
+       f'--out={out}'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = _table(out.read_text())
+  config = 'ControlNet + DDIM-3 + CFG, 2 images'
+  ours = rows[(config, 'ours (per-sample LoRAs + ControlNet)')]
+  assert _number(ours[0]) > 0 and _number(ours[3]) > 0 and _number(ours[5]) > 0, ours
+  if HAS_TORCH:
+    eager = rows[(config, 'diffusers+peft eager')]
+    assert _number(eager[0]) > 0 and _number(ours[2]) > 0, eager
+    assert rows[(config, 'diffusers+peft compiled')][0] == 'skipped (CPU)'

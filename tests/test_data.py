@@ -421,3 +421,64 @@ def test_changed_source_folder_is_rebuilt(tmp_path, capfd):
                                        num_epochs=1, shuffle=False, batch_size=3))
   first = dict(zip(batch['id'], batch['context']))['id0']
   assert first[0, 0, 2] > first[0, 0, 0]  # Blue now, not the red it was built with.
+
+
+def test_condition_images_in_paired_and_triples_folders(tmp_path):
+  """VITON-HD's openpose_img/ (its names) and triples' condition.*: read, resized to
+  the target's size (counted), missing ones an error naming the file or skipped."""
+  root = _paired_folder(tmp_path / 'viton')
+  (root / 'test_pairs.txt').write_text('good0.png good0.jpg\n')
+  for split in ('train', 'test'):
+    for name in ('good0', 'good1')[:2 if split == 'train' else 1]:
+      _save(root / split / 'image' / f'{name}.png', color=RED)
+      _save(root / split / 'cloth' / f'{name}.jpg', color=BLUE)
+  _save(root / 'train' / 'openpose_img' / 'good0_rendered.png', color=(0, 255, 0))
+  data = _config(tmp_path, name='paired', source_dir=str(root), resolution=16,
+                 batch_size=2)
+  with pytest.raises(builders.BadExample, match=r'good1_rendered.png: file not found'):
+    builders.build(data)
+  # Half the target's size: resized to it, so the crop is the same as the target's.
+  _save(root / 'train' / 'openpose_img' / 'good1_rendered.png', color=(0, 255, 0),
+        size=(12, 8))
+  _save(root / 'test' / 'openpose_img' / 'good0_rendered.png', color=(0, 255, 0))
+  builder = builders.build(data)
+  assert builder.info.metadata['resized'] == {'train': 1, 'test': 0}
+  (b,) = list(pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                      num_epochs=1, shuffle=False))
+  assert b['condition'].shape == b['target'].shape == (2, 16, 16, 3)
+  np.testing.assert_allclose(np.round((b['condition'] + 1) * 127.5),
+                             np.broadcast_to((0, 255, 0), (2, 16, 16, 3)), atol=1)
+
+  triples = tmp_path / 'triples'
+  for i in range(3):
+    _save(triples / 'train' / f'ex{i}' / 'context.png', color=RED)
+    _save(triples / 'train' / f'ex{i}' / 'target.png', color=BLUE)
+    if i != 1:
+      _save(triples / 'train' / f'ex{i}' / 'condition.png', color=(0, 0, 0))
+  data = _config(tmp_path, name='triples', source_dir=str(triples), resolution=8,
+                 batch_size=2, on_bad_example='skip')
+  builder = builders.build(data)
+  assert builder.info.metadata['skipped'] == {'train': 1}  # ex1 has no condition.png
+  (b,) = list(pipeline.create_dataset(data, 'train', process_index=0, process_count=1,
+                                      num_epochs=1, shuffle=False))
+  assert sorted(b['id']) == ['ex0', 'ex2'] and (b['condition'] == -1).all()
+
+
+def test_posed_synthetic_data_is_opt_in(synthetic_data, tmp_path):
+  default = builders.make_builder(synthetic_data)
+  assert builders.synthetic_config(32, 4000, 200, pose=False).name == 'r32_4d25893f26'
+  posed = synthetic_data.copy_and_resolve_references()
+  posed.pose = True
+  builder = builders.build(posed)
+  assert builder.data_path != default.data_path
+  assert 'condition' not in default.info.features and 'condition' in builder.info.features
+  b = next(pipeline.create_dataset(posed, 'test', process_index=0, process_count=1,
+                                   num_epochs=1, shuffle=False))
+  for i in range(4):
+    ex = synthetic.example(int(b['id'][i]), 'test', pose=True)
+    for key in ('target', 'condition'):
+      np.testing.assert_array_equal(np.round((b[key][i] + 1) * 127.5), ex[key])
+    np.testing.assert_array_equal(b['pose'][i], ex['pose'])
+  old = synthetic_data.copy_and_resolve_references()
+  del old['pose']  # A config saved before the field existed reads the default's data.
+  assert builders.make_builder(old).data_path == default.data_path

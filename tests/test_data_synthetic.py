@@ -1,5 +1,6 @@
 """The synthetic task: ground truth agrees with pixels, held-out identities."""
 
+import hashlib
 import time
 
 import numpy as np
@@ -168,3 +169,67 @@ def test_scene_scorer_reads_ground_truth_and_catches_other_scenes(resolution, it
   assert synthetic.scene_of(g['target'][0] / 127.5 - 1, size) == tuple(truth[0])
   blank = np.broadcast_to(synthetic.BACKGROUND_RGB[2], (resolution, resolution, 3))
   assert synthetic.scene_of(blank, size) == (2, -1)
+
+
+def test_examples_without_pose_keep_their_bytes():
+  """Pose is opt-in: by default every example is byte for byte what it was before pose
+  existed (the digest of these examples, computed before pose was added), so every
+  built dataset and published result stays valid."""
+  digest = hashlib.sha256()
+  for split in synthetic.SPLITS:
+    for resolution, item_frac in ((16, 0.7), (32, synthetic.ITEM_FRAC),
+                                  (64, synthetic.ITEM_FRAC)):
+      for i in range(50):
+        ex = synthetic.example(i, split, resolution=resolution, item_frac=item_frac)
+        for k in sorted(ex):
+          digest.update(k.encode())
+          digest.update(ex[k].encode() if isinstance(ex[k], str)
+                        else np.ascontiguousarray(ex[k]).tobytes())
+  assert digest.hexdigest() == (
+      'c242e344d5ddb95884e3020bf3ba6415d5a1ef4446110afb1df5c966377dafd6')
+
+
+# The Table 1 sizes: its CPU run, the tiny test's, the GPU run's.
+@pytest.mark.parametrize('resolution,item_frac', [(24, 0.46), (32, synthetic.ITEM_FRAC),
+                                                  (64, synthetic.ITEM_FRAC)])
+def test_pose_is_drawn_unsaid_and_read_back(resolution, item_frac):
+  n = 200
+  posed = synthetic.generate(n, 'test', resolution=resolution, item_frac=item_frac,
+                             pose=True)
+  plain = synthetic.generate(n, 'test', resolution=resolution, item_frac=item_frac)
+  # The same items, scenes, contexts and prompts: only the figure moves.
+  for k in ('shape', 'color', 'pattern', 'color2', 'background', 'position', 'context',
+            'prompt_scene', 'prompt_full'):
+    np.testing.assert_array_equal(posed[k], plain[k])
+  dx, dy, scale = posed['pose'].T
+  assert (np.abs(dx) <= synthetic.POSE_SHIFT[0]).all() and dx.std() > 0.03
+  assert (np.abs(dy) <= synthetic.POSE_SHIFT[1]).all()
+  assert (scale >= synthetic.POSE_SCALE[0]).all() and (scale <= synthetic.POSE_SCALE[1]).all()
+  size = round(item_frac * resolution)
+  chance, moved = [], []
+  for i in range(n):
+    target, box = posed['target'][i], posed['box'][i]
+    assert box[2] - box[0] == size  # The item keeps its size: read exactly.
+    assert synthetic.color_and_pattern_of(target, box) == (posed['color'][i],
+                                                           posed['pattern'][i])
+    assert synthetic.scene_of(target, size) == (posed['background'][i], posed['position'][i])
+    # The pose map is the figure's silhouette: white exactly where the figure's gray is
+    # or the item covers it.
+    white = (posed['condition'][i] == 255).all(-1)
+    figure = (target == synthetic.FIGURE_RGB).all(-1)
+    assert (white | ~figure).all() and (white & ~figure <= posed['mask'][i]).all()
+    assert synthetic.pose_adherence(target, target) == (True, 0.0)
+    # Redrawn from the stored float32 pose (evaluation's edit modes do): the same pixels.
+    item = [int(posed[k][i]) for k in ('shape', 'color', 'pattern', 'color2')]
+    again = synthetic.target_image(item, int(posed['background'][i]),
+                                   int(posed['position'][i]), resolution, size,
+                                   tuple(float(v) for v in posed['pose'][i]))[0]
+    np.testing.assert_array_equal(again, target)
+    # The figure of another example's pose, or of none: rarely within the tolerance.
+    other = synthetic.target_image(item, int(posed['background'][i]),
+                                   int(posed['position'][i]), resolution, size,
+                                   tuple(posed['pose'][(i + 1) % n]))[0]
+    chance.append(synthetic.pose_adherence(other, target)[0])
+    moved.append(synthetic.pose_adherence(plain['target'][i], target)[0])
+  assert np.mean(chance) < 0.25 and np.mean(moved) < 0.25, (np.mean(chance), np.mean(moved))
+  assert synthetic.pose_adherence(np.full_like(target, 248), target) == (False, 1.0)

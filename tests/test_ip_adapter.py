@@ -203,3 +203,27 @@ def test_file_that_does_not_fit_is_named(base, tmp_path):
     load({'ip_adapter': full['ip_adapter']}, 'no_proj.safetensors')
   with pytest.raises(FileNotFoundError, match='No such IP-Adapter file'):
     ip_adapter_files.load_ip_adapter(str(tmp_path / 'nowhere.safetensors'), params)
+
+
+@pytest.mark.parametrize('kind', ['plain', 'plus'])
+def test_written_file_is_the_original_layout(base, tmp_path, kind):
+  """save_ip_adapter writes back, key for key and bit for bit, the file diffusers' loader
+  took above (the layout of the original release), so what the ip_adapter objective
+  trains loads in diffusers and here alike."""
+  parts = _random_file(base['torch_unet'], kind, np.random.RandomState(4))
+  adapter = ip_adapter_files.load_ip_adapter(_save(parts, str(tmp_path / 'in.safetensors')),
+                                             base['params'])
+  out = str(tmp_path / 'out.safetensors')
+  ip_adapter_files.save_ip_adapter(out, adapter.projection, adapter.projection_params,
+                                   adapter.unet_params, base['params'])
+  written = ip_adapter_files.read_ip_adapter_file(out)
+  assert {p: sorted(s) for p, s in written.items()} == {p: sorted(s) for p, s in parts.items()}
+  for part, state in parts.items():
+    for key, value in state.items():
+      np.testing.assert_array_equal(written[part][key], value, err_msg=f'{part}.{key}')
+  # The objective's start: the image attention reads as the text attention does.
+  start = traverse_util.flatten_dict(ip_adapter_files.ip_params_from_unet(base['params']))
+  flat = traverse_util.flatten_dict(base['params'])
+  assert len(start) == 2 * len(ip_adapter_files.cross_attention_paths(base['params']))
+  for path, value in start.items():
+    np.testing.assert_array_equal(value, flat[path[:-2] + (path[-2][:-3], 'kernel')])

@@ -61,9 +61,14 @@ def test_load_pipeline_matches_diffusers_components(folders):
 
 def test_recontext_config_trains_on_a_pipeline_folder(folders):
   sd_folder, clip_folder, _ = folders
-  config = sd15_recontext.get_config('heads')
-  config.model.pretrained = sd_folder
-  config.hypernet.encoder.pretrained = clip_folder
+  stages = sd15_recontext.get_config('heads')
+  stages.paths.update(pretrained=sd_folder, clip=clip_folder)
+  # The paper's prompt schedule: the static prompt, then the merged prompts from there.
+  assert stages.stage_order == ('static', 'merged')
+  assert [stages.stages[n].data.prompt for n in stages.stage_order] == ['static', 'scene']
+  assert stages.stages.merged.train.init_from == 'stage:static'
+  config = stages.stages.merged.copy_and_resolve_references()
+  assert config.model.pretrained == sd_folder
   config.hypernet.gamma_init = 0.1
   config.data.update(name='synthetic', resolution=32)
   config.train.compute_dtype = 'float32'

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from safetensors.numpy import save_file
 
 from hyperlora_jax import files
 from hyperlora_jax.convert import core
@@ -48,6 +49,22 @@ def load_vision_model(folder: str, dtype: Any = jnp.float32, allow_pickle: bool 
   """(module, params, config) from a CLIPVisionModel[WithProjection] or CLIPModel folder."""
   return _load(folder, functools.partial(clip.vision_from_config, dtype=dtype),
                'vision_model.', 'visual_projection.', allow_pickle)
+
+
+def save_vision_model(params: Any, module: clip.CLIPVisionModelWithProjection,
+                      folder: str) -> None:
+  """Writes a vision tower as a transformers CLIPVisionModelWithProjection folder
+  (config.json + model.safetensors), which `load_vision_model` and transformers read."""
+  fields = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+            'image_size', 'patch_size', 'projection_dim', 'hidden_act', 'layer_norm_eps',
+            'num_channels')
+  config = dict({f: getattr(module, f) for f in fields}, model_type='clip_vision_model',
+                architectures=['CLIPVisionModelWithProjection'])
+  with files.atomic_folder(folder) as tmp:
+    save_file(core.flax_to_torch(params), os.path.join(tmp, 'model.safetensors'),
+              metadata={'format': 'pt'})
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2, sort_keys=True)
 
 
 def load_tokenizer(folder: str):

@@ -5,7 +5,9 @@ takes: ``image_proj.*`` (the image projection) and ``ip_adapter.N.to_k_ip.weight
 ``ip_adapter.N.to_v_ip.weight``. N numbers the UNet's attention processors in diffusers'
 module order (down blocks, up blocks, mid block; attn1 then attn2 in each transformer
 block) and only the cross-attentions carry weights, so the i-th cross-attention is
-N = 2 i + 1 (diffusers' ``_convert_ip_adapter_attn_to_diffusers``).
+N = 2 i + 1 (diffusers' ``_convert_ip_adapter_attn_to_diffusers``). `save_ip_adapter`
+writes that layout (what the ``ip_adapter`` objective trains), which diffusers and
+`load_ip_adapter` read.
 """
 import os
 import re
@@ -15,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
+from hyperlora_jax import files
 from hyperlora_jax.convert import core
 from hyperlora_jax.models import ip_adapter
 
@@ -28,6 +32,14 @@ _PLUS_RENAMES = ((r'^layers\.(\d+)\.0\.norm1\.', r'layers.\1.ln0.'),
                  (r'^layers\.(\d+)\.1\.1\.', r'layers.\1.ff.1.net.0.proj.'),
                  (r'^layers\.(\d+)\.1\.3\.', r'layers.\1.ff.1.net.2.'))
 _TO_KV = re.compile(r'^layers\.(\d+)\.0\.to_kv\.weight$')
+# diffusers' names -> the original's, for writing (the inverse of _PLUS_RENAMES).
+_PLUS_ORIGINAL = ((r'^layers\.(\d+)\.ln0\.', r'layers.\1.0.norm1.'),
+                  (r'^layers\.(\d+)\.ln1\.', r'layers.\1.0.norm2.'),
+                  (r'^layers\.(\d+)\.attn\.to_q\.', r'layers.\1.0.to_q.'),
+                  (r'^layers\.(\d+)\.attn\.to_out\.0\.', r'layers.\1.0.to_out.'),
+                  (r'^layers\.(\d+)\.ff\.0\.', r'layers.\1.1.0.'),
+                  (r'^layers\.(\d+)\.ff\.1\.net\.0\.proj\.', r'layers.\1.1.1.'),
+                  (r'^layers\.(\d+)\.ff\.1\.net\.2\.', r'layers.\1.1.3.'))
 
 
 class IPAdapter(NamedTuple):
@@ -163,6 +175,47 @@ def load_ip_adapter(path: str, unet_params: Any, dtype: Any = jnp.float32,
         f'(ip_adapter.N for N in {found}), the UNet has {len(targets)} '
         f'(N = 1, 3, ..., {2 * len(targets) - 1}).'] + problems))
   return IPAdapter(projection, proj_params, traverse_util.unflatten_dict(flat))
+
+
+def save_ip_adapter(path: str, projection, projection_params: Any, unet_ip_params: Any,
+                    unet_params: Any) -> None:
+  """Writes an IP-Adapter as a .safetensors file in the original release's layout
+  (`read_ip_adapter_file`'s): ``image_proj.*`` and ``ip_adapter.{2 i + 1}.to_k_ip.weight``
+  / ``to_v_ip.weight`` over the UNet's cross-attentions in diffusers' order, so diffusers'
+  load_ip_adapter and `load_ip_adapter` read it. ``unet_ip_params`` is the to_k_ip/to_v_ip
+  tree `ip_adapter.merge_params` takes, ``unet_params`` the UNet's (or their shapes)."""
+  state = {k.lstrip('.'): v for k, v in core.flax_to_torch(projection_params).items()}
+  if isinstance(projection, ip_adapter.ImageProjection):
+    state = {re.sub(r'^image_embeds\.', 'proj.', k): v for k, v in state.items()}
+  else:
+    for i in range(projection.depth):  # one to_kv matrix in the original
+      state[f'layers.{i}.0.to_kv.weight'] = np.concatenate(
+          [state.pop(f'layers.{i}.attn.to_k.weight'), state.pop(f'layers.{i}.attn.to_v.weight')])
+    renamed = {}
+    for key, value in state.items():
+      for pattern, replacement in _PLUS_ORIGINAL:
+        key = re.sub(pattern, replacement, key)
+      renamed[key] = value
+    state = renamed
+  flat = traverse_util.flatten_dict(unet_ip_params)
+  out = {f'image_proj.{k}': v for k, v in state.items()}
+  for i, target in enumerate(cross_attention_paths(unet_params)):
+    for name in ('to_k_ip', 'to_v_ip'):
+      out[f'ip_adapter.{2 * i + 1}.{name}.weight'] = np.ascontiguousarray(
+          np.asarray(flat[target + (name, 'kernel')], np.float32).T)
+  with files.atomic_file(path) as tmp:
+    save_file(out, tmp, metadata={'format': 'pt'})
+
+
+def ip_params_from_unet(unet_params: Any) -> dict:
+  """to_k_ip/to_v_ip beside every cross-attention, equal to its to_k/to_v: how the
+  IP-Adapter paper starts them (the image attention first reads as the text one does)."""
+  flat = traverse_util.flatten_dict(unet_params)
+  out = {}
+  for target in cross_attention_paths(unet_params):
+    for name in ('to_k', 'to_v'):
+      out[target + (name + '_ip', 'kernel')] = flat[target + (name, 'kernel')]
+  return traverse_util.unflatten_dict(out)
 
 
 def _natural(key: str):

@@ -14,6 +14,8 @@ Layouts on disk (`root` comes from the builder config):
 paired (VITON-HD):
   root/train_pairs.txt     one '<target image> <context image>' per line
   root/train/image/<target image>   root/train/cloth/<context image>
+  root/train/openpose_img/<target stem>_rendered.png   optional: the target's pose
+                           map (VITON-HD's names), the example's 'condition'
   root/test_pairs.txt, root/test/...   (same; either split may be absent)
   root/prompts.jsonl       optional, one {"context": name, "target": name,
                            "prompt": text} per pair (names are base names);
@@ -23,7 +25,8 @@ single (HyperDreamBooth, one image per identity):
   the prompt is the static prompt ('a [V] face').
 triples (any paired task):
   root/<split>/<example id>/context.<ext>, target.<ext>, prompt.txt
-  (prompt.txt optional: falls back to the static prompt).
+  (prompt.txt optional: falls back to the static prompt), condition.<ext> (optional:
+  a condition image, e.g. the target's pose map).
 subjects (several images per identity: ByteDance HyperLoRA's recipe, `data.subjects`):
   root/<split>/<subject>/<image>.<ext>   one or more images of the subject
   beside an image X (all optional): X.json {"box": [x0, y0, x1, y1]}, its identity
@@ -37,7 +40,14 @@ subjects (several images per identity: ByteDance HyperLoRA's recipe, `data.subje
 
 Every example has 'context' (bytes), 'prompt', 'prompt_static' and 'id'
 (text); all but single have 'target' (bytes). Synthetic adds 'prompt_full',
-the attribute ids and the item's 'box' in the target.
+the attribute ids and the item's 'box' in the target; with data.pose, its 'pose' and
+its pose map as 'condition'.
+
+Condition images: a paired folder with an openpose_img/ in any split, or a triples
+folder with a condition.* in any example, gives every example a 'condition' (bytes);
+an example without one is a bad example (below). A condition image of another size
+than its target is resized to the target's size (counted in
+`metadata['resized']`), so the pipeline's resize and crop treat the two alike.
 
 Bad input never becomes a silent wrong sample. An unreadable or missing
 image, a listed pair whose file is absent, a malformed line: with
@@ -72,7 +82,7 @@ VERSION = '1.0.0'
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 # Per-split counts kept in builder.info.metadata: bad examples left out,
 # images converted to RGB, prompts that fell back to the static prompt.
-_COUNTS = ('skipped', 'converted', 'static_prompt')
+_COUNTS = ('skipped', 'converted', 'static_prompt', 'resized')
 
 
 class BadExample(Exception):
@@ -88,6 +98,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   holdout_seed: int = 0
   test_fraction: float = 0.2
   item_frac: float = synthetic.ITEM_FRAC
+  pose: bool = False
 
 
 @dataclasses.dataclass
@@ -107,16 +118,19 @@ def _config_name(prefix, fields):
 
 def synthetic_config(resolution=32, num_train=1000, num_test=200, seed=0,
                      holdout_seed=0, test_fraction=0.2,
-                     item_frac=synthetic.ITEM_FRAC):
+                     item_frac=synthetic.ITEM_FRAC, pose=False):
   fields = dict(resolution=resolution, num_train=num_train,
                 num_test=num_test, seed=seed, holdout_seed=holdout_seed,
                 test_fraction=test_fraction)
-  # In the name only when not the default: data built before item_frac
+  # In the name only when not the default: data built before item_frac (pose)
   # existed keeps its name (and folder), any other value gets its own.
   named = dict(fields, item_frac=float(item_frac)) if (
-      item_frac != synthetic.ITEM_FRAC) else fields
+      item_frac != synthetic.ITEM_FRAC) else dict(fields)
+  if pose:
+    named['pose'] = True
   return SyntheticConfig(name=_config_name(f'r{resolution}', named),
-                         version=VERSION, item_frac=float(item_frac), **fields)
+                         version=VERSION, item_frac=float(item_frac), pose=bool(pose),
+                         **fields)
 
 
 def folder_config(root, prompts_file='', static_prompt='',
@@ -179,6 +193,8 @@ class _FolderBuilder(_Builder):
     features['context'] = _BYTES
     if self.HAS_TARGET:
       features['target'] = _BYTES
+    if self._has_condition():
+      features['condition'] = _BYTES
     return tfds.core.DatasetInfo(
         builder=self, features=tfds.features.FeaturesDict(features),
         metadata=tfds.core.MetadataDict({k: {} for k in _COUNTS}))
@@ -197,6 +213,25 @@ class _FolderBuilder(_Builder):
 
   def fingerprint(self) -> dict:
     return source_fingerprint(self._root, [self._cfg.prompts_file])
+
+  def _has_condition(self) -> bool:
+    """Whether the folder holds condition images (then every example needs one)."""
+    return False
+
+  def _condition(self, path, target: bytes, split) -> bytes:
+    """The condition image at `path` (BadExample when missing or unreadable), at the
+    size of the `target` bytes: resized (and counted) when it is another."""
+    if not pathlib.Path(path).exists():
+      raise BadExample(f'{path}: file not found (the condition image: the dataset has '
+                       'condition images, so every example needs one)')
+    data = self._image(path, split)
+    size, want = image_io.size_of(data), image_io.size_of(target)
+    if size != want:
+      logging.info("%s: condition image of %dx%d resized to its target's %dx%d", path,
+                   *size, *want)
+      self._counts[split]['resized'] += 1
+      data = image_io.resized(data, want)
+    return data
 
   @property
   def _static_prompt(self):
@@ -271,6 +306,10 @@ class PairedFolders(_FolderBuilder):
   name = 'hyperlora_paired'
   STATIC_PROMPT = 'a person wearing S*'
 
+  def _has_condition(self):
+    root = pathlib.Path(self._cfg.root)
+    return any((root / split / 'openpose_img').is_dir() for split in ('train', 'test'))
+
   def _prompts(self):
     path = pathlib.Path(self._cfg.prompts_file or self._root / 'prompts.jsonl')
     if not path.exists():
@@ -318,6 +357,13 @@ class PairedFolders(_FolderBuilder):
                                   split)}
       except BadExample as e:
         raise BadExample(f'{e} (pair listed at {pairs}:{lineno})') from None
+      if self._has_condition():
+        pose = (self._root / split / 'openpose_img'
+                / f'{pathlib.Path(target).stem}_rendered.png')
+        try:
+          images['condition'] = self._condition(pose, images['target'], split)
+        except BadExample as e:
+          raise BadExample(f'{e} (pair listed at {pairs}:{lineno})') from None
       prompt = prompts.get((context, target))
       if prompt is None:
         self._counts[split]['static_prompt'] += 1
@@ -361,6 +407,11 @@ class Triples(_FolderBuilder):
   name = 'hyperlora_triples'
   STATIC_PROMPT = 'a photo of S*'
 
+  def _has_condition(self):
+    root = pathlib.Path(self._cfg.root)
+    return any(p.suffix.lower() in IMAGE_SUFFIXES
+               for split in ('train', 'test') for p in root.glob(f'{split}/*/condition.*'))
+
   def _list_splits(self):
     return {split: [(d.name, self._maker(d, split))
                     for d in sorted((self._root / split).iterdir())
@@ -368,16 +419,19 @@ class Triples(_FolderBuilder):
             for split in ('train', 'test') if (self._root / split).is_dir()}
 
   def _maker(self, folder, split):
-    def image(stem):
+    def find(stem):
       found = [p for p in folder.glob(f'{stem}.*')
                if p.suffix.lower() in IMAGE_SUFFIXES]
       if len(found) != 1:
         raise BadExample(f'{folder}: expected one {stem}.<image suffix>, '
                          f'found {len(found)}')
-      return self._image(found[0], split)
+      return found[0]
 
     def make():
-      images = {'context': image('context'), 'target': image('target')}
+      images = {'context': self._image(find('context'), split),
+                'target': self._image(find('target'), split)}
+      if self._has_condition():
+        images['condition'] = self._condition(find('condition'), images['target'], split)
       prompt_file = folder / 'prompt.txt'
       prompt = prompt_file.read_text().strip() if prompt_file.exists() else ''
       if not prompt:
@@ -497,6 +551,9 @@ class Synthetic(_Builder):
     features.update(context=_BYTES, target=_BYTES,
                     box=tfds.features.Tensor(shape=(4,), dtype=np.int32))
     features.update({k: np.int32 for k in self._INTS})
+    if self.builder_config.pose:
+      features.update(condition=_BYTES,
+                      pose=tfds.features.Tensor(shape=(3,), dtype=np.float32))
     return tfds.core.DatasetInfo(
         builder=self, features=tfds.features.FeaturesDict(features))
 
@@ -512,12 +569,14 @@ class Synthetic(_Builder):
       ex = synthetic.example(
           i, split, resolution=cfg.resolution, seed=cfg.seed,
           holdout_seed=cfg.holdout_seed, test_fraction=cfg.test_fraction,
-          item_frac=cfg.item_frac)
+          item_frac=cfg.item_frac, pose=cfg.pose)
       out = {k: ex[k] for k in self._INTS + ('box', 'prompt_static',
                                              'prompt_full')}
       out.update(context=image_io.png_bytes(ex['context']),
                  target=image_io.png_bytes(ex['target']),
                  prompt=ex['prompt_scene'], id=str(i))
+      if cfg.pose:
+        out.update(condition=image_io.png_bytes(ex['condition']), pose=ex['pose'])
       yield i, out
 
 
@@ -539,8 +598,8 @@ def make_builder(data):
     return Synthetic(config=synthetic_config(
         data.resolution, data.num_train, data.num_test, data.seed,
         data.holdout_seed, data.test_fraction,
-        # Configs saved before the field existed lack it.
-        data.get('item_frac', synthetic.ITEM_FRAC)), **kwargs)
+        # Configs saved before the fields existed lack them.
+        data.get('item_frac', synthetic.ITEM_FRAC), data.get('pose', False)), **kwargs)
   if data.name not in _FOLDER_BUILDERS:
     raise ValueError(f'unknown data.name {data.name!r}: expected synthetic, '
                      f'{", ".join(_FOLDER_BUILDERS)}')

@@ -39,6 +39,17 @@ def fit(encoded: bytes, resolution: int) -> np.ndarray:
   return np.asarray(img)
 
 
+def size_of(encoded: bytes) -> tuple[int, int]:
+  """(width, height) of image bytes (the header only)."""
+  return Image.open(io.BytesIO(encoded)).size
+
+
+def resized(encoded: bytes, size: tuple[int, int]) -> bytes:
+  """Image bytes resized to `size` (width, height), as PNG."""
+  img = Image.open(io.BytesIO(encoded)).convert('RGB')
+  return png_bytes(np.asarray(img.resize(size, Image.BICUBIC)))
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
   """RGB copy of a non-RGB image: alpha over white, 16-bit scaled to 8."""
   if img.mode.startswith('I'):

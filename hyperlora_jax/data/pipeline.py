@@ -30,6 +30,9 @@ Batch (numpy, leading dim B = per-host batch size):
                        side to R) and center-cropped; single-image data has
                        target = context.
   'prompt'             str [B], the prompt chosen by data.prompt.
+  'condition'          float32 [B, R, R, 3] in [-1, 1], where the data has condition
+                       images (a pose map: synthetic with data.pose, VITON-HD's
+                       openpose_img/, triples' condition.*), resized as the target.
   'prompt_static'      str [B]; synthetic also 'prompt_scene', 'prompt_full'.
   'id'                 str [B] (file names / synthetic index).
   'identity'           str [B], the subject the example shows: the folder layouts' id,
@@ -40,7 +43,8 @@ Batch (numpy, leading dim B = per-host batch size):
   'valid'              bool [B], False for padding.
   synthetic only: 'shape', 'color', 'pattern', 'color2', 'background',
                   'position' int32 [B]; 'box' int32 [B, 4] (x0, y0, x1, y1,
-                  end-exclusive) of the item in the target.
+                  end-exclusive) of the item in the target; with data.pose,
+                  'pose' float32 [B, 3] (dx, dy, scale: `synthetic.pose_of`).
   data.set_size N > 0: 'context' is [B, N, R, R, 3], a subject's set, with
                   'set_mask', 'region' and 'id_embed' (`data.subjects`).
 
@@ -132,7 +136,8 @@ def _load(source, stop, pad_index, data, subject_of, index):
   if 'images' in ex:  # A subject's files: `subjects.make_set` decodes the ones it draws.
     return dict(ex, id=_field(ex['id']), prompt_static=_field(ex['prompt_static']),
                 index=np.int64(index), valid=valid)
-  out = {k: _field(v) for k, v in ex.items() if k not in ('context', 'target')}
+  out = {k: _field(v) for k, v in ex.items()
+         if k not in ('context', 'target', 'condition')}
   context = images.fit(ex['context'], data.resolution)
   target = images.fit(ex['target'], data.resolution) if 'target' in ex else context
   if data.context == 'target':  # The subject's own photo is its context.
@@ -141,6 +146,8 @@ def _load(source, stop, pad_index, data, subject_of, index):
   out.update(context=images.normalize(context), target=images.normalize(target),
              index=np.int64(index), valid=valid,
              subject=np.int32(subject_of[out['identity']]))
+  if 'condition' in ex:  # Built at the target's size: the same resize and crop.
+    out['condition'] = images.normalize(images.fit(ex['condition'], data.resolution))
   if 'prompt_full' in out:  # Synthetic: keep the scene prompt by name.
     out['prompt_scene'] = out['prompt']
   key = _PROMPT_KEYS[data.prompt]

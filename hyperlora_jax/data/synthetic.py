@@ -12,6 +12,14 @@ Prompts (one example):
   full   "a figure on the left, pink background, wearing a red circle with
           blue stripes"                                       (oracle / base)
 
+Pose (opt-in, `example(..., pose=True)`; a data config key, off by default so every
+dataset built before it keeps its bytes): the figure's exact offset and size are drawn
+from a continuous range that no prompt mentions (`pose_of`), the item moves with the
+torso (its size stays, so it is read as exactly), and the example gains a pose map,
+the figure's silhouette ('condition'), which a ControlNet reads. `pose_of_image` reads
+the figure's center and size back from pixels; `pose_adherence` compares two readings
+within `POSE_TOLERANCE`.
+
 Item identities are the attribute combinations (shape, color, pattern,
 color2); a seeded subset is held out: the 'test' split only has held-out
 identities and 'train' never has them, so test measures adaptation to new
@@ -66,6 +74,14 @@ _DOTS = (((-.35, -.35), (.35, -.35), (-.35, .35), (.35, .35)),
          ((0, -.05), (-.3, .45), (.3, .45)),
          ((0, -.4), (-.4, 0), (.4, 0), (0, .4)))
 _DOT_RADIUS = 0.18
+# Pose: the figure's size (a factor on the unposed figure, about its center) and the
+# offset of its center (fraction of the side, each axis within +-), drawn per example.
+POSE_SCALE = (0.6, 1.0)
+POSE_SHIFT = (0.1, 0.05)
+_PIVOT_Y = 0.5  # The figure scales about (its position's x, this y).
+# Pose adherence: the figure-and-item pixels' center within this fraction of the side of
+# the truth's, and their vertical spread (std) within this fraction of the truth's.
+POSE_TOLERANCE = dict(center=0.06, size=0.1)
 _PALETTE = np.concatenate(
     [COLOR_RGB, BACKGROUND_RGB, FIGURE_RGB[None]]).astype(np.int32)
 
@@ -174,20 +190,47 @@ def _item_masks(shape, pattern, size):
   return mask, second
 
 
-@functools.lru_cache(maxsize=64)
-def _scene(resolution, background, position):
-  """Background plus figure (head, torso, legs), read-only [R, R, 3]."""
+def _figure(resolution, position, pose=None):
+  """The figure's mask [R, R] (head, torso, legs) at `position`, posed by `pose`
+  (dx, dy, scale: `pose_of`) or as drawn without one."""
   r = resolution
-  img = np.broadcast_to(BACKGROUND_RGB[background], (r, r, 3)).copy()
   y, x = (np.mgrid[0:r, 0:r] + 0.5) / r
   cx = _POSITION_X[position]
+  if pose is not None:  # Each pixel's place on the unposed figure.
+    dx, dy, scale = pose
+    x, y = cx + (x - cx - dx) / scale, _PIVOT_Y + (y - _PIVOT_Y - dy) / scale
   head = (x - cx)**2 + (y - 0.17)**2 <= 0.08**2
   torso = (np.abs(x - cx) <= 0.15) & (y >= 0.27) & (y <= 0.72)
   legs = ((np.abs(np.abs(x - cx) - 0.075) <= 0.045) & (y > 0.72)
           & (y <= 0.95))
-  img[head | torso | legs] = FIGURE_RGB
+  return head | torso | legs
+
+
+@functools.lru_cache(maxsize=64)
+def _scene(resolution, background, position, pose=None):
+  """Background plus figure (head, torso, legs), read-only [R, R, 3]."""
+  r = resolution
+  img = np.broadcast_to(BACKGROUND_RGB[background], (r, r, 3)).copy()
+  img[_figure(r, position, pose)] = FIGURE_RGB
   img.setflags(write=False)
   return img
+
+
+def pose_map(resolution, position, pose=None):
+  """The pose map of a target: the figure's silhouette, white on black [R, R, 3] uint8
+  (what a ControlNet is given; the item is not on it)."""
+  out = np.zeros((resolution, resolution, 3), np.uint8)
+  out[_figure(resolution, position, pose)] = 255
+  return out
+
+
+def pose_of(index, split='train', seed=0):
+  """Example `index`'s pose (dx, dy, scale), from a random stream of its own (so an
+  example's item, scene and context are the same with and without pose)."""
+  rng = np.random.default_rng([seed, SPLITS.index(split), index, 7])
+  dx, dy = (rng.uniform(-s, s) for s in POSE_SHIFT)
+  # float32 values: the data stores them so, and a target redrawn from them is the same.
+  return tuple(float(np.float32(v)) for v in (dx, dy, rng.uniform(*POSE_SCALE)))
 
 
 def _paste(canvas, shape, color, pattern, color2, size, x0, y0):
@@ -201,29 +244,34 @@ def _paste(canvas, shape, color, pattern, color2, size, x0, y0):
   return full
 
 
-def item_box(position, resolution, size):
+def item_box(position, resolution, size, pose=None):
   """(x0, y0, x1, y1), end-exclusive: the box of an item of side `size` on the
-  figure's torso at `position`, moved inward where it would leave the image."""
-  x0 = min(max(int(round(_POSITION_X[position] * resolution - size / 2)), 0),
-           resolution - size)
-  y0 = min(max(int(round(0.47 * resolution - size / 2)), 0), resolution - size)
+  figure's torso at `position` (moved with it by `pose`; its size stays, so the
+  scorer reads it as well at every pose), moved inward where it would leave the
+  image."""
+  cx, cy = _POSITION_X[position], 0.47
+  if pose is not None:
+    dx, dy, scale = pose
+    cx, cy = cx + dx, _PIVOT_Y + scale * (cy - _PIVOT_Y) + dy
+  x0 = min(max(int(round(cx * resolution - size / 2)), 0), resolution - size)
+  y0 = min(max(int(round(cy * resolution - size / 2)), 0), resolution - size)
   return x0, y0, x0 + size, y0 + size
 
 
-def target_image(item, background, position, resolution, size):
-  """A target: the scene (`background`, `position`) with its figure wearing
-  `item` (shape, color, pattern, color2), of side `size`.
+def target_image(item, background, position, resolution, size, pose=None):
+  """A target: the scene (`background`, `position`, `pose`: `pose_of`, or None) with
+  its figure wearing `item` (shape, color, pattern, color2), of side `size`.
 
   Returns (image [R, R, 3] uint8, item mask [R, R] bool, box [4] int32).
   """
-  box = item_box(position, resolution, size)
-  image = _scene(resolution, background, position).copy()
+  box = item_box(position, resolution, size, pose)
+  image = _scene(resolution, background, position, pose).copy()
   mask = _paste(image, *item, size, box[0], box[1])
   return image, mask, np.array(box, np.int32)
 
 
 def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
-            test_fraction=0.2, item_frac=ITEM_FRAC):
+            test_fraction=0.2, item_frac=ITEM_FRAC, pose=False):
   """Example `index` of `split`: a dict of numpy arrays and prompt strings.
 
   `item_frac` is the item's side in the target as a fraction of the resolution
@@ -237,7 +285,8 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   the target, end-exclusive; 'context_box' likewise in the context;
   'shape', 'color', 'pattern', 'color2' (-1 if solid), 'background',
   'position' int32 ids into SHAPES, COLORS, ...; the three prompts (see
-  `prompts`).
+  `prompts`). With `pose`: the figure posed by `pose_of` (the prompts do not change),
+  and 'pose' float32 [3] (dx, dy, scale), 'condition' [R, R, 3] uint8 (`pose_map`).
   """
   r = resolution
   if not 0 < item_frac <= 1:
@@ -257,8 +306,9 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   item = (shape, color, pattern, color2)
   _paste(context, *item, size_c, cx0, cy0)
 
+  posed = pose_of(index, split, seed) if pose else None
   target, mask, box = target_image(item, background, position, r,
-                                   int(round(item_frac * r)))
+                                   int(round(item_frac * r)), posed)
   out = {
       'context': context, 'target': target, 'mask': mask, 'box': box,
       'context_box': np.array([cx0, cy0, cx0 + size_c, cy0 + size_c],
@@ -268,6 +318,8 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
                background=background, position=position)
   out.update({k: np.int32(v) for k, v in attrs.items()})
   out.update(prompts(**attrs))
+  if pose:
+    out.update(pose=np.array(posed, np.float32), condition=pose_map(r, position, posed))
   return out
 
 
@@ -478,3 +530,30 @@ def scene_of(image, item_size):
     return background, -1
   centroids = _position_centroids(labels.shape[1], int(item_size))
   return background, int(np.abs(centroids - xs.mean()).argmin())
+
+
+def pose_of_image(image):
+  """Reads where and how large the figure is from pixels alone: (center x, center y,
+  vertical spread), fractions of the side, of the pixels labeled an item color or the
+  figure's gray (as `scene_of` labels them), or None when there is none. The center
+  moves with the pose's offset, the spread (their std along y) with its scale; every
+  such pixel counts, so a stray one moves the reading only by its share of the mass."""
+  labels = _labels(image)
+  ys, xs = np.nonzero(_figure_and_item(labels))
+  if len(xs) < 2:
+    return None
+  side = labels.shape[0]
+  return ((xs.mean() + 0.5) / side, (ys.mean() + 0.5) / side, ys.std() / side)
+
+
+def pose_adherence(image, truth):
+  """(adherent, center error): is the figure of `image` where and as large as in the
+  ground-truth target `truth` (`pose_of_image` of both)? Within `POSE_TOLERANCE`: the
+  center within 0.06 of the side, the spread within 10% of the truth's. The error is a
+  fraction of the side (1.0 when the image has no figure)."""
+  got, want = pose_of_image(image), pose_of_image(truth)
+  if got is None or want is None:
+    return False, 1.0
+  error = float(np.hypot(got[0] - want[0], got[1] - want[1]))
+  size = abs(got[2] / want[2] - 1)
+  return bool(error <= POSE_TOLERANCE['center'] and size <= POSE_TOLERANCE['size']), error

@@ -7,6 +7,10 @@ tool uses a run: ``lora(trainable, frozen, inputs)`` (the LoRA tree the run appl
 None) and ``base(trainable, frozen)`` (the UNet and text-tower params it samples with).
 `diffusion_objective` builds all of that from those two functions, so an objective that
 trains through the diffusion loss only says what is trained and how it becomes a LoRA.
+What else reaches the UNet per sample (a ControlNet's residuals from a condition image,
+IP-Adapter's image tokens) is a third pure function, ``unet_inputs(trainable, frozen,
+inputs)`` (`conditioning`): the objective's own, and the config's frozen add-ons
+(``model.controlnet``, ``model.ip_adapter``), which every objective takes.
 The config keys are documented in `hyperlora_jax.defaults`.
 """
 import dataclasses
@@ -20,6 +24,7 @@ from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import clip_folders, pipeline
 from hyperlora_jax.models import clip, unet, vae
+from hyperlora_jax.objectives.conditioning import combine, denoiser, load_addons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,9 @@ class Spec:
   per_subject: its runs fit one LoRA per subject of the training split, many at once in
     one compiled call (`preoptimize`), instead of the training loop; a run's result is a
     target-weights dataset (`convert.target_weights`).
+  part: the add-on it trains ('controlnet', 'ip_adapter': `conditioning.ADDONS`), which
+    a stage exports (`Objective.export_part`) for later stages' ``model.<part>``.
+  unet_inputs: the batch keys its own extra UNet inputs come from, e.g. ('condition',).
   """
   name: str
   build: Callable[..., 'Objective']
@@ -44,6 +52,8 @@ class Spec:
   trains_base: bool = False
   lora_parts: tuple = ()
   per_subject: bool = False
+  part: str = ''
+  unet_inputs: tuple = ()
 
 
 class Models(NamedTuple):
@@ -67,6 +77,8 @@ class Models(NamedTuple):
   # Classifier-free guidance's empty prompt is zeros, not the encoded '' (diffusers'
   # SDXL force_zeros_for_empty_prompt).
   zero_uncond: bool = False
+  # The frozen add-ons the config names (`conditioning.Addon`).
+  addons: tuple = ()
 
   @property
   def text_towers(self) -> tuple:
@@ -88,6 +100,12 @@ class Objective(NamedTuple):
   base: Callable  # (trainable, frozen) -> {'unet': params, 'text': params}
   # (trainable, frozen) -> the hypernetwork's variables, for objectives that have one.
   hypernet_variables: Optional[Callable] = None
+  # (trainable, frozen, inputs) -> `conditioning.UNetInputs`: what else each UNet call
+  # takes (the objective's own and the add-ons'), from the batch keys unet_input_keys.
+  unet_inputs: Optional[Callable] = None
+  unet_input_keys: tuple = ()
+  # (trainable, frozen, folder) -> writes the part it trains (`Spec.part`).
+  export_part: Optional[Callable] = None
   # (image paths, resolution, as_set) -> (the LoRA inputs, names) read from files, for
   # objectives whose LoRA inputs are more than the images (None: the images alone,
   # `runs.inputs_from_files`).
@@ -96,6 +114,13 @@ class Objective(NamedTuple):
 
 def compute_dtype(config):
   return jnp.dtype(config.train.compute_dtype)
+
+
+def latent_factor(models: Models) -> int:
+  """Pixels per latent along a side: the VAE's downsampling, 1 without a VAE."""
+  if models.vae is None:
+    return 1
+  return 2 ** (len(models.vae.block_out_channels) - 1)
 
 
 def load_base(config, rng):
@@ -147,7 +172,9 @@ def base_models(config, rng, hypernet_fn=None):
     frozen['text2'] = base.text2_params
   if base.vae is not None:
     frozen['vae'] = base.vae_params
-  return models, frozen
+  addons = load_addons(config, models, frozen, latent_factor(models),
+                                    compute_dtype(config))
+  return models._replace(addons=addons), frozen
 
 
 def find_targets(unet_params, text_params, targets) -> tuple:
@@ -203,7 +230,8 @@ def latents(models: Models, vae_params, images, rng):
 def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *, lora,
                         base=frozen_base, metrics=lambda trainable: {},
                         hypernet_variables=None, lora_and_loss=None,
-                        loss_inputs: tuple = ()) -> Objective:
+                        loss_inputs: tuple = (), unet_inputs=None,
+                        export_part=None) -> Objective:
   """An Objective whose loss is the diffusion loss of the UNet ``base`` gives, with the
   LoRA ``lora`` gives, on the batch's targets and prompts (prompt dropout to the empty
   prompt, min-SNR weighting by config). ``metrics(trainable)`` adds scalars to the log.
@@ -213,12 +241,16 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
   when given, is what the loss uses instead of ``lora``: the LoRA together with the
   total loss as a function of the diffusion loss (hyperlora's weight-space loss, computed
   from the same forward as its LoRA). ``loss_inputs``: batch keys it reads beside the
-  LoRA's inputs (kept by ``prepare``).
+  LoRA's inputs (kept by ``prepare``). ``unet_inputs(trainable, frozen, inputs)``: the
+  objective's own extra UNet inputs (`conditioning.UNetInputs`, from the batch keys
+  ``spec.unet_inputs``), or None; the add-ons' join them.
   """
   uncond_ids = [jnp.asarray(i[0]) for i in tokenize(models, [''])]
   extra = time_ids(models.unet, config.data.resolution)
   lora_and_loss = lora_and_loss or (
       lambda trainable, frozen, batch: (lora(trainable, frozen, batch), lambda d: d, {}))
+  unet_inputs = _with_addons(spec, models.addons, unet_inputs)
+  input_keys = tuple(dict.fromkeys(spec.unet_inputs + sum((a.keys for a in models.addons), ())))
 
   def loss_fn(trainable, frozen, batch, rng):
     params = base(trainable, frozen)
@@ -232,8 +264,9 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
         models, frozen.get('vae'), batch['target'], rng_vae)
     t = diffusion.random_timesteps(rng_t, models.schedule, x0.shape[0])
     noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
-    pred = models.unet.apply({'params': params['unet']}, diffusion.add_noise(
-        models.schedule, x0, noise, t), t, lora=tree, **cond, **extra)
+    unet = denoiser(models.unet, params['unet'], tree, dict(cond, **extra),
+                                 unet_inputs and unet_inputs(trainable, frozen, batch))
+    pred = unet(diffusion.add_noise(models.schedule, x0, noise, t), t)
     losses = diffusion.diffusion_loss(
         pred.astype(jnp.float32), diffusion.training_target(models.schedule, x0, noise, t),
         t, models.schedule, config.model.min_snr_gamma)
@@ -250,8 +283,28 @@ def diffusion_objective(spec: Spec, config, models: Models, trainable, frozen, *
       token_cache.update(zip(missing, zip(*tokenize(models, missing))))
     out = {'input_ids': tuple(np.stack(ids) for ids in zip(*(token_cache[p] for p in prompts))),
            'target': np.asarray(batch['target'], np.float32)}
-    out.update({k: np.asarray(batch[k]) for k in spec.lora_inputs + tuple(loss_inputs)})
+    missing = [k for k in input_keys if k not in batch]
+    if missing:
+      raise ValueError(f'The run\'s UNet inputs need {missing} in the data, which has none '
+                       '(condition images: synthetic data.pose=True, VITON-HD\'s '
+                       'openpose_img/, triples\' condition.*).')
+    out.update({k: np.asarray(batch[k])
+                for k in spec.lora_inputs + tuple(loss_inputs) + input_keys})
     return out
 
   return Objective(spec, models, trainable, frozen, loss_fn, prepare, lora, base,
-                   hypernet_variables)
+                   hypernet_variables, unet_inputs, input_keys, export_part)
+
+
+def _with_addons(spec: Spec, addons: tuple, own):
+  """``own`` unet_inputs joined by the add-ons' (None when there are none)."""
+  if spec.part and spec.part in [a.name for a in addons]:
+    raise ValueError(f'A {spec.name} run trains its own {spec.part}; config.model.'
+                     f'{spec.part} would add a second one: leave it empty.')
+  if own is None and not addons:
+    return None
+
+  def unet_inputs(trainable, frozen, inputs):
+    return combine(own and own(trainable, frozen, inputs),
+                                *(a.inputs(frozen, inputs) for a in addons))
+  return unet_inputs
