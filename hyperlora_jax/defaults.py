@@ -32,6 +32,9 @@ config.data       the input pipeline (`data.pipeline`)
   item_frac       synthetic: the item's side in the target, fraction of the resolution
                   (0.34); part of the built data's name, so data of another value is
                   never reused
+  styles          synthetic: frame each target in one of `synthetic.STYLES` (its
+                  'style' key; the content and style LoRAs of a zoo). Off (False) keeps
+                  data as built before; on is part of the built data's name
   batch_size      global batch size, divided among hosts (create_dataset's batch_size
                   argument overrides it) (8)
   num_threads     reader threads (4); prefetch: batches read ahead (4; >= num_threads,
@@ -173,7 +176,8 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
   c.data = dict(name='synthetic', data_dir='', source_dir='', prompts_file='',
                 static_prompt='', on_bad_example='error', convert_modes=True, resolution=32,
                 prompt='scene', seed=0, num_train=1000, num_test=200, holdout_seed=0,
-                test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, context='context',
+                test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, styles=False,
+                context='context',
                 batch_size=8, num_threads=4, prefetch=4, num_workers=0,
                 augment=dict(p=0.0, scale=(0.35, 1.0), background=0.5, jpeg=0.5,
                              jpeg_quality=(30, 95), lowres=0.3, lowres_scale=(0.3, 0.8)))

@@ -76,6 +76,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   holdout_seed: int = 0
   test_fraction: float = 0.2
   item_frac: float = synthetic.ITEM_FRAC
+  styles: bool = False
 
 
 @dataclasses.dataclass
@@ -95,16 +96,19 @@ def _config_name(prefix, fields):
 
 def synthetic_config(resolution=32, num_train=1000, num_test=200, seed=0,
                      holdout_seed=0, test_fraction=0.2,
-                     item_frac=synthetic.ITEM_FRAC):
+                     item_frac=synthetic.ITEM_FRAC, styles=False):
   fields = dict(resolution=resolution, num_train=num_train,
                 num_test=num_test, seed=seed, holdout_seed=holdout_seed,
                 test_fraction=test_fraction)
-  # In the name only when not the default: data built before item_frac
-  # existed keeps its name (and folder), any other value gets its own.
+  # In the name only when not the default: data built before item_frac and
+  # styles existed keeps its name (and folder), any other value gets its own.
   named = dict(fields, item_frac=float(item_frac)) if (
-      item_frac != synthetic.ITEM_FRAC) else fields
+      item_frac != synthetic.ITEM_FRAC) else dict(fields)
+  if styles:
+    named['styles'] = True
   return SyntheticConfig(name=_config_name(f'r{resolution}', named),
-                         version=VERSION, item_frac=float(item_frac), **fields)
+                         version=VERSION, item_frac=float(item_frac),
+                         styles=bool(styles), **fields)
 
 
 def folder_config(root, prompts_file='', static_prompt='',
@@ -382,11 +386,14 @@ class Synthetic(_Builder):
   VERSION = tfds.core.Version(VERSION)
   _INTS = ('shape', 'color', 'pattern', 'color2', 'background', 'position')
 
+  def _ints(self):
+    return self._INTS + (('style',) if self.builder_config.styles else ())
+
   def _info(self):
     features = _text_features('prompt', 'prompt_static', 'prompt_full', 'id')
     features.update(context=_BYTES, target=_BYTES,
                     box=tfds.features.Tensor(shape=(4,), dtype=np.int32))
-    features.update({k: np.int32 for k in self._INTS})
+    features.update({k: np.int32 for k in self._ints()})
     return tfds.core.DatasetInfo(
         builder=self, features=tfds.features.FeaturesDict(features))
 
@@ -402,9 +409,9 @@ class Synthetic(_Builder):
       ex = synthetic.example(
           i, split, resolution=cfg.resolution, seed=cfg.seed,
           holdout_seed=cfg.holdout_seed, test_fraction=cfg.test_fraction,
-          item_frac=cfg.item_frac)
-      out = {k: ex[k] for k in self._INTS + ('box', 'prompt_static',
-                                             'prompt_full')}
+          item_frac=cfg.item_frac, styled=cfg.styles)
+      out = {k: ex[k] for k in self._ints() + ('box', 'prompt_static',
+                                               'prompt_full')}
       out.update(context=image_io.png_bytes(ex['context']),
                  target=image_io.png_bytes(ex['target']),
                  prompt=ex['prompt_scene'], id=str(i))
@@ -430,7 +437,8 @@ def make_builder(data):
         data.resolution, data.num_train, data.num_test, data.seed,
         data.holdout_seed, data.test_fraction,
         # Configs saved before the field existed lack it.
-        data.get('item_frac', synthetic.ITEM_FRAC)), **kwargs)
+        data.get('item_frac', synthetic.ITEM_FRAC), data.get('styles', False)),
+        **kwargs)
   if data.name not in _FOLDER_BUILDERS:
     raise ValueError(f'unknown data.name {data.name!r}: expected synthetic, '
                      f'{", ".join(_FOLDER_BUILDERS)}')
