@@ -13,7 +13,7 @@ in ``REGISTRY``.
 """
 from hyperlora_jax.objectives import hyperlora, lora_bank, unet_full, unet_lora
 from hyperlora_jax.objectives.base import (  # noqa: F401  (what the tools use)
-    Models, Objective, Spec, encode_prompts, time_ids, tokenize)
+    LoRAPredictor, Models, Objective, Spec, encode_prompts, predictor, time_ids, tokenize)
 
 REGISTRY = {s.name: s for s in (hyperlora.SPEC, unet_lora.SPEC, unet_full.SPEC,
                                 lora_bank.SPEC)}
