@@ -94,17 +94,23 @@ def export_pipeline(workdir: str) -> str:
 
 
 def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
-  """'stage:<name>' in model.pretrained (its pipeline folder) and hypernet.loss.targets
-  (its workdir) -> paths under `workdir`; a stage trained on an export is checked against
-  it (`_trained_on`)."""
+  """'stage:<name>' in model.pretrained (its pipeline folder), hypernet.loss.targets and
+  merger.content / merger.style (its workdir) -> paths under `workdir`; a stage trained
+  on an export is checked against it (`_trained_on`)."""
   with stage.unlocked():
     pretrained = stage.model.get('pretrained') or ''
     if pretrained.startswith('stage:'):
       stage.model.pretrained = os.path.join(workdir, pretrained[len('stage:'):], PIPELINE)
       _trained_on(stage_dir, stage.model.pretrained)
-    targets = stage.get('hypernet', {}).get('loss', {}).get('targets') or ''
-    if targets.startswith('stage:'):
-      stage.hypernet.loss.targets = os.path.join(workdir, targets[len('stage:'):])
+    # Per-subject stages' folders: a hypernetwork's target weights, a merger's LoRA zoo.
+    for section, key in (('hypernet.loss', 'targets'), ('merger', 'content'),
+                         ('merger', 'style')):
+      parent = stage
+      for name in section.split('.'):
+        parent = parent.get(name) or {}
+      value = parent.get(key) or ''
+      if value.startswith('stage:'):
+        parent[key] = os.path.join(workdir, value[len('stage:'):])
 
 
 def _trained_on(stage_dir: str, base_folder: str) -> None:

@@ -77,8 +77,14 @@ _COMPONENTS = ('unet', 'text_encoder', 'text_encoder_2')
 # LoHa and LoKr, kohya's and peft's DoRA magnitudes): refused by name, not misread.
 _NOT_PLAIN = {'hada_w1_a': 'LoHa', 'hada_w2_a': 'LoHa', 'lokr_w1': 'LoKr', 'lokr_w2': 'LoKr',
               'dora_scale': 'DoRA', 'lora_magnitude_vector': 'DoRA'}
-# The first bytes of torch.save's files: a zip archive (torch >= 1.6) or a raw pickle.
-_PICKLE_MAGIC = (b'PK\x03\x04', b'\x80')
+
+
+def _is_pickle(head: bytes) -> bool:
+  """torch.save's files: a zip archive (torch >= 1.6) or a raw pickle (PROTO opcode 2-5).
+  A safetensors file's 9th byte opens its JSON header ('{'); its first 8 are a length."""
+  return head.startswith(b'PK\x03\x04') or (
+      head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05')
+      and head[8:9] != b'{')
 
 
 def _component(path: str, origin: str = 'LoRA path') -> str:
@@ -448,8 +454,8 @@ def _refuse_pickle(path: str) -> None:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No such LoRA file: {path}')
   with open(path, 'rb') as f:
-    head = f.read(4)
-  if any(head.startswith(m) for m in _PICKLE_MAGIC):
+    head = f.read(9)
+  if _is_pickle(head):
     raise ValueError(f'{path} is a PyTorch pickle (.pt/.bin/.ckpt), refused: pickles can '
                      'run arbitrary code when read. Convert it to safetensors first.')
 

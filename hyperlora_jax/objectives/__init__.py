@@ -4,6 +4,7 @@
 * ``unet_lora``: one shared plain LoRA on the UNet.
 * ``unet_full``: the UNet and text tower themselves.
 * ``lora_bank``: one LoRA per subject, many subjects stacked and fitted at once.
+* ``lorarar``: LoRA.rar's merger of a content and a style LoRA, trained on a LoRA zoo.
 
 `build(config, rng)` returns the config's `base.Objective`; `spec(name)` says what a run
 of an objective is without building it. The training loop, sampling, evaluation, export
@@ -11,12 +12,12 @@ and stages use only these: none of them tests ``config.objective``. To add an ob
 write a module with a ``SPEC`` (see `base.Spec`, `base.diffusion_objective`) and list it
 in ``REGISTRY``.
 """
-from hyperlora_jax.objectives import hyperlora, lora_bank, unet_full, unet_lora
+from hyperlora_jax.objectives import hyperlora, lora_bank, lorarar, unet_full, unet_lora
 from hyperlora_jax.objectives.base import (  # noqa: F401  (what the tools use)
     LoRAPredictor, Models, Objective, Spec, encode_prompts, predictor, time_ids, tokenize)
 
 REGISTRY = {s.name: s for s in (hyperlora.SPEC, unet_lora.SPEC, unet_full.SPEC,
-                                lora_bank.SPEC)}
+                                lora_bank.SPEC, lorarar.SPEC)}
 
 
 def spec(name: str) -> Spec:
