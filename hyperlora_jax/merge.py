@@ -23,15 +23,13 @@ from absl import flags
 from hyperlora_jax import cli
 from hyperlora_jax import diffusion
 from hyperlora_jax import merging
-from hyperlora_jax import objectives
-from hyperlora_jax import runs
 from hyperlora_jax.convert import lora_files
 from hyperlora_jax.convert import pipeline
 
 FORMATS = ('diffusers', 'kohya')
 
 
-def trained_merger(run: runs.Run) -> merging.TrainedMerger:
+def trained_merger(run) -> merging.TrainedMerger:
   """The merger of a run that has one (the ``lorarar`` objective's)."""
   module = run.objective.models.hypernet
   if run.objective.hypernet_variables is None or not hasattr(module, 'paths'):
@@ -87,9 +85,13 @@ def merge_files(content: str, style: str, method: str, out: str, fmt: str = 'dif
     ranks = sorted({int(np.shape(f['down'])[0]) for f in trees[name].values()})
     log(f'Read the {name} LoRA {path}: {len(trees[name])} layers, rank {ranks}.')
   kwargs = {k: opts[k] for k in ('weight', 'steps', 'lr', 'similarity') if k in opts}
+  # runs and objectives import the data pipeline (grain, TFDS: ~2 s), which sum and
+  # average do not need: the CLI's end-to-end time is mostly imports.
   if method == 'lorarar':
+    from hyperlora_jax import runs  # pylint: disable=g-import-not-at-top
     kwargs['merger'] = trained_merger(runs.restore(merger))
   if method == 'ziplora':
+    from hyperlora_jax import objectives  # pylint: disable=g-import-not-at-top
     factor = 1 if pipe.vae is None else 2 ** (len(pipe.vae.block_out_channels) - 1)
     resolution = opts.get('resolution') or pipe.unet_config.get('sample_size', 0) * factor
     if not resolution:
