@@ -25,14 +25,16 @@ from configs import quickstart
 SIZES = {
     # quickstart.stage's keys, plus: held-out fraction, zoo steps / subjects per step /
     # lr / rank, merger steps, report pairs, ZipLoRA steps and lr.
+    # cpu: the quickstart's 16 px with an 8 px item; sized for < 30 min on 2 cores.
     'cpu': dict(resolution=16, item_frac=0.5, channels=(32, 64, 64), text=64, base=600,
-                batch=16, num_train=3000, workers=0, dtype='float32', test_fraction=0.5,
-                zoo_steps=60, subjects=64, zoo_lr=3e-2, rank=4, merger=150, pairs=48,
+                batch=16, num_train=1500, workers=0, dtype='float32', test_fraction=0.5,
+                zoo_steps=40, subjects=64, zoo_lr=1e-1, rank=4, merger=150, pairs=48,
                 ziplora=100, ziplora_lr=1e-2, seeds=(0,), eval_steps=20,
                 prediction='v_prediction'),
+    # Not run here (no GPU in this session).
     'gpu': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
                 base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
-                test_fraction=0.2, zoo_steps=200, subjects=256, zoo_lr=3e-2, rank=8,
+                test_fraction=0.2, zoo_steps=100, subjects=256, zoo_lr=1e-1, rank=8,
                 merger=2000, pairs=300, ziplora=100, ziplora_lr=1e-2, seeds=(0, 1, 2),
                 eval_steps=25, prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.

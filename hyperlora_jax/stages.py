@@ -386,24 +386,27 @@ def merging_report(config, workdir: str) -> dict:
                           't': t, 'input_ids': tuple(x[i:i + 1] for x in ids)}
     return {'content': side(ex['target'][i]), 'style': side(style_ex['target'][i])}
 
+  # (content, style) -> the LoRA; sum and LoRA.rar compiled (ZipLoRA compiles its loop).
   methods = {
-      'content LoRA alone': lambda i: contents[pairs[i][0]],
-      'style LoRA alone': lambda i: styles[pairs[i][1]],
-      'direct sum': lambda i: merging.merge(contents[pairs[i][0]], styles[pairs[i][1]]),
-      f'ZipLoRA ({r.ziplora_steps} steps)': lambda i: merging.merge(
-          contents[pairs[i][0]], styles[pairs[i][1]], 'ziplora', predict=predict,
-          base=base, inputs=inputs(i), steps=r.ziplora_steps, lr=r.ziplora_lr),
+      'content LoRA alone': lambda c, s: c,
+      'style LoRA alone': lambda c, s: s,
+      'direct sum': jax.jit(lambda c, s: merging.merge(c, s)),
+      f'ZipLoRA ({r.ziplora_steps} steps)': lambda c, s, i: merging.merge(
+          c, s, 'ziplora', predict=predict, base=base, inputs=inputs(i),
+          steps=r.ziplora_steps, lr=r.ziplora_lr),
   }
   for k, run in enumerate(mergers):
-    trained = merge.trained_merger(run)
-    methods[f'LoRA.rar #{k}'] = lambda i, m=trained: merging.merge(
-        contents[pairs[i][0]], styles[pairs[i][1]], 'lorarar', merger=m)
+    methods[f'LoRA.rar #{k}'] = jax.jit(lambda c, s, m=merge.trained_merger(run): merging.merge(
+        c, s, 'lorarar', merger=m))
   truth = {'color': ex['color'], 'style': np.array([synthetic.STYLES.index(style_keys[s])
                                                     for _, s in pairs])}
   scores, seconds, shown = {}, {}, {}
   for name, fn in methods.items():
     logging.info('Merging report: %s on %d pairs', name, len(pairs))
-    trees, seconds[name] = _timed(fn, list(range(len(pairs))))
+    call = (lambda i, fn=fn: fn(contents[pairs[i][0]], styles[pairs[i][1]], i)) if (
+        name.startswith('ZipLoRA')) else (
+            lambda i, fn=fn: fn(contents[pairs[i][0]], styles[pairs[i][1]]))
+    trees, seconds[name] = _timed(call, list(range(len(pairs))))
     for seed in r.seeds:
       images_ = _generate(first, trees, prompts, r, seed)
       shown.setdefault(name, images_)

@@ -51,7 +51,8 @@ def build(config, rng) -> Objective:
     if not folder:
       raise ValueError(f'config.merger.{side} is not set: the folder of a lora_bank run '
                        f'(the zoo\'s {side} LoRAs).')
-    frozen[side] = target_weights.load(folder, zoo_keys(folder), fields, models.targets)
+    frozen[side] = [jnp.asarray(g) for g in target_weights.load(
+        folder, zoo_keys(folder), fields, models.targets)]
   shapes = [jnp.zeros((1,) + np.shape(g)[1:]) for g in frozen['content']]
   frozen['bank'] = dict(jax.jit(raw.init)(rng, shapes))
   paths = merging.merger_paths({t.path: t for t in models.targets},
