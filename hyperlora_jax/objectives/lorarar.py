@@ -27,7 +27,7 @@ from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import merging
 from hyperlora_jax.convert import target_weights
 from hyperlora_jax.models import merger as merger_lib
-from hyperlora_jax.objectives import lora_bank
+from hyperlora_jax.objectives.lora_bank import raw_lora
 from hyperlora_jax.objectives.base import (Objective, Spec, _latents, base_models,
                                           frozen_base, predictor, tokenize)
 
@@ -44,7 +44,7 @@ def zoo_keys(folder: str) -> tuple:
 
 def build(config, rng) -> Objective:
   models, frozen = base_models(config, rng)
-  raw = lora_bank.raw_lora(config.bank.param, models.targets)
+  raw = raw_lora(config.bank.param, models.targets)
   fields = lora_lib.raw_fields(config.bank.param)
   for side in ('content', 'style'):
     folder = config.merger[side]
