@@ -35,6 +35,9 @@ config.data       the input pipeline (`data.pipeline`)
   pose            synthetic: draw each figure's offset and size from a range no prompt
                   names, and give each example its pose map ('condition') (False; True
                   is part of the built data's name)
+  styles          synthetic: frame each target in one of `synthetic.STYLES` (its
+                  'style' key; the content and style LoRAs of a zoo). Off (False) keeps
+                  data as built before; on is part of the built data's name
   batch_size      global batch size, divided among hosts (create_dataset's batch_size
                   argument overrides it) (8)
   num_threads     reader threads (4); prefetch: batches read ahead (4; >= num_threads,
@@ -163,6 +166,21 @@ config.bank       the lora_bank objective: one LoRA per subject, N subjects stac
                   subjects are fitted N at a time, config.train.num_steps steps each, at
                   config.optim.lr (constant; AdamW without clipping, which would couple
                   the subjects), one safetensors shard per N
+  group           what makes a subject (`data.pipeline.GROUPINGS`): 'identity' (the
+                  example's; HyperDreamBooth), 'content' (an item's unstyled images: a
+                  zoo's content LoRAs), 'style' (a style's images: its style LoRAs)
+  split           the split whose subjects are fitted ('train'; a zoo's held-out
+                  content LoRAs: 'test')
+  lora_format     '' | 'diffusers' | 'kohya': also write every subject's LoRA as a
+                  standard LoRA file, <workdir>/loras/<subject>.safetensors ('')
+
+config.merger     the lorarar objective: LoRA.rar's merger (`objectives.lorarar`)
+  content, style  folders of two lora_bank runs (bank.group 'content' / 'style'; a stages
+                  config: 'stage:<name>'): the zoo whose pairs train the merger ('')
+  layers          regex over LoRA paths: the merged layers; the others are summed
+                  ('(to_q|to_out_0)$': LoRA.rar's query and output projections)
+  hidden          the merger's hidden width per layer (128)
+  similarity      the weight of ZipLoRA's mean |m_c m_s| in the loss (0.01)
 
 config.train
   num_steps         optimizer updates to run (1000)
@@ -259,8 +277,9 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
                 static_prompt='', on_bad_example='error', convert_modes=True, resolution=32,
                 prompt='scene', seed=0, num_train=1000, num_test=200, holdout_seed=0,
                 test_fraction=0.2, item_frac=synthetic.ITEM_FRAC, context='context',
-                pose=False, batch_size=8, num_threads=4, prefetch=4, num_workers=0,
-                set_size=0, set_random=True, set_occlude=0.5, id_embed_dim=512,
+                pose=False, styles=False, batch_size=8, num_threads=4, prefetch=4,
+                num_workers=0, set_size=0, set_random=True, set_occlude=0.5,
+                id_embed_dim=512,
                 augment=dict(p=0.0, scale=(0.35, 1.0), background=0.5, jpeg=0.5,
                              jpeg_quality=(30, 95), lowres=0.3, lowres_scale=(0.3, 0.8)))
   c.model = dict(pretrained='', unet=tiny_unet(), text=tiny_text(), max_length=40,
@@ -284,7 +303,10 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
       param=dict(kind='plain', rank=2, a=100, b=50, seed=0, num_id=16, num_base=16,
                  use_id=True, use_base=True, mix='mid', base_rank=0),
       gamma_init=0.0, loss=dict(alpha=1.0, beta=0.0, targets=''))
-  c.bank = dict(param=dict(kind='lidb', rank=1, a=100, b=50, seed=0), subjects_per_step=32)
+  c.merger = dict(content='', style='', layers=r'(to_q|to_out_0)$', hidden=128,
+                  similarity=0.01)
+  c.bank = dict(param=dict(kind='lidb', rank=1, a=100, b=50, seed=0), subjects_per_step=32,
+                group='identity', split='train', lora_format='')
   c.train = dict(num_steps=1000, batch_size=8, grad_accum_steps=1, log_every=50,
                  eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
                  nan_policy='stop', remat='none',

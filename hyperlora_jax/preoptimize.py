@@ -15,6 +15,11 @@ steps in one compiled call (`train.fit`), their rows split over the devices of o
 A rerun (after an interruption) fits only the identities of missing shards, with the
 config the finished ones were fitted with (another is refused, naming the keys). A hyperlora
 run reads the dataset for its weight-space loss (hypernet.loss.targets = this workdir).
+
+The same run fits a LoRA zoo (issue 17): config.bank.group says what a subject is
+('content': an item's unstyled images; 'style': a style's images over many items),
+config.bank.split which split's subjects, and config.bank.lora_format='diffusers'|'kohya'
+also writes each subject's LoRA as a standard file, loras/<subject>.safetensors.
 """
 import json
 import os
@@ -27,8 +32,10 @@ from absl import logging
 from hyperlora_jax import files
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import objectives
+from hyperlora_jax import runs
 from hyperlora_jax import sharding
 from hyperlora_jax import train
+from hyperlora_jax.convert import lora_files
 from hyperlora_jax.convert import target_weights
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.objectives import lora_bank
@@ -64,7 +71,7 @@ def run(config, workdir: str) -> dict:
   done = target_weights.finished_shards(workdir)
   _check_resume(config, workdir, done)
   files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
-  records = pipeline.subject_records(config.data, 'train')
+  records = pipeline.subject_records(config.data, config.bank.split, config.bank.group)
   n = config.bank.subjects_per_step
   chunks = _chunks(list(records), n)
   for k, identities in done.items():
@@ -100,9 +107,10 @@ def _fit_shards(config, workdir, records, chunks, todo):
   n = config.bank.subjects_per_step
   for step, k in enumerate(todo):
     identities = chunks[k]
-    batch = pipeline.load_records(config.data, 'train',
-                                  [i for key in identities for i in records[key]])
-    mine = {key: batch['identity'] == key for key in identities}
+    indices = [i for key in identities for i in records[key]]
+    batch = pipeline.load_records(config.data, config.bank.split, indices)
+    owner = np.array([key for key in identities for _ in records[key]])
+    mine = {key: owner == key for key in identities}
     padded = identities + [identities[-1]] * (n - len(identities))  # a short last shard
     data = lora_bank.cache_latents(models, frozen, lora_bank.subject_data(
         models, [batch['target'][mine[key]] for key in padded],
@@ -114,6 +122,28 @@ def _fit_shards(config, workdir, records, chunks, todo):
     raw = [np.asarray(g)[:len(identities)] for g in lora_bank.groups(params)]
     seconds = time.perf_counter() - start
     target_weights.write_shard(workdir, k, identities, raw, fields, models.targets)
+    if config.bank.lora_format:
+      _write_loras(config, objective, params, frozen, workdir, identities)
     logging.info('Shard %d (%d/%d): %d identities x %d steps in %.1f s%s, last loss %.4f.',
                  k, step + 1, len(todo), len(identities), config.train.num_steps, seconds,
                  ' (compile included)' if step == 0 else '', float(loss))
+
+
+def lora_file(workdir: str, subject: str) -> str:
+  """Where a zoo's LoRA of `subject` is: loras/<subject, spaces as '_'>.safetensors."""
+  name = ''.join(c if c.isalnum() or c in '-.' else '_' for c in subject)
+  return os.path.join(workdir, 'loras', f'{name}.safetensors')
+
+
+def _write_loras(config, objective, params, frozen, workdir, identities):
+  """Each fitted subject's LoRA as a standard file (`convert.lora_files`)."""
+  tree = objective.lora(params, frozen, {
+      objective.spec.lora_inputs[0]: np.arange(len(identities))})
+  os.makedirs(os.path.join(workdir, 'loras'), exist_ok=True)
+  for subject, lora in zip(identities, runs.plain_loras(tree)):
+    path = lora_file(workdir, subject)
+    if config.bank.lora_format == 'kohya':
+      lora_files.save_kohya_lora(lora, path, metadata={'hyperlora_jax.subject': subject},
+                                 unet_config=objective.models.unet_config)
+    else:
+      lora_files.save_diffusers_lora(lora, path, metadata={'hyperlora_jax.subject': subject})

@@ -19,7 +19,9 @@ default: the quickstart's rows, or ``report.rows``, `evaluate.compare`), 'groupe
 rows in each of ``report.groups`` of add-ons: the recontextualization paper's Table 1,
 without and with pose guidance) or 'personalization' (HyperDreamBooth's Table 3: each
 row's personal models of held-out subjects, a run's prediction, fast fine-tuning of it
-or from zero, their fidelity and editability, steps and time).
+or from zero, their fidelity and editability, steps and time) or 'merging' (LoRA.rar's
+table: held-out content-style pairs merged by each method, their content and style
+accuracy and merge time per pair).
 
 Nothing stale is built on: a pre-empted stage stops the whole run (`train.Preempted`
 reaches the caller; the next launch resumes it). An export records the step it was made
@@ -40,17 +42,25 @@ from absl import logging
 from PIL import Image
 
 from hyperlora_jax import checkpoint
+from hyperlora_jax import diffusion
 from hyperlora_jax import evaluate
 from hyperlora_jax import export
 from hyperlora_jax import files
 from hyperlora_jax import finetune
+from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import merge
+from hyperlora_jax import merging
 from hyperlora_jax import objectives
 from hyperlora_jax import preoptimize
 from hyperlora_jax import runs
+from hyperlora_jax import sample
 from hyperlora_jax import slider
+from hyperlora_jax.convert import lora_files
 from hyperlora_jax.convert import pipeline
 from hyperlora_jax.data import images
 from hyperlora_jax.data import pipeline as data_pipeline
+from hyperlora_jax.data import synthetic
+from hyperlora_jax.objectives import lora_bank, lorarar
 
 PIPELINE = 'pipeline'
 EXPORT_RECORD = 'pipeline_export.json'  # Beside pipeline/: the step it was made from.
@@ -131,9 +141,9 @@ def export_part(workdir: str, part: str) -> str:
 
 def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
   """'stage:<name>' in model.pretrained (its pipeline folder), model.init_from (its
-  workdir, with the step it had), hypernet.loss.targets (its workdir) and `STAGE_KEYS`
-  -> paths under `workdir`; a stage is retrained when what it was trained on changed
-  (`_depends_on`)."""
+  workdir, with the step it had), hypernet.loss.targets and merger.content / .style (its
+  workdir) and `STAGE_KEYS` -> paths under `workdir`; a stage is retrained when what it
+  was trained on changed (`_depends_on`)."""
   with stage.unlocked():
     pretrained = stage.model.get('pretrained') or ''
     if pretrained.startswith('stage:'):
@@ -144,9 +154,15 @@ def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
       source = os.path.join(workdir, init_from[len('stage:'):])
       stage.model.init_from = source
       stage.model.init_step = _initialized_from(stage_dir, source)
-    targets = stage.get('hypernet', {}).get('loss', {}).get('targets') or ''
-    if targets.startswith('stage:'):
-      stage.hypernet.loss.targets = os.path.join(workdir, targets[len('stage:'):])
+    # Per-subject stages' folders: a hypernetwork's target weights, a merger's LoRA zoo.
+    for section, key in (('hypernet.loss', 'targets'), ('merger', 'content'),
+                         ('merger', 'style')):
+      parent = stage
+      for name in section.split('.'):
+        parent = parent.get(name) or {}
+      value = parent.get(key) or ''
+      if value.startswith('stage:'):
+        parent[key] = os.path.join(workdir, value[len('stage:'):])
   depends = _resolve_stage_keys(stage, workdir)
   if depends:
     _depends_on(stage_dir, DEPENDS_RECORD, depends, 'add-on or run')
@@ -471,5 +487,132 @@ def grouped_report(config, workdir: str) -> dict:
   return results
 
 
+# ---------------------------------------------------------------- merging (LoRA.rar)
+def _zoo(folder: str) -> tuple:
+  """(subjects, their LoRA trees) of a zoo bank stage (its standard LoRA files)."""
+  keys = lorarar.zoo_keys(folder)
+  return keys, [lora_files.load_lora_file(preoptimize.lora_file(folder, k)) for k in keys]
+
+
+def _timed(fn, items) -> tuple:
+  """([fn(item)], seconds per item after the first call, which compiles)."""
+  out = [jax.block_until_ready(fn(items[0]))]
+  start = time.perf_counter()
+  out += [jax.block_until_ready(fn(x)) for x in items[1:]]
+  return out, (time.perf_counter() - start) / max(1, len(items) - 1)
+
+
+def _generate(merger_run: runs.Run, trees, prompts, r, seed) -> np.ndarray:
+  """Images of one LoRA per prompt: a bank Run whose fixed per-sample LoRAs are `trees`
+  (`lora_bank.bank`, its own rows at zero), sampled as any per-sample run."""
+  stacked = {p: {k: np.stack([np.asarray(lora_lib.to_plain(t[p])[k]) for t in trees])
+                 for k in ('down', 'up')} for p in trees[0]}
+  objective = lora_bank.bank(merger_run.config, merger_run.objective.models,
+                             merger_run.objective.frozen, jax.random.key(0), len(trees),
+                             stacked, subject_key='index')
+  run = runs.Run(merger_run.config, objective._replace(trainable=None), objective.trainable)
+  return np.asarray(sample.generate(run, None, prompts, inputs={'index': np.arange(
+      len(trees))}, num_steps=r.num_steps, guidance=r.guidance, seed=seed))
+
+
+def merging_report(config, workdir: str) -> dict:
+  """LoRA.rar's table on held-out content-style pairs: every content LoRA of the
+  ``report.content`` stage (held-out items: the test split's) with every style LoRA of
+  ``report.style``, up to ``report.num_pairs``; none of these items was ever seen in a
+  style. Rows: the content LoRA alone, the style LoRA alone, the direct sum, ZipLoRA
+  (``report.ziplora_steps`` steps per pair through the base, on the content's and a
+  style image's noised latents and the item's scene prompt), and LoRA.rar (the
+  ``report.merger`` stages, one per training seed). Each image is asked for the item's
+  scene prompt and scored analytically: content (the item's color in its box,
+  `synthetic.color_and_pattern_of`), style (`synthetic.style_of`), both; merge seconds
+  per pair (compiled). Writes <workdir>/report/results.md, results.json, grid.png."""
+  r = config.report
+  mergers = [runs.restore(os.path.join(workdir, s)) for s in r.merger]
+  first = mergers[0]
+  content_keys, contents = _zoo(os.path.join(workdir, r.content))
+  style_keys, styles = _zoo(os.path.join(workdir, r.style))
+  pairs = [(c, s) for c in range(len(contents)) for s in range(len(styles))][:r.num_pairs]
+  data = first.config.data
+  test = data_pipeline.subject_records(data, 'test', 'content')
+  train = data_pipeline.subject_records(data, 'train', 'style')
+  ex = data_pipeline.load_records(data, 'test', [test[content_keys[c]][0] for c, _ in pairs])
+  style_ex = data_pipeline.load_records(data, 'train', [train[style_keys[s]][0]
+                                                        for _, s in pairs])
+  prompts = [str(p) for p in ex['prompt_scene']]
+  models = first.objective.models
+  predict = objectives.predictor(models, data.resolution)
+  base = runs.base_params(first)
+  ids = objectives.tokenize(models, prompts)
+  noise = jax.random.normal(jax.random.key(1), ex['target'].shape[1:])
+  t = np.array([models.schedule.num_train_timesteps // 2])
+
+  def inputs(i):
+    side = lambda image: {'x': diffusion.add_noise(models.schedule, image[None],
+                                                    noise[None], t),
+                          't': t, 'input_ids': tuple(x[i:i + 1] for x in ids)}
+    return {'content': side(ex['target'][i]), 'style': side(style_ex['target'][i])}
+
+  # (content, style) -> the LoRA; sum and LoRA.rar compiled (ZipLoRA compiles its loop).
+  methods = {
+      'content LoRA alone': lambda c, s: c,
+      'style LoRA alone': lambda c, s: s,
+      'direct sum': jax.jit(lambda c, s: merging.merge(c, s)),
+      f'ZipLoRA ({r.ziplora_steps} steps)': lambda c, s, i: merging.merge(
+          c, s, 'ziplora', predict=predict, base=base, inputs=inputs(i),
+          steps=r.ziplora_steps, lr=r.ziplora_lr),
+  }
+  for k, run in enumerate(mergers):
+    methods[f'LoRA.rar #{k}'] = jax.jit(lambda c, s, m=merge.trained_merger(run): merging.merge(
+        c, s, 'lorarar', merger=m))
+  truth = {'color': ex['color'], 'style': np.array([synthetic.STYLES.index(style_keys[s])
+                                                    for _, s in pairs])}
+  scores, seconds, shown = {}, {}, {}
+  for name, fn in methods.items():
+    logging.info('Merging report: %s on %d pairs', name, len(pairs))
+    call = (lambda i, fn=fn: fn(contents[pairs[i][0]], styles[pairs[i][1]], i)) if (
+        name.startswith('ZipLoRA')) else (
+            lambda i, fn=fn: fn(contents[pairs[i][0]], styles[pairs[i][1]]))
+    trees, seconds[name] = _timed(call, list(range(len(pairs))))
+    for seed in r.seeds:
+      images_ = _generate(first, trees, prompts, r, seed)
+      shown.setdefault(name, images_)
+      content = np.array([synthetic.color_and_pattern_of(x, b)[0]
+                          for x, b in zip(images_, ex['box'])]) == truth['color']
+      style = np.array([synthetic.style_of(x) for x in images_]) == truth['style']
+      scores.setdefault(name.split(' #')[0], []).append(
+          {'content_acc': content.mean(), 'style_acc': style.mean(),
+           'both_acc': (content & style).mean(), 'seconds': seconds[name]})
+  return _write_merging(workdir, r, scores, shown, ex, style_ex, len(pairs))
+
+
+def _write_merging(workdir, r, scores, shown, ex, style_ex, num_pairs) -> dict:
+  out_dir = os.path.join(workdir, 'report')
+  os.makedirs(out_dir, exist_ok=True)
+  rows = {name: {k: {'mean': float(np.mean([x[k] for x in runs_])),
+                     'std': float(np.std([x[k] for x in runs_]))} for k in runs_[0]}
+          for name, runs_ in scores.items()}
+  lines = ['| Row | content acc (%) | style acc (%) | both (%) | merge s / pair |',
+           '|---|---|---|---|---|']
+  for name, m in rows.items():
+    lines.append(f'| {name} | ' + ' | '.join(
+        f'{100 * m[k]["mean"]:.1f} ± {100 * m[k]["std"]:.1f}'
+        for k in ('content_acc', 'style_acc', 'both_acc')) + f' | {m["seconds"]["mean"]:.2g} |')
+  lines.append(f'\n{num_pairs} held-out content-style pairs (test items, never seen in a '
+               f'style), sampling seeds {list(r.seeds)}; mean ± std over seeds and, for '
+               'LoRA.rar, its training seeds. content: the item\'s color read in its box; '
+               'style: the frame read on the border.')
+  table = '\n'.join(lines)
+  files.write_json(os.path.join(out_dir, 'results.json'),
+                   {'rows': rows, 'num_pairs': num_pairs, 'seeds': list(r.seeds)}, indent=2)
+  files.write_text(os.path.join(out_dir, 'results.md'), table + '\n')
+  g = min(r.grid_pairs, num_pairs)
+  cells = np.stack([ex['target'][:g], style_ex['target'][:g]]
+                   + [v[:g] for v in shown.values()], 1)
+  files.save_image(images.grid(cells, ['content image', 'style image', *shown]),
+                   os.path.join(out_dir, 'grid.png'))
+  logging.info('Results (%s):\n%s', out_dir, table)
+  return {'rows': rows, 'table': table}
+
+
 REPORTS = {'compare': report, 'grouped': grouped_report,
-           'personalization': personalization_report}
+           'personalization': personalization_report, 'merging': merging_report}

@@ -378,3 +378,21 @@ def test_tiny_controlnet_row(tmp_path):
     eager = rows[(config, 'diffusers+peft eager')]
     assert _number(eager[0]) > 0 and _number(ours[2]) > 0, eager
     assert rows[(config, 'diffusers+peft compiled')][0] == 'skipped (CPU)'
+
+
+def test_merge_benchmark_tiny_prints_every_row():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'merge_benchmark.py'), '--tiny',
+       '--steps=3', '--repeats=1', '--rank=2'],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = {}
+  for line in result.stdout.splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) == 3 and cells[0] not in ('row', '---'):
+      rows[cells[0]] = cells[1]
+  assert len(rows) == 6, result.stdout
+  for name, cell in rows.items():
+    assert _number(cell) > 0, (name, cell)
+  assert any(name.startswith('merge CLI end to end') for name in rows)

@@ -482,3 +482,23 @@ def test_posed_synthetic_data_is_opt_in(synthetic_data, tmp_path):
   old = synthetic_data.copy_and_resolve_references()
   del old['pose']  # A config saved before the field existed reads the default's data.
   assert builders.make_builder(old).data_path == default.data_path
+
+
+def test_styles_get_their_own_data_and_group_a_zoo(tmp_path):
+  assert builders.synthetic_config(32, 4000, 200, styles=False).name == 'r32_4d25893f26'
+  data = _config(tmp_path, num_train=40, num_test=8, resolution=16, styles=True)
+  assert builders.make_builder(data).data_path != builders.make_builder(
+      _config(tmp_path, num_train=40, num_test=8, resolution=16)).data_path
+  batch = pipeline.load_records(data, 'train', range(40))
+  styles = pipeline.subject_records(data, 'train', by='style')
+  assert list(styles) == sorted(synthetic.STYLES[1:])
+  for name, records in styles.items():
+    assert {synthetic.STYLES[s] for s in batch['style'][records]} == {name}
+  content = pipeline.subject_records(data, 'train', by='content')
+  plain = [i for i in range(40) if batch['style'][i] == 0]
+  assert sorted(i for r in content.values() for i in r) == plain
+  for item, records in content.items():
+    assert set(batch['identity'][records]) == {item}
+  with pytest.raises(ValueError, match='data.styles=True'):
+    pipeline.subject_records(_config(tmp_path, num_train=4, num_test=2, resolution=16),
+                             'train', by='style')

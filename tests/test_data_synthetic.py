@@ -233,3 +233,37 @@ def test_pose_is_drawn_unsaid_and_read_back(resolution, item_frac):
     moved.append(synthetic.pose_adherence(plain['target'][i], target)[0])
   assert np.mean(chance) < 0.25 and np.mean(moved) < 0.25, (np.mean(chance), np.mean(moved))
   assert synthetic.pose_adherence(np.full_like(target, 248), target) == (False, 1.0)
+
+
+@pytest.mark.parametrize('resolution,item_frac', [(16, 0.7), (32, synthetic.ITEM_FRAC),
+                                                  (64, synthetic.ITEM_FRAC)])
+def test_style_scorer_reads_every_style_and_ignores_content(resolution, item_frac):
+  # Every item in every style at every position, the edge-touching positions included:
+  # the frame is read back, and the item is still read inside its box.
+  size = int(round(item_frac * resolution))
+  for item in synthetic.identities()[::7]:
+    for position in range(len(synthetic.POSITIONS)):
+      target, _, box = synthetic.target_image(item, position % 5, position, resolution, size)
+      for style in range(len(synthetic.STYLES)):
+        framed = synthetic.frame(target, style)
+        assert synthetic.style_of(framed) == style, (item, position, style)
+        assert synthetic.color_and_pattern_of(framed, box)[0] == item[1]
+  # Content in a frame's place is not a style: an item filling the whole image, or a
+  # ring of each item color, reads as plain.
+  for color in range(len(synthetic.COLORS)):
+    assert synthetic.style_of(np.broadcast_to(synthetic.COLOR_RGB[color],
+                                              (resolution, resolution, 3))) == 0
+
+
+def test_styles_are_opt_in_and_change_only_the_target():
+  for i in range(20):
+    plain, styled = synthetic.example(i, 'train'), synthetic.example(i, 'train', styled=True)
+    assert 'style' not in plain
+    for k, v in plain.items():
+      if k != 'target':
+        assert np.array_equal(v, styled[k]) if not isinstance(v, str) else v == styled[k]
+    np.testing.assert_array_equal(synthetic.frame(plain['target'], int(styled['style'])),
+                                  styled['target'])
+  g = synthetic.generate(200, 'train', resolution=32, styled=True)
+  assert set(g['style'].tolist()) == set(range(len(synthetic.STYLES)))
+  assert [synthetic.style_of(t) for t in g['target']] == g['style'].tolist()

@@ -483,3 +483,38 @@ def test_bytedance_basis_config_trains_on_an_sdxl_folder(xl, tmp_path):
   assert queries and float(np.abs(flat['gamma_id'])) > 0
   assert all(float(np.abs(v).sum()) > 0 for p, v in flat.items()
              if p.startswith('identity/projector'))
+
+
+def test_sdxl_lorarar_config_builds_and_trains_on_an_sdxl_folder(xl, tmp_path):
+  """configs/sdxl_lorarar.py's merger on the tiny SDXL folder, over a two-subject zoo
+  written as lora_bank runs write it: its loss is finite and reaches the merger."""
+  from configs import sdxl_lorarar  # pylint: disable=import-outside-toplevel
+  from hyperlora_jax.convert import target_weights  # pylint: disable=import-outside-toplevel
+  from hyperlora_jax.models import hypernet  # pylint: disable=import-outside-toplevel
+  from hyperlora_jax.objectives import base  # pylint: disable=import-outside-toplevel
+  config = sdxl_lorarar.get_config()
+  config.model.pretrained = xl['folder']
+  config.data.resolution = SIZE
+  config.train.compute_dtype = 'float32'
+  config.bank.param.rank = 2
+  config.merger.hidden = 8
+  pipe, _ = base.load_base(config, jax.random.key(0))
+  targets = base.find_targets(pipe.unet_params, pipe.text_tower_params, config.model.targets)
+  module = lora_lib.parameterization(config.bank.param, targets)
+  rng = np.random.RandomState(0)
+  for side in ('content', 'style'):
+    raw = [rng.randn(2, n, size).astype(np.float32) * 0.1
+           for n, size in hypernet.raw_shapes(module, targets)]
+    target_weights.write_shard(str(tmp_path / side), 0, [f'{side}0', f'{side}1'], raw,
+                               lora_lib.raw_fields(config.bank.param), targets)
+    target_weights.write_index(str(tmp_path / side))
+    config.merger[side] = str(tmp_path / side)
+  objective = objectives.build(config, jax.random.key(0))
+  assert objective.spec.name == 'lorarar' and 'text2' in objective.frozen
+  assert all(p.endswith(('to_q', 'to_out_0')) for p in objective.models.hypernet.paths)
+  batch = objective.prepare({'target': rng.uniform(-1, 1, (2, SIZE, SIZE, 3)),
+                             'prompt': np.array(PROMPTS)})
+  loss, grads = jax.jit(jax.value_and_grad(lambda tr: objective.loss_fn(
+      tr, objective.frozen, batch, jax.random.key(1))[0]))(objective.trainable)
+  assert np.isfinite(loss) and loss > 0
+  assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0

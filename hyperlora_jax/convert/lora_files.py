@@ -73,6 +73,18 @@ _KOHYA_KEY = re.compile(
 # diffusers' save_lora_weights stores the peft LoraConfig (lora_alpha, alpha_pattern) here.
 _DIFFUSERS_METADATA = 'lora_adapter_metadata'
 _COMPONENTS = ('unet', 'text_encoder', 'text_encoder_2')
+# LoRA kinds other than plain down/up factors, by a key part each writes (kohya/LyCORIS
+# LoHa and LoKr, kohya's and peft's DoRA magnitudes): refused by name, not misread.
+_NOT_PLAIN = {'hada_w1_a': 'LoHa', 'hada_w2_a': 'LoHa', 'lokr_w1': 'LoKr', 'lokr_w2': 'LoKr',
+              'dora_scale': 'DoRA', 'lora_magnitude_vector': 'DoRA'}
+
+
+def _is_pickle(head: bytes) -> bool:
+  """torch.save's files: a zip archive (torch >= 1.6) or a raw pickle (PROTO opcode 2-5).
+  A safetensors file's 9th byte opens its JSON header ('{'); its first 8 are a length."""
+  return head.startswith(b'PK\x03\x04') or (
+      head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05')
+      and head[8:9] != b'{')
 
 
 def _component(path: str, origin: str = 'LoRA path') -> str:
@@ -438,9 +450,21 @@ def check_lora(lora: lora_lib.LoRATree, params: Mapping[str, Any], shown: int = 
                      + '\n  '.join(misfits[:shown]))
 
 
+def _refuse_pickle(path: str) -> None:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No such LoRA file: {path}')
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  if _is_pickle(head):
+    raise ValueError(f'{path} is a PyTorch pickle (.pt/.bin/.ckpt), refused: pickles can '
+                     'run arbitrary code when read. Convert it to safetensors first.')
+
+
 def load_lora_file(path: str, pipe: Optional[pipeline.Pipeline] = None) -> dict:
   """Reads a diffusers/peft or kohya LoRA file (either format, detected) as a shared tree.
 
+  Refuses pickles and LoRA kinds that are not plain (LoHa, LoKr, DoRA), naming their
+  keys; a truncated or non-safetensors file is a `core.CheckpointError` naming it.
   Honors kohya alphas and the peft config (lora_alpha, alpha_pattern, use_rslora) that
   diffusers stores in the header or peft in adapter_config.json beside the file; without
   them the scale is 1, as in diffusers. 1x1-conv factors (kohya's SD 1.x proj_in/proj_out)
@@ -448,7 +472,17 @@ def load_lora_file(path: str, pipe: Optional[pipeline.Pipeline] = None) -> dict:
   (SDXL files) are mapped by its UNet's config, and every layer is checked against its
   params (`check_lora`), so a file for another base model fails naming what does not fit.
   """
+  _refuse_pickle(path)
   state = core.read_safetensors(path)
+  kinds = collections.defaultdict(list)
+  for part, kind in _NOT_PLAIN.items():
+    kinds[kind] += [k for k in state if part in k]
+  kinds = {kind: keys for kind, keys in kinds.items() if keys}
+  if kinds:
+    raise ValueError(f'{path} is a {"/".join(sorted(kinds))} file, not a plain LoRA (down/up '
+                     'factors): '
+                     + '; '.join(f'{kind} keys e.g. {keys[:2]}' for kind, keys in kinds.items())
+                     + '. Only plain LoRAs are read here.')
   with safe_open(path, 'np') as f:
     header = f.metadata() or {}
   if state and all(_KOHYA_KEY.fullmatch(k) for k in state):

@@ -99,6 +99,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   test_fraction: float = 0.2
   item_frac: float = synthetic.ITEM_FRAC
   pose: bool = False
+  styles: bool = False
 
 
 @dataclasses.dataclass
@@ -118,19 +119,21 @@ def _config_name(prefix, fields):
 
 def synthetic_config(resolution=32, num_train=1000, num_test=200, seed=0,
                      holdout_seed=0, test_fraction=0.2,
-                     item_frac=synthetic.ITEM_FRAC, pose=False):
+                     item_frac=synthetic.ITEM_FRAC, pose=False, styles=False):
   fields = dict(resolution=resolution, num_train=num_train,
                 num_test=num_test, seed=seed, holdout_seed=holdout_seed,
                 test_fraction=test_fraction)
-  # In the name only when not the default: data built before item_frac (pose)
-  # existed keeps its name (and folder), any other value gets its own.
+  # In the name only when not the default: data built before item_frac, pose and
+  # styles existed keeps its name (and folder), any other value gets its own.
   named = dict(fields, item_frac=float(item_frac)) if (
       item_frac != synthetic.ITEM_FRAC) else dict(fields)
   if pose:
     named['pose'] = True
+  if styles:
+    named['styles'] = True
   return SyntheticConfig(name=_config_name(f'r{resolution}', named),
                          version=VERSION, item_frac=float(item_frac), pose=bool(pose),
-                         **fields)
+                         styles=bool(styles), **fields)
 
 
 def folder_config(root, prompts_file='', static_prompt='',
@@ -546,11 +549,14 @@ class Synthetic(_Builder):
   VERSION = tfds.core.Version(VERSION)
   _INTS = ('shape', 'color', 'pattern', 'color2', 'background', 'position')
 
+  def _ints(self):
+    return self._INTS + (('style',) if self.builder_config.styles else ())
+
   def _info(self):
     features = _text_features('prompt', 'prompt_static', 'prompt_full', 'id')
     features.update(context=_BYTES, target=_BYTES,
                     box=tfds.features.Tensor(shape=(4,), dtype=np.int32))
-    features.update({k: np.int32 for k in self._INTS})
+    features.update({k: np.int32 for k in self._ints()})
     if self.builder_config.pose:
       features.update(condition=_BYTES,
                       pose=tfds.features.Tensor(shape=(3,), dtype=np.float32))
@@ -569,9 +575,9 @@ class Synthetic(_Builder):
       ex = synthetic.example(
           i, split, resolution=cfg.resolution, seed=cfg.seed,
           holdout_seed=cfg.holdout_seed, test_fraction=cfg.test_fraction,
-          item_frac=cfg.item_frac, pose=cfg.pose)
-      out = {k: ex[k] for k in self._INTS + ('box', 'prompt_static',
-                                             'prompt_full')}
+          item_frac=cfg.item_frac, pose=cfg.pose, styled=cfg.styles)
+      out = {k: ex[k] for k in self._ints() + ('box', 'prompt_static',
+                                               'prompt_full')}
       out.update(context=image_io.png_bytes(ex['context']),
                  target=image_io.png_bytes(ex['target']),
                  prompt=ex['prompt_scene'], id=str(i))
@@ -599,7 +605,8 @@ def make_builder(data):
         data.resolution, data.num_train, data.num_test, data.seed,
         data.holdout_seed, data.test_fraction,
         # Configs saved before the fields existed lack them.
-        data.get('item_frac', synthetic.ITEM_FRAC), data.get('pose', False)), **kwargs)
+        data.get('item_frac', synthetic.ITEM_FRAC), data.get('pose', False),
+        data.get('styles', False)), **kwargs)
   if data.name not in _FOLDER_BUILDERS:
     raise ValueError(f'unknown data.name {data.name!r}: expected synthetic, '
                      f'{", ".join(_FOLDER_BUILDERS)}')

@@ -90,16 +90,35 @@ def identity_of(example) -> str:
   return _field(example['id'])
 
 
-_RECORDS = {}  # (built data path, split) -> {identity: record indices}, sorted
+def _style(example):
+  if 'style' not in example:
+    raise ValueError('Grouping by style needs styled data: set data.styles=True.')
+  return int(example['style'])
 
 
-def _records(builder, split) -> dict:
-  key = (str(builder.data_path), split)
+# What groups a split's examples into the subjects of a LoRA bank: None leaves an
+# example out. A zoo's content LoRAs are its items in no style, its style LoRAs its styles.
+GROUPINGS = {
+    'identity': identity_of,
+    'content': lambda ex: identity_of(ex) if _style(ex) == 0 else None,
+    'style': lambda ex: synthetic.STYLES[_style(ex)] if _style(ex) else None,
+}
+
+# (built data path, split, grouping) -> {subject: record indices}, sorted
+_RECORDS = {}
+
+
+def _records(builder, split, by='identity') -> dict:
+  if by not in GROUPINGS:
+    raise ValueError(f'Unknown grouping {by!r}; one of {sorted(GROUPINGS)}.')
+  key = (str(builder.data_path), split, by)
   if key not in _RECORDS:  # Built data never changes, so one scan per process.
     source = builder.as_data_source(split=split)
     found = {}
     for i in range(len(source)):
-      found.setdefault(identity_of(source[i]), []).append(i)
+      subject = GROUPINGS[by](source[i])
+      if subject is not None:
+        found.setdefault(subject, []).append(i)
     _RECORDS[key] = dict(sorted(found.items()))
   return _RECORDS[key]
 
@@ -114,9 +133,10 @@ def subject_keys(data, split) -> tuple:
   return _subjects(builders.build(data), split)
 
 
-def subject_records(data, split) -> dict:
-  """{identity: its examples' record indices in `split`}, in `subject_keys`' order."""
-  return _records(builders.build(data), split)
+def subject_records(data, split, by='identity') -> dict:
+  """{subject: its examples' record indices in `split`}, sorted by subject; by
+  `GROUPINGS`' rule ('identity': `subject_keys`' order)."""
+  return _records(builders.build(data), split, by)
 
 
 def load_records(data, split, indices) -> dict:

@@ -34,6 +34,16 @@ Every item has a border of its primary color, so the primary color covers
 most of the item for every pattern (checks are 50/50 inside the border):
 "dominant color" is well defined.
 
+Styles (opt-in, `example(..., styled=True)`; `data.styles` in a config): a frame of one
+of `STYLES`' colors around the whole target ('plain': none), drawn over everything, of
+width R/8. It is the rendering a style LoRA teaches: global, the same for every item and
+scene, and orthogonal to the content (the item's color and pattern, read inside its
+box; a frame pixel there is ignored by that reading). `style_of` reads it back from the
+outer ring. The style is drawn from its own random stream, so a styled example has the
+same item, scene and context as the unstyled one of that index, and unstyled data is
+byte-identical to data built before styles existed. Held-out content-style pairs: the
+test split's items are never in train, in any style.
+
 No textures from package images: none ship with what is installed (no
 scikit-image) and the scorer's exact-palette guarantee would be lost.
 """
@@ -59,6 +69,10 @@ FIGURE_RGB = np.array((120, 120, 120), np.uint8)
 POSITIONS = ('left', 'center', 'right')
 _POSITION_PHRASE = ('on the left', 'in the center', 'on the right')
 _POSITION_X = (0.22, 0.5, 0.78)  # Figure center, fraction of the width.
+# Frame colors far (>= 120 in RGB) from every item, scene and figure color and from
+# each other, so a frame pixel never reads as content and the styles never as each other.
+STYLES = ('plain', 'magenta frame', 'lime frame', 'rose frame')
+STYLE_RGB = np.array([(0, 0, 0), (255, 0, 255), (120, 255, 0), (255, 90, 150)], np.uint8)
 CONTEXT_BACKGROUND = 0  # White, like product photos.
 TOKEN = 'S*'
 STATIC_PROMPT = f'a figure wearing {TOKEN}'
@@ -82,8 +96,14 @@ _PIVOT_Y = 0.5  # The figure scales about (its position's x, this y).
 # Pose adherence: the figure-and-item pixels' center within this fraction of the side of
 # the truth's, and their vertical spread (std) within this fraction of the truth's.
 POSE_TOLERANCE = dict(center=0.06, size=0.1)
+
+
+# Item colors, scene colors, the figure, then the frames (after the figure: a pixel
+# nearest a frame color is neither item nor scene for the readers).
 _PALETTE = np.concatenate(
-    [COLOR_RGB, BACKGROUND_RGB, FIGURE_RGB[None]]).astype(np.int32)
+    [COLOR_RGB, BACKGROUND_RGB, FIGURE_RGB[None], STYLE_RGB[1:]]).astype(np.int32)
+_FIGURE = len(COLORS) + len(BACKGROUNDS)  # The figure's gray in the palette.
+_FRAMES = _FIGURE + 1  # The first frame color's label (style 1).
 
 
 def identities():
@@ -271,7 +291,7 @@ def target_image(item, background, position, resolution, size, pose=None):
 
 
 def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
-            test_fraction=0.2, item_frac=ITEM_FRAC, pose=False):
+            test_fraction=0.2, item_frac=ITEM_FRAC, pose=False, styled=False):
   """Example `index` of `split`: a dict of numpy arrays and prompt strings.
 
   `item_frac` is the item's side in the target as a fraction of the resolution
@@ -287,6 +307,8 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   'position' int32 ids into SHAPES, COLORS, ...; the three prompts (see
   `prompts`). With `pose`: the figure posed by `pose_of` (the prompts do not change),
   and 'pose' float32 [3] (dx, dy, scale), 'condition' [R, R, 3] uint8 (`pose_map`).
+  With `styled`: 'style' int32 into STYLES (uniform, its own random
+  stream), the target framed by `frame`; the context is never framed.
   """
   r = resolution
   if not 0 < item_frac <= 1:
@@ -309,6 +331,10 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   posed = pose_of(index, split, seed) if pose else None
   target, mask, box = target_image(item, background, position, r,
                                    int(round(item_frac * r)), posed)
+  if styled:
+    style = int(np.random.default_rng([seed, SPLITS.index(split), index, 1]).integers(
+        len(STYLES)))
+    target = frame(target, style)
   out = {
       'context': context, 'target': target, 'mask': mask, 'box': box,
       'context_box': np.array([cx0, cy0, cx0 + size_c, cy0 + size_c],
@@ -320,6 +346,24 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   out.update(prompts(**attrs))
   if pose:
     out.update(pose=np.array(posed, np.float32), condition=pose_map(r, position, posed))
+  if styled:
+    out['style'] = np.int32(style)
+  return out
+
+
+def frame_width(resolution):
+  return max(1, resolution // 8)
+
+
+def frame(image, style):
+  """`image` [R, R, 3] uint8 in `style`: a frame of its color over the outer ring."""
+  if not style:
+    return image
+  out = np.array(image)
+  w = frame_width(out.shape[0])
+  ring = np.ones(out.shape[:2], bool)
+  ring[w:-w, w:-w] = False
+  out[ring] = STYLE_RGB[style]
   return out
 
 
@@ -477,9 +521,6 @@ def color_and_pattern_of(image, box):
   return int(first), 2 if corners < 2 and frac2 < 0.3 else 3
 
 
-_FIGURE = len(_PALETTE) - 1  # The figure's gray, the palette's last entry.
-
-
 def _figure_and_item(labels):
   """Pixels labeled an item color or the figure's gray: what moves with the scene's
   position."""
@@ -557,3 +598,23 @@ def pose_adherence(image, truth):
   error = float(np.hypot(got[0] - want[0], got[1] - want[1]))
   size = abs(got[2] / want[2] - 1)
   return bool(error <= POSE_TOLERANCE['center'] and size <= POSE_TOLERANCE['size']), error
+
+
+def style_of(image):
+  """Reads the style id (into STYLES) of an image from pixels alone.
+
+  Pixels of the outer ring (`frame_width`) are labeled by nearest palette color as in
+  `color_and_pattern_of`: a frame color holding most of the ring is that style, else
+  'plain' (0). Item, scene and figure pixels (an item at the image's edge, a figure's
+  legs) never read as a frame: its colors are far from all of them.
+
+  Args:
+    image: [H, W, 3] with H == W, uint8 in [0, 255] or float in [-1, 1].
+  """
+  labels = _labels(image)
+  w = frame_width(labels.shape[0])
+  ring = np.ones(labels.shape, bool)
+  ring[w:-w, w:-w] = False
+  votes = np.array([(labels[ring] == _FRAMES + k).sum() for k in range(len(STYLES) - 1)])
+  best = int(votes.argmax())
+  return best + 1 if votes[best] > ring.sum() / 2 else 0

@@ -8,6 +8,7 @@
 * ``lora_bank``: one LoRA per subject, many subjects stacked and fitted at once.
 * ``controlnet``: a ControlNet on condition images (pose maps) beside the frozen UNet.
 * ``ip_adapter``: IP-Adapter's image projection and to_k_ip/to_v_ip (tuning-free).
+* ``lorarar``: LoRA.rar's merger of a content and a style LoRA, trained on a LoRA zoo.
 
 `build(config, rng)` returns the config's `base.Objective`; `spec(name)` says what a run
 of an objective is without building it. The training loop, sampling, evaluation, export
@@ -16,14 +17,15 @@ write a module with a ``SPEC`` (see `base.Spec`, `base.diffusion_objective`) and
 in ``REGISTRY``.
 """
 from hyperlora_jax.objectives import (controlnet, hyperlora, hyperlora_basis, ip_adapter,
-                                      lora_bank, unet_full, unet_lora)
+                                      lora_bank, lorarar, unet_full, unet_lora)
 from hyperlora_jax.objectives.base import (  # noqa: F401  (what the tools use)
-    Models, Objective, Spec, encode_prompts, latent_factor, time_ids, tokenize)
+    LoRAPredictor, Models, Objective, Spec, encode_prompts, latent_factor, predictor,
+    time_ids, tokenize)
 from hyperlora_jax.objectives.conditioning import ADDONS, denoiser, tile  # noqa: F401
 
 REGISTRY = {s.name: s for s in (hyperlora.SPEC, hyperlora_basis.SPEC, unet_lora.SPEC,
                                  unet_full.SPEC, lora_bank.SPEC, controlnet.SPEC,
-                                 ip_adapter.SPEC)}
+                                 ip_adapter.SPEC, lorarar.SPEC)}
 
 
 def spec(name: str) -> Spec:

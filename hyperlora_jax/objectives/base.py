@@ -220,6 +220,27 @@ def time_ids(unet_module, resolution: int) -> dict:
   return pipeline.time_ids(unet_module, (resolution, resolution))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAPredictor:
+  """The base model's UNet output with a LoRA tree (its text-tower layers applied too):
+  ``predictor(tree, inputs, params)``, inputs {'x': noised latents [B, h, w, c], 't' [B],
+  'input_ids': one [B, L] per tower}, params `frozen_base`'s {'unet', 'text'[, 'text2']}.
+  Hashable (a static argument of `merging.ziplora`'s compiled loop); the params are an
+  argument, not constants of the program."""
+  unet: Any
+  text_towers: tuple
+  resolution: int
+
+  def __call__(self, tree, inputs, params):
+    cond = encode_prompts(self.text_towers, params, inputs['input_ids'], tree)
+    return self.unet.apply({'params': params['unet']}, inputs['x'], inputs['t'], lora=tree,
+                           **cond, **time_ids(self.unet, self.resolution))
+
+
+def predictor(models: Models, resolution: int) -> LoRAPredictor:
+  return LoRAPredictor(models.unet, models.text_towers, resolution)
+
+
 def latents(models: Models, vae_params, images, rng):
   """Targets in the space the UNet diffuses: VAE latents, or pixels without a VAE."""
   if models.vae is None:
