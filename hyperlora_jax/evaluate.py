@@ -135,7 +135,7 @@ def check_mode(config, mode: str) -> None:
                      f'with config.model.ip_adapter; this is a {spec.name} run without.')
   if kind in LORA_KINDS and kind != spec.lora_kind:
     having = [s.name for s in objectives.REGISTRY.values() if s.lora_kind == kind]
-    raise ValueError(f'Mode {mode!r} needs a {" or ".join(having)} run; '
+    raise ValueError(f'Mode {mode!r} needs a run with a {kind} LoRA ({", ".join(having)}); '
                      f'this is a {spec.name} run.')
   if (prompt == 'full' or contexts == 'robust') and config.data.name != 'synthetic':
     raise ValueError(f'Mode {mode!r} needs the synthetic task (full prompts, the '

@@ -154,13 +154,14 @@ def test_modes(runs):
   config = runs_lib.restore(runs['lora']).config
   assert evaluate.default_modes(config) == ('single_lora', 'no_lora', 'oracle')
   # (a lora_bank run's per-subject LoRAs are sampled in the hyperlora mode too)
-  with pytest.raises(ValueError, match="'hyperlora' needs a hyperlora or lora_bank run; "
-                     'this is a unet_lora run'):
+  with pytest.raises(ValueError, match=r"'hyperlora' needs a run with a predicted LoRA "
+                     r"\(hyperlora, .*lora_bank.*\); this is a unet_lora run"):
     evaluate.check_mode(config, 'hyperlora')
   with pytest.raises(ValueError, match="Unknown mode 'lora'"):
     evaluate.compare({'x': (runs['lora'], 'lora')}, '/unused')
   evaluate.check_mode(config, 'single_lora_edit')
-  with pytest.raises(ValueError, match="'hyperlora_edit' needs a hyperlora or lora_bank run"):
+  with pytest.raises(ValueError,
+                     match=r"'hyperlora_edit' needs a run with a predicted LoRA \(hyperlora, "):
     evaluate.check_mode(config, 'hyperlora_edit')
   folders = config.copy_and_resolve_references()
   folders.data.name = 'single'
