@@ -76,12 +76,19 @@ def seeded(name, seed):
   return name if seed == 0 else f'{name}_seed{seed}'
 
 
+def base_stage(s, make=stage):
+  """The stage that trains the base model from scratch (unet_full on the full prompts),
+  with the size's prediction type; `make` is the config's own stage builder."""
+  c = make('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
+  c.model.scheduler.prediction_type = s['prediction']
+  return c
+
+
 def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
-  c.stages.base.model.scheduler.prediction_type = s['prediction']
+  c.stages.base = base_stage(s)
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
   runs, order = {}, ['base']
 

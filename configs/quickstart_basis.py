@@ -67,8 +67,7 @@ def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = quickstart.stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
-  c.stages.base.model.scheduler.prediction_type = s['prediction']
+  c.stages.base = quickstart.base_stage(s)
   order, runs = ['base'], {'one_stage': [], 'three_stages': []}
   for seed in s['seeds']:
     name = lambda n: quickstart.seeded(n, seed)

@@ -82,8 +82,7 @@ def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
-  c.stages.base.model.scheduler.prediction_type = s['prediction']
+  c.stages.base = quickstart.base_stage(s, _stage)
   targets = _stage('lora_bank', s, s['targets_steps'], 'static', pretrained='stage:base',
                    prompt_dropout=0.0)
   targets.bank.update(param=dict(kind='lidb', rank=1, a=s['a'], b=s['b'], seed=0),

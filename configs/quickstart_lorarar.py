@@ -69,8 +69,7 @@ def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
-  c.stages.base.model.scheduler.prediction_type = s['prediction']
+  c.stages.base = quickstart.base_stage(s, _stage)
   c.stages.content = _zoo(s, 'content', 'train')
   c.stages.content_test = _zoo(s, 'content', 'test')
   c.stages.style = _zoo(s, 'style', 'train')

@@ -66,8 +66,7 @@ def get_config(size='cpu'):
   s = SIZES[size]
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = _stage('unet_full', s, s['base'], 'full', prompt_dropout=0.1)
-  c.stages.base.model.scheduler.prediction_type = s['prediction']
+  c.stages.base = quickstart.base_stage(s, _stage)
   control = _stage('controlnet', s, s['control'], 'full', pretrained='stage:base',
                    prompt_dropout=0.1)
   control.optim.lr = s['part_lr']
