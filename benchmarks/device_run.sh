@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU runbook's driver (benchmarks/README.md). Device calls end at 10 minutes and the
-# rows of a set take longer, so `start` launches one detached job that runs the set's
-# benchmark processes back to back, and every call (`start` too) waits up to SECONDS and
-# brings back what is done as $OUT/results.tgz. The job runs a copy of the tree in
+# rows of a set (or a quickstart config's stages) take longer, so `start` launches one
+# detached job that runs the set's processes back to back, and every call (`start` too)
+# waits up to SECONDS and brings back what is done as $OUT/results.tgz (a quickstart's
+# report folder, not its checkpoints). The job runs a copy of the tree in
 # $BENCH_JOB: each device call copies the working tree again, and a job importing the
 # package from it can break mid-run.
 #
-#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue20, issue23 and/or
+#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue18/20/23 and/or
 #                                                       # process names, comma-separated
 #   bash benchmarks/device_run.sh collect [SECONDS]     # every later call (default 500)
 #
@@ -23,7 +24,8 @@ F=--xla_flags=--xla_gpu_enable_triton_gemm=false  # cuBLAS GEMMs: same speed, fa
 # set|name|script and flags: one process each, in the order they run. A process holds
 # the rows that are compared with each other (ratios only within one process). New rows
 # first: the b16 LoRA and sampling rows re-measure what issue 20 already has.
-ALL="issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F
+ALL="issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
+issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F
 issue20|latency|benchmarks/gpu_benchmark.py --only=latency,latency_parts $F
 issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_sizes=16 $F
 issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora $F
@@ -52,10 +54,16 @@ job() {  # the detached job: every process of the set not yet done
     case $cmd in
       *gpu_benchmark.py*) extra=(--json="$JOB/results/$name.json"
                                  --out="$JOB/results/$name.md") ;;
+      *hyperlora_jax.main*) extra=(--workdir="$JOB/work/$name"  # kept across calls
+                                   --compilation_cache="$JOB/cache") ;;
     esac
     # shellcheck disable=SC2086  # cmd and FLAGS are word lists
     $PY $cmd $FLAGS "${extra[@]}" > "$JOB/results/$name.log" 2>&1
     rc=$?
+    # A quickstart's report comes back, not its checkpoints.
+    if [ -d "$JOB/work/$name/report" ]; then
+      rm -rf "$JOB/results/$name" && cp -r "$JOB/work/$name/report" "$JOB/results/$name"
+    fi
     echo "$rc" > "$JOB/results/$name.rc"
     echo "$(date +%T) $name: exit $rc"
   done < "$JOB/commands"
@@ -81,7 +89,7 @@ start() {
       --target /tmp/site "$WHEELS"/*.whl || return 1
   fi
   rm -rf "$JOB/tree" && mkdir -p "$JOB/tree" || return 1
-  cp -r hyperlora_jax benchmarks pyproject.toml "$JOB/tree/" || return 1
+  cp -r hyperlora_jax benchmarks configs pyproject.toml "$JOB/tree/" || return 1
   BENCH_JOB=$JOB BENCH_PYTHON=$PY BENCH_FLAGS=$FLAGS setsid \
     bash "$JOB/tree/benchmarks/device_run.sh" _job >> "$JOB/log" 2>&1 < /dev/null &
   echo $! > "$JOB/pid"
@@ -95,7 +103,7 @@ collect() {  # waits up to $1 s for the job, then brings back everything it wrot
   for log in "$JOB"/results/*.log; do
     [ -e "$log" ] || continue
     echo "--- $(basename "$log"): last lines"
-    grep -E '^\[ *[0-9.]+ s\]|^\| |Error|Traceback' "$log" | tail -6
+    grep -E '^\[ *[0-9.]+ s\]|^\| |Stage [0-9]|step [0-9]+/|Error|Traceback' "$log" | tail -6
   done
   if [ -e "$JOB/finished" ]; then echo 'JOB FINISHED'
   elif running; then echo 'JOB RUNNING: collect again'

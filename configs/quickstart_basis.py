@@ -33,10 +33,17 @@ SIZES = {
     'cpu': dict(quickstart.SIZES['cpu'], base=500, stages=(80, 160, 80), width=64, depth=2,
                 heads=4, bases=16, ranks=(4, 2), seeds=(0,), eval_examples=96,
                 eval_steps=16),
-    # gpu: the quickstart's 64 px base model; ByteDance's ranks (ID 8, Base 4) and depth 4.
-    'gpu': dict(quickstart.SIZES['gpu'], stages=(1000, 2000, 1000), width=256, depth=4,
-                heads=8, bases=64, ranks=(8, 4), seeds=(0, 1, 2), eval_examples=200,
-                eval_steps=25),
+    # gpu: ByteDance's ranks (ID 8, Base 4), resamplers 256 wide and 4 deep, three seeds,
+    # 200 held-out items, at 32 px (the item 11 px wide, as the scorer reads it exactly)
+    # with 6x the cpu size's stage steps: ~10 min on one H200, so it fits one session's
+    # device time beside other work. gpu64: the quickstart's 64 px base model and twice
+    # the steps (~45 min; not run yet).
+    'gpu': dict(quickstart.SIZES['gpu'], resolution=32, batch=64, stages=(500, 1000, 500),
+                width=256, depth=4, heads=8, bases=64, ranks=(8, 4), seeds=(0, 1, 2),
+                eval_examples=200, eval_steps=25),
+    'gpu64': dict(quickstart.SIZES['gpu'], stages=(1000, 2000, 1000), width=256, depth=4,
+                  heads=8, bases=64, ranks=(8, 4), seeds=(0, 1, 2), eval_examples=200,
+                  eval_steps=25),
     'smoke': dict(quickstart.SIZES['smoke'], stages=(2, 2, 2), width=16, depth=1, heads=2,
                   bases=4, ranks=(2, 1), seeds=(0,), eval_examples=2, eval_steps=2),
 }

@@ -318,6 +318,11 @@ for a in sys.argv[1:]:
   if a.startswith('--json='):
     with open(a[len('--json='):], 'w') as f:
       json.dump({'rows': [], 'notes': [sys.argv[1]]}, f)
+  if a.startswith('--workdir='):  # a quickstart: its report and a checkpoint
+    for folder in ('report', 'base'):
+      os.makedirs(os.path.join(a[len('--workdir='):], folder))
+    with open(os.path.join(a[len('--workdir='):], 'report', 'results.md'), 'w') as f:
+      f.write('| row |')
 sys.exit(3 if 'sdxl_parity' in sys.argv[1] else 0)
 '''
 
@@ -356,6 +361,18 @@ def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_pat
 
   assert run('start', 'issue20', '60').returncode == 0
   assert len(calls.read_text().splitlines()) == 4  # all done on this machine already
+
+  # A quickstart config: its workdir and compilation cache stay on the machine (a later
+  # start resumes the stages); only its report comes back.
+  assert run('start', 'basis_gpu', '60').returncode == 0
+  job = tmp_path / 'job'
+  assert calls.read_text().splitlines()[-1] == (
+      f'-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu --tiny '
+      f'--workdir={job}/work/basis_gpu --compilation_cache={job}/cache')
+  assert (job / 'tree' / 'configs' / 'quickstart_basis.py').exists()
+  subprocess.run(['tar', 'xzf', str(out / 'results.tgz'), '-C', str(out)], check=True)
+  assert (out / 'results' / 'basis_gpu' / 'results.md').read_text() == '| row |'
+  assert not (out / 'results' / 'basis_gpu' / 'base').exists()
   result = run('start', 'issue_twenty')
   assert result.returncode == 2 and 'sdxl_parity' in result.stderr, result
 
