@@ -47,6 +47,12 @@ SIZES = {
     'smoke': dict(quickstart.SIZES['smoke'], stages=(2, 2, 2), width=16, depth=1, heads=2,
                   bases=4, ranks=(2, 1), seeds=(0,), eval_examples=2, eval_steps=2),
 }
+# cpu_sweep: why one stage overtakes the three at 6x the steps on the GPU (RESULTS.md): 3x
+# the cpu steps, and the three stages once more without the two distillation conditions
+# (every sample reconstructs with the trigger), so the ID-LoRA sees the target as often
+# as the one stage does.
+SIZES['cpu_sweep'] = dict(SIZES['cpu'], stages=(240, 480, 240),
+                          conditions=((0.5, 0.25, 0.25), (1.0, 0.0, 0.0)))
 SET_SIZE = 4
 ID, BASE = {'id': 1.0, 'base': 0.0}, {'id': 0.0, 'base': 1.0}
 
@@ -75,24 +81,34 @@ def get_config(size='cpu'):
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
   c.stages.base = quickstart.base_stage(s)
-  order, runs = ['base'], {'one_stage': [], 'three_stages': []}
+  # Three-stage chains: the default conditions' and a sweep's others (stage 1 has none).
+  chains = {'three_stages': ''} | {
+      f'three_stages_c{round(100 * mix[0])}': f'_c{round(100 * mix[0])}'
+      for mix in s.get('conditions', ())[1:]}
+  order, runs = ['base'], {'one_stage': [], **{chain: [] for chain in chains}}
   for seed in s['seeds']:
     name = lambda n: quickstart.seeded(n, seed)
-    previous = None
-    for stage, steps in zip(('base', 'id_clip', 'id_embed'), s['stages']):
-      c.stages[name(f'basis_{stage}')] = config = _basis(s, steps, seed, stage)
-      if previous:
+    c.stages[name('basis_base')] = _basis(s, s['stages'][0], seed, 'base')
+    order.append(name('basis_base'))
+    for (chain, suffix), mix in zip(chains.items(), s.get('conditions', ((),))):
+      previous = name('basis_base')
+      for stage, steps in zip(('id_clip', 'id_embed'), s['stages'][1:]):
+        c.stages[name(f'basis_{stage}{suffix}')] = config = _basis(s, steps, seed, stage)
         config.model.init_from = f'stage:{previous}'
-      previous = name(f'basis_{stage}')
-      order.append(previous)
-    runs['three_stages'].append(previous)
+        if mix:
+          config.basis.conditions = mix
+        previous = name(f'basis_{stage}{suffix}')
+        order.append(previous)
+      runs[chain].append(previous)
     c.stages[name('one_stage')] = _basis(s, sum(s['stages']), seed, 'joint')
     c.stages[name('one_stage')].basis.region.mode = 'none'
     order.append(name('one_stage'))
     runs['one_stage'].append(name('one_stage'))
   c.stage_order = tuple(order)
   rows = [('no LoRA (S* prompt)', 'three_stages', 'no_lora', {})]
-  for run, label in (('one_stage', 'one stage'), ('three_stages', 'three stages')):
+  labels = {'one_stage': 'one stage', 'three_stages': 'three stages'} | {
+      chain: 'three stages, no distillation conditions' for chain in list(chains)[1:]}
+  for run, label in labels.items():
     rows += [(f'{label}: ID + Base', run, 'hyperlora', {}),
              (f'{label}: Base alone', run, 'hyperlora', {'lora_scale': BASE}),
              (f'{label}: ID alone', run, 'hyperlora', {'lora_scale': ID}),
@@ -100,7 +116,7 @@ def get_config(size='cpu'):
              (f'{label}: 1 context image', run, 'hyperlora', {'context_images': 1})]
   rows.append(('oracle (full prompt)', 'three_stages', 'oracle', {}))
   rows.append(('no LoRA, other scene', 'three_stages', 'no_lora_edit', {}))
-  for run, label in (('one_stage', 'one stage'), ('three_stages', 'three stages')):
+  for run, label in labels.items():
     rows += [(f'{label}, other scene', run, 'hyperlora_edit', {}),
              (f'{label}, other scene, no trigger', run, 'hyperlora_edit', {'trigger': False})]
   rows.append(('oracle, other scene', 'three_stages', 'oracle_edit', {}))
