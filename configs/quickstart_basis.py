@@ -94,7 +94,7 @@ def get_config(size='cpu'):
       previous = name('basis_base')
       for stage, steps in zip(('id_clip', 'id_embed'), s['stages'][1:]):
         c.stages[name(f'basis_{stage}{suffix}')] = config = _basis(s, steps, seed, stage)
-        config.model.init_from = f'stage:{previous}'
+        config.train.init_from = f'stage:{previous}'
         if mix:
           config.basis.conditions = mix
         previous = name(f'basis_{stage}{suffix}')

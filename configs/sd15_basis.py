@@ -15,7 +15,7 @@ it: `data.builders`):
 or one stage (base | id_clip | id_embed | joint) as one run, e.g. stage 2 from stage 1:
 
   python -m hyperlora_jax.main --config=configs/sd15_basis.py:id_clip \\
-    --config.model.init_from=/runs/stage1 ... --workdir=/runs/stage2
+    --config.train.init_from=/runs/stage1 ... --workdir=/runs/stage2
 """
 import ml_collections
 
@@ -64,7 +64,7 @@ def get_config(arg: str = 'stages', make=basis_config):
     s.hypernet.encoder.pretrained = c.get_ref('clip')
     s.data.source_dir = c.get_ref('source_dir')
     if i:
-      s.model.init_from = f'stage:basis_{STAGES[i - 1]}'
+      s.train.init_from = f'stage:basis_{STAGES[i - 1]}'
     c.stages[f'basis_{stage}'] = s
   c.stage_order = tuple(f'basis_{s}' for s in STAGES)
   return c

@@ -75,10 +75,6 @@ config.model
                   'text_attn', 'text_mlp' of the text towers) ('cross_attn')
   prompt_dropout  probability of training on the empty prompt, for guidance (0.1)
   min_snr_gamma   min-SNR loss weighting (None = off)
-  init_from       a finished run whose trained hypernetwork params start this one's
-                  (matching params; 'stage:<name>' in a stages config), e.g. stage 2 of
-                  `hyperlora_basis` from stage 1 ('': none)
-  init_step       that run's step (-1: its newest; a stages config records it)
   controlnet      folder: a diffusers controlnet/ folder (or 'stage:<name>', a
                   controlnet stage's export) run frozen beside the UNet on each sample's
                   'condition' image, in training and sampling ('' = none); scale: the
@@ -203,9 +199,14 @@ config.train
                     params when it is on
   compute_dtype     activation dtype the objective builds its models with
                     ('bfloat16'); params stay float32 (master weights)
-  init_from         a run's workdir (or 'stage:<name>') whose newest trainable params
-                    start this run, e.g. a second stage that continues the first with
-                    other prompts; read only when this run starts ('' = none)
+  init_from         a finished run's workdir (or 'stage:<name>') whose params start this
+                    run, read only when it starts ('' = none): its trainable params,
+                    which must be this run's exactly (e.g. a second stage that continues
+                    the first with other prompts); or, for an objective that starts
+                    itself (`Spec.starts_itself`: `hyperlora_basis`' stages, which train
+                    different parts), every param of its that this run has, frozen too
+  init_step         that run's step (-1: its newest; a stages config records the one
+                    it started from)
 
 config.optim      AdamW: lr (1e-4), b1 (0.9), b2 (0.999), eps (1e-8), weight_decay
                   (0.01, only on params with ndim >= 2: biases, norms and gamma are not
@@ -285,7 +286,7 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
   c.model = dict(pretrained='', unet=tiny_unet(), text=tiny_text(), max_length=40,
                  scheduler=dict(prediction_type='epsilon'), targets='cross_attn',
                  prompt_dropout=0.1, min_snr_gamma=ml_collections.config_dict.placeholder(float),
-                 init_from='', init_step=-1, controlnet=dict(folder='', scale=1.0),
+                 controlnet=dict(folder='', scale=1.0),
                  ip_adapter=dict(weights='', image_encoder='', scale=1.0))
   c.lora = dict(rank=4, alpha=4.0)
   c.basis = dict(stage='joint', trigger='', conditions=(0.5, 0.25, 0.25), encoders='separate',
@@ -311,7 +312,7 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
                  eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
                  nan_policy='stop', remat='none',
                  ema_decay=ml_collections.config_dict.placeholder(float),
-                 compute_dtype='bfloat16', init_from='')
+                 compute_dtype='bfloat16', init_from='', init_step=-1)
   c.optim = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, warmup_steps=0,
                  schedule='cosine', grad_clip_norm=1.0)
   c.mesh = dict(data=-1, fsdp=1, shard_min_size=2**18, rules=())
@@ -319,12 +320,25 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
   return c
 
 
+# Keys that moved, old -> new: a run saved before the move restores with its value there.
+RENAMED = {'model.init_from': 'train.init_from', 'model.init_step': 'train.init_step'}
+
+
 def fill(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds every key of `get_config` that `config` lacks, at any depth; returns config.
 
   Keys the config has are kept, values and types alike; a section the config sets to
-  something other than a dict (e.g. a model's own config dict) is not entered.
+  something other than a dict (e.g. a model's own config dict) is not entered. A key
+  of `RENAMED` (a saved run's) moves to its new place first.
   """
+  with config.unlocked():
+    for old, new in RENAMED.items():
+      (old_section, old_key), (new_section, new_key) = (k.split('.') for k in (old, new))
+      if old_key in (config.get(old_section) or {}):
+        if new_section not in config:
+          config[new_section] = ml_collections.ConfigDict()
+        config[new_section][new_key] = config[old_section][old_key]
+        del config[old_section][old_key]
   def merge(target, defaults):
     for key in defaults.keys():
       if key not in target:

@@ -9,19 +9,18 @@ model trained here is loaded exactly like a downloaded SD folder. A stage whose 
 trains an add-on (`Spec.part`: ``controlnet``, ``ip_adapter``) exports it to
 <workdir>/<name>/<part>, which ``model.controlnet.folder`` / ``model.ip_adapter.weights``
 and ``.image_encoder`` name as 'stage:<name>'. ``train.init_from = 'stage:<name>'``
-starts a stage from another's trained params (a prompt schedule's second stage);
-``model.init_from = 'stage:<name>'`` from the matching params of another stage's
-hypernetwork (the recipe of `objectives.hyperlora_basis`), recorded with that stage's
-step; ``hypernet.loss.targets = 'stage:<name>'`` points at a finished per-subject stage's
-target weights (a lora_bank pre-optimization). An optional ``report`` section then
-evaluates the stages on held-out data, by ``report.kind`` (`REPORTS`): 'compare' (the
-default: the quickstart's rows, or ``report.rows``, `evaluate.compare`), 'grouped' (those
-rows in each of ``report.groups`` of add-ons: the recontextualization paper's Table 1,
-without and with pose guidance) or 'personalization' (HyperDreamBooth's Table 3: each
-row's personal models of held-out subjects, a run's prediction, fast fine-tuning of it
-or from zero, their fidelity and editability, steps and time) or 'merging' (LoRA.rar's
-table: held-out content-style pairs merged by each method, their content and style
-accuracy and merge time per pair).
+starts a stage from another's params (a prompt schedule's second stage; the stages of
+`objectives.hyperlora_basis`' recipe), recorded with that stage's step (as
+``train.init_step``); ``hypernet.loss.targets = 'stage:<name>'`` points at a finished
+per-subject stage's target weights (a lora_bank pre-optimization). An optional
+``report`` section then evaluates the stages on held-out data, by ``report.kind``
+(`REPORTS`): 'compare' (the default: the quickstart's rows, or ``report.rows``,
+`evaluate.compare`), 'grouped' (those rows in each of ``report.groups`` of add-ons: the
+recontextualization paper's Table 1, without and with pose guidance) or
+'personalization' (HyperDreamBooth's Table 3: each row's personal models of held-out
+subjects, a run's prediction, fast fine-tuning of it or from zero, their fidelity and
+editability, steps and time) or 'merging' (LoRA.rar's table: held-out content-style
+pairs merged by each method, their content and style accuracy and merge time per pair).
 
 Nothing stale is built on: a pre-empted stage stops the whole run (`train.Preempted`
 reaches the caller; the next launch resumes it). An export records the step it was made
@@ -67,12 +66,11 @@ EXPORT_RECORD = 'pipeline_export.json'  # Beside pipeline/: the step it was made
 BASE_RECORD = 'base_export.json'  # In a stage folder: the export it trained on.
 INIT_RECORD = 'init_from.json'  # In a stage folder: the stage and step it started from.
 DEPENDS_RECORD = 'depends.json'  # In a stage folder: the other stages' outputs it used.
-# Config keys that may name another stage's output as 'stage:<name>': the path under
-# that stage's folder they mean ('' the folder itself: a training run).
+# Config keys that may name another stage's exported add-on as 'stage:<name>': the path
+# under that stage's folder they mean.
 STAGE_KEYS = {'model.controlnet.folder': 'controlnet',
               'model.ip_adapter.weights': 'ip_adapter/ip-adapter.safetensors',
-              'model.ip_adapter.image_encoder': 'ip_adapter/image_encoder',
-              'train.init_from': ''}
+              'model.ip_adapter.image_encoder': 'ip_adapter/image_encoder'}
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
@@ -140,20 +138,20 @@ def export_part(workdir: str, part: str) -> str:
 
 
 def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
-  """'stage:<name>' in model.pretrained (its pipeline folder), model.init_from (its
-  workdir, with the step it had), hypernet.loss.targets and merger.content / .style (its
-  workdir) and `STAGE_KEYS` -> paths under `workdir`; a stage is retrained when what it
-  was trained on changed (`_depends_on`)."""
+  """'stage:<name>' in model.pretrained (its pipeline folder), train.init_from (its
+  workdir, with the step it had: train.init_step), hypernet.loss.targets and
+  merger.content / .style (its workdir) and `STAGE_KEYS` -> paths under `workdir`; a
+  stage is retrained when what it was trained on changed (`_depends_on`)."""
   with stage.unlocked():
     pretrained = stage.model.get('pretrained') or ''
     if pretrained.startswith('stage:'):
       stage.model.pretrained = os.path.join(workdir, pretrained[len('stage:'):], PIPELINE)
       _trained_on(stage_dir, stage.model.pretrained)
-    init_from = stage.model.get('init_from') or ''
+    init_from = stage.train.get('init_from') or ''
     if init_from.startswith('stage:'):
       source = os.path.join(workdir, init_from[len('stage:'):])
-      stage.model.init_from = source
-      stage.model.init_step = _initialized_from(stage_dir, source)
+      stage.train.init_from = source
+      stage.train.init_step = _initialized_from(stage_dir, source)
     # Per-subject stages' folders: a hypernetwork's target weights, a merger's LoRA zoo.
     for section, key in (('hypernet.loss', 'targets'), ('merger', 'content'),
                          ('merger', 'style')):
@@ -165,7 +163,7 @@ def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
         parent[key] = os.path.join(workdir, value[len('stage:'):])
   depends = _resolve_stage_keys(stage, workdir)
   if depends:
-    _depends_on(stage_dir, DEPENDS_RECORD, depends, 'add-on or run')
+    _depends_on(stage_dir, DEPENDS_RECORD, depends, 'add-on')
 
 
 def _trained_on(stage_dir: str, base_folder: str) -> None:
@@ -176,11 +174,11 @@ def _trained_on(stage_dir: str, base_folder: str) -> None:
 
 
 def _initialized_from(stage_dir: str, source_dir: str) -> int:
-  """The newest step of the finished stage `source_dir` that a stage (model.init_from)
+  """The newest step of the finished stage `source_dir` that a stage (train.init_from)
   starts from; a stage that started from another step is retrained (`_depends_on`)."""
   step = checkpoint.newest_intact_step(os.path.join(source_dir, 'checkpoints'))
   if step is None:
-    raise ValueError(f'{stage_dir} starts from {source_dir} (model.init_from), which has '
+    raise ValueError(f'{stage_dir} starts from {source_dir} (train.init_from), which has '
                      'no checkpoint: list that stage before it in stage_order.')
   _depends_on(stage_dir, INIT_RECORD, {'stage': source_dir, 'step': step},
               'initial params')
@@ -189,8 +187,8 @@ def _initialized_from(stage_dir: str, source_dir: str) -> int:
 
 def _resolve_stage_keys(stage, workdir: str) -> Optional[dict]:
   """Replaces 'stage:<name>' in `STAGE_KEYS` by paths under `workdir`; returns what the
-  stage depends on through them ({key: the source's export record, or its newest step
-  for a run}), None when nothing."""
+  stage depends on through them ({key: the source's export record}), None when
+  nothing."""
   depends = {}
   for key, sub in STAGE_KEYS.items():
     *parents, leaf = key.split('.')
@@ -202,10 +200,8 @@ def _resolve_stage_keys(stage, workdir: str) -> Optional[dict]:
       continue
     source = os.path.join(workdir, value[len('stage:'):])
     with stage.unlocked():
-      section[leaf] = os.path.join(source, sub) if sub else source
-    part = sub.split('/')[0]
-    depends[key] = (_read_record(os.path.join(source, f'{part}_export.json')) if part else
-                    {'step': checkpoint.newest_intact_step(os.path.join(source, 'checkpoints'))})
+      section[leaf] = os.path.join(source, sub)
+    depends[key] = _read_record(os.path.join(source, f'{sub.split("/")[0]}_export.json'))
   return depends or None
 
 

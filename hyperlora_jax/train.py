@@ -152,9 +152,10 @@ def check_resume(saved: Mapping, config: Mapping, step: int, directory,
     logging.warning('Resuming with config changes: %s', '; '.join(changes))
 
 
-def _init_from(workdir: str, params):
-  """The trainable params of another run's newest intact checkpoint (its EMA where it
-  kept one), in the shapes and shardings of `params`: a run that continues another."""
+def _init_from(workdir: str, params, step: int = -1):
+  """The trainable params of another run's checkpoint at `step` (-1: its newest intact
+  one; its EMA where it kept one), in the shapes and shardings of `params`: a run that
+  continues another."""
   directory = epath.Path(workdir) / 'checkpoints'
   if not directory.exists():
     raise FileNotFoundError(f'train.init_from={workdir}: no training run there (no '
@@ -163,7 +164,8 @@ def _init_from(workdir: str, params):
                           params)
   # Orbax's partial restore would fill what the checkpoint lacks without a word: check
   # every path and shape against its metadata first.
-  step = checkpoint.newest_intact_step(directory)  # None: restore_params says why
+  if step < 0:
+    step = checkpoint.newest_intact_step(directory)  # None: restore_params says why
   saved = checkpoint.param_shapes(directory, step) if step is not None else {}
   wanted = {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -456,8 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state_shapes, state_shardings))
   if restored is None:
     params = sharding.place(objective.trainable, state_shardings['params'])
-    if config.train.init_from:
-      params = _init_from(config.train.init_from, params)
+    if config.train.init_from and not objective.spec.starts_itself:
+      params = _init_from(config.train.init_from, params, config.train.init_step)
     state = jax.jit(init, out_shardings=state_shardings)(params)
   else:
     _, state, data_state, _ = restored

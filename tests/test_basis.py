@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -13,7 +14,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from configs import quickstart_basis, sd15_basis, tiny_test
-from hyperlora_jax import defaults, evaluate, objectives, runs, slider, train
+from hyperlora_jax import defaults, evaluate, objectives, runs, slider, stages, train
 from hyperlora_jax.data import pipeline as data_pipeline
 from hyperlora_jax.data import subjects, synthetic
 from hyperlora_jax.models import id_base
@@ -50,7 +51,7 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp('basis')
   _train(_config('base'), str(root / 'base'))
   stage2 = _config('id_clip')
-  stage2.model.init_from = str(root / 'base')
+  stage2.train.init_from = str(root / 'base')
   _train(stage2, str(root / 'id_clip'))
   return {'root': root, 'base': runs.restore(str(root / 'base')),
           'id_clip': runs.restore(str(root / 'id_clip'))}
@@ -209,9 +210,38 @@ def test_stages_train_their_branch_and_start_from_the_last(trained):
   # Another architecture is refused, naming the key that differs.
   other = _config('id_clip')
   other.hypernet.param.num_id = 8
-  other.model.init_from = str(trained['root'] / 'base')
+  other.train.init_from = str(trained['root'] / 'base')
   with pytest.raises(ValueError, match='hypernet.param.num_id: 4 there, 8 here'):
     objectives.build(other, jax.random.key(0))
+
+
+def test_a_stage_records_the_step_it_starts_from(trained, tmp_path):
+  """stages: train.init_from='stage:<name>' becomes that run's folder and its newest step
+  (train.init_step, recorded); a stage that started from another step is moved aside."""
+  config = _config('id_clip')
+  config.train.init_from = 'stage:base'
+  stage_dir = tmp_path / 'id_clip'
+  stages._resolve_stages(config, str(trained['root']), str(stage_dir))  # pylint: disable=protected-access
+  assert config.train.init_from == str(trained['root'] / 'base')
+  assert config.train.init_step == 2
+  record = json.loads((stage_dir / stages.INIT_RECORD).read_text())
+  assert record == {'stage': str(trained['root'] / 'base'), 'step': 2}
+  (stage_dir / stages.INIT_RECORD).write_text(json.dumps(dict(record, step=1)))
+  config.train.init_from = 'stage:base'
+  stages._resolve_stages(config, str(trained['root']), str(stage_dir))  # pylint: disable=protected-access
+  assert (tmp_path / 'id_clip.stale-0' / stages.INIT_RECORD).exists()
+  assert json.loads((stage_dir / stages.INIT_RECORD).read_text()) == record
+
+
+def test_a_run_saved_with_the_old_init_key_restores_with_its_stage():
+  """defaults.RENAMED: a config saved when the key was model.init_from starts from the
+  same run (its frozen Base branch would otherwise be rebuilt at random)."""
+  saved = _config('id_clip').to_dict()
+  del saved['train']['init_from'], saved['train']['init_step']
+  saved['model'].update(init_from='/runs/stage1', init_step=7)
+  config = defaults.fill(ml_collections.ConfigDict(saved))
+  assert (config.train.init_from, config.train.init_step) == ('/runs/stage1', 7)
+  assert 'init_from' not in config.model
 
 
 def test_three_conditions_reach_only_the_id_branch():
@@ -268,4 +298,4 @@ def test_stage_configs_chain_their_stages(make):
   chain = [n for n in c.stage_order if n.startswith('basis_')]
   assert [c.stages[n].basis.stage for n in chain] == ['base', 'id_clip', 'id_embed']
   for previous, name in zip(chain, chain[1:]):
-    assert c.stages[name].model.init_from == f'stage:{previous}'
+    assert c.stages[name].train.init_from == f'stage:{previous}'

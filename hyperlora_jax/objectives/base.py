@@ -44,6 +44,10 @@ class Spec:
   part: the add-on it trains ('controlnet', 'ip_adapter': `conditioning.ADDONS`), which
     a stage exports (`Objective.export_part`) for later stages' ``model.<part>``.
   unet_inputs: the batch keys its own extra UNet inputs come from, e.g. ('condition',).
+  starts_itself: its ``build`` reads ``train.init_from`` (the run, ``train.init_step``
+    its step) and takes the params it matches, the frozen ones too, e.g. a later stage
+    of a recipe whose stages train different parts; else the trainer starts the run
+    from that run's trainable params, which must be this run's exactly.
   """
   name: str
   build: Callable[..., 'Objective']
@@ -54,6 +58,7 @@ class Spec:
   per_subject: bool = False
   part: str = ''
   unet_inputs: tuple = ()
+  starts_itself: bool = False
 
 
 class Models(NamedTuple):

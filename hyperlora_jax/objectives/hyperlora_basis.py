@@ -3,7 +3,7 @@ split mean something (Li et al. 2025; their code publishes inference only).
 
 The network (`models.id_base`) predicts an ID-LoRA and a Base-LoRA from a subject's set
 of context images. ``config.basis.stage`` says what a run trains (`TRAINABLE`, over
-the hypernetwork's param paths; ``model.init_from`` starts it from an earlier stage):
+the hypernetwork's param paths; ``train.init_from`` starts it from an earlier stage):
 
   'base'      stage 1, the Base-LoRA: its branch sees the contexts with their identity
               region hidden (blurred; filled on the synthetic task), the ID branch is
@@ -104,7 +104,7 @@ def _check_architecture(config, other, where: str) -> None:
   differ = [f'{k}: {theirs.get(k)} there, {mine.get(k)} here' for k in keys
             if mine.get(k) != theirs.get(k)]
   if differ:
-    raise ValueError(f'model.init_from={where} trained another hypernetwork:\n  '
+    raise ValueError(f'train.init_from={where} trained another hypernetwork:\n  '
                      + '\n  '.join(differ))
 
 
@@ -113,17 +113,17 @@ def _run_params(config, workdir: str, step: int, shapes: dict) -> dict:
   trained (its checkpoint), over those it started from (its own init_from, again)."""
   directory = epath.Path(workdir) / 'checkpoints'
   if not directory.exists():
-    raise FileNotFoundError(f'model.init_from={workdir}: no training run there (no '
+    raise FileNotFoundError(f'train.init_from={workdir}: no training run there (no '
                             'checkpoints/).')
   step, saved = checkpoint.restore_config(directory, None if step < 0 else step)
   saved = defaults.fill(ml_collections.ConfigDict(saved))
   if saved.objective != SPEC.name:
-    raise ValueError(f'model.init_from={workdir} is a {saved.objective} run, not a '
+    raise ValueError(f'train.init_from={workdir} is a {saved.objective} run, not a '
                      f'{SPEC.name} one.')
   _check_architecture(config, saved, workdir)
   flat = {}
-  if saved.model.init_from:
-    flat.update(_run_params(config, saved.model.init_from, saved.model.init_step, shapes))
+  if saved.train.init_from:
+    flat.update(_run_params(config, saved.train.init_from, saved.train.init_step, shapes))
   repl = sharding.replicated(sharding.make_mesh(-1, 1))
   abstract = {p: jax.ShapeDtypeStruct(shapes[p], np.float32, sharding=repl)
               for p in _trained(saved, shapes)}
@@ -175,9 +175,9 @@ def build(config, rng) -> Objective:
   if tower is not None:
     for name in ('encoder', 'base_encoder')[:2 if basis.encoders == 'separate' else 1]:
       params.update(traverse_util.flatten_dict({name: {'tower': tower}}, sep='/'))
-  if config.model.init_from:
+  if config.train.init_from:
     shapes = {p: np.shape(v) for p, v in params.items()}
-    loaded = _run_params(config, config.model.init_from, config.model.init_step, shapes)
+    loaded = _run_params(config, config.train.init_from, config.train.init_step, shapes)
     params.update({p: jnp.asarray(v) for p, v in loaded.items()})
   trained = set(_trained(config, params))
   if not trained:
@@ -284,4 +284,4 @@ def build(config, rng) -> Objective:
 
 
 SPEC = Spec('hyperlora_basis', build, lora_kind='predicted', lora_inputs=subjects.LORA_INPUTS,
-            lora_parts=id_base.PARTS)
+            lora_parts=id_base.PARTS, starts_itself=True)
