@@ -212,12 +212,7 @@ def run(args):
 def main(argv=None):
   args = gb.parse_args(argv)
   rows, notes = run(args)
-  gb._save(args, rows, notes)  # pylint: disable=protected-access
-  table = gb.format_table(rows, notes, args.peak_flops)
-  print('\n' + table)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(table)
+  gb.report(args, rows, notes)
   return rows
 
 

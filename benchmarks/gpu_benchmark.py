@@ -1365,18 +1365,24 @@ def _merge(paths):
   return list(rows.values()), list(notes.values())
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  if args.merge:
-    rows, notes = _merge(args.merge.split(','))
-  else:
-    rows, notes = run(args)
+def report(args, rows, notes) -> None:
+  """A finished benchmark's output: --json, the table printed and written to --out (this
+  file's main and every benchmark that shares its table)."""
   _save(args, rows, notes)
   table = format_table(rows, notes, args.peak_flops)
   print('\n' + table)
   if args.out:
     with open(args.out, 'w') as f:
       f.write(table)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.merge:
+    rows, notes = _merge(args.merge.split(','))
+  else:
+    rows, notes = run(args)
+  report(args, rows, notes)
   return rows
 
 

@@ -84,11 +84,18 @@ def base_stage(s, make=stage):
   return c
 
 
-def get_config(size='cpu'):
-  s = SIZES[size]
+def with_base_stage(s, make=stage):
+  """A multi-stage config holding its first stage, the base model (`base_stage`); `make`
+  is the config's own stage builder."""
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.base = base_stage(s)
+  c.stages.base = base_stage(s, make)
+  return c
+
+
+def get_config(size='cpu'):
+  s = SIZES[size]
+  c = with_base_stage(s)
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
   runs, order = {}, ['base']
 

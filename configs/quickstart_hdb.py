@@ -23,8 +23,6 @@ target, as a face is in the paper), and the supervisory prompt is the static
                   position of another scene than the reference's), steps, s / subject
 Hypernetwork rows are trained once per seed (one run per report seed).
 """
-import ml_collections
-
 from configs import quickstart
 
 SIZES = {
@@ -80,9 +78,7 @@ def _hyper(s, seed, rounds, beta):
 
 def get_config(size='cpu'):
   s = SIZES[size]
-  c = ml_collections.ConfigDict()
-  c.stages = ml_collections.ConfigDict()
-  c.stages.base = quickstart.base_stage(s, _stage)
+  c = quickstart.with_base_stage(s, _stage)
   targets = _stage('lora_bank', s, s['targets_steps'], 'static', pretrained='stage:base',
                    prompt_dropout=0.0)
   targets.bank.update(param=dict(kind='lidb', rank=1, a=s['a'], b=s['b'], seed=0),

@@ -18,8 +18,6 @@ Stages, each in <workdir>/<stage>, reused when finished:
   report        held-out pairs: content alone, style alone, direct sum, ZipLoRA,
                 LoRA.rar; content / style / both accuracy, merge seconds per pair; grid
 """
-import ml_collections
-
 from configs import quickstart
 
 SIZES = {
@@ -67,9 +65,7 @@ def _zoo(s, group, split):
 
 def get_config(size='cpu'):
   s = SIZES[size]
-  c = ml_collections.ConfigDict()
-  c.stages = ml_collections.ConfigDict()
-  c.stages.base = quickstart.base_stage(s, _stage)
+  c = quickstart.with_base_stage(s, _stage)
   c.stages.content = _zoo(s, 'content', 'train')
   c.stages.content_test = _zoo(s, 'content', 'test')
   c.stages.style = _zoo(s, 'style', 'train')

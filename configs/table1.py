@@ -21,8 +21,6 @@ when finished:
                 adherence, C2G / T2G / T2Gdiff with a random CLIP vision tower (a
                 stand-in, said so in the table); results in <workdir>/report/table.md
 """
-import ml_collections
-
 from configs import quickstart
 
 SIZES = {
@@ -64,9 +62,7 @@ def _stage(objective, size, steps, prompt, seed=0, **model):
 
 def get_config(size='cpu'):
   s = SIZES[size]
-  c = ml_collections.ConfigDict()
-  c.stages = ml_collections.ConfigDict()
-  c.stages.base = quickstart.base_stage(s, _stage)
+  c = quickstart.with_base_stage(s, _stage)
   control = _stage('controlnet', s, s['control'], 'full', pretrained='stage:base',
                    prompt_dropout=0.1)
   control.optim.lr = s['part_lr']

@@ -55,13 +55,6 @@ def noised_inputs(pipe: pipeline.Pipeline, prompts, rng, batch: int, resolution:
   return out
 
 
-def _pipe_params(pipe: pipeline.Pipeline) -> dict:
-  params = {'unet': pipe.unet_params, 'text': pipe.text_params}
-  if pipe.text2 is not None:
-    params['text2'] = pipe.text2_params
-  return params
-
-
 def merge_files(content: str, style: str, method: str, out: str, fmt: str = 'diffusers', *,
                 base: str = '', merger: str = '', allow_partial: bool = False,
                 log=print, **opts) -> dict:
@@ -97,7 +90,7 @@ def merge_files(content: str, style: str, method: str, out: str, fmt: str = 'dif
     if not resolution:
       raise ValueError(f'{base}/unet/config.json sets no sample_size: give --resolution.')
     kwargs.update(predict=objectives.LoRAPredictor(pipe.unet, pipe.text_towers, resolution),
-                  base=_pipe_params(pipe), inputs=noised_inputs(
+                  base=pipeline.param_trees(pipe), inputs=noised_inputs(
                       pipe, {'content': opts.get('content_prompt', ''),
                              'style': opts.get('style_prompt', '')},
                       jax.random.key(opts.get('seed', 0)), opts.get('batch', 2), resolution))

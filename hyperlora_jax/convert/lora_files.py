@@ -72,6 +72,7 @@ _KOHYA_KEY = re.compile(
     r'(lora_unet_|lora_te[12]?_)[^.]+\.(lora_down\.weight|lora_up\.weight|alpha)')
 # diffusers' save_lora_weights stores the peft LoraConfig (lora_alpha, alpha_pattern) here.
 _DIFFUSERS_METADATA = 'lora_adapter_metadata'
+# A pipeline LoRA's components: the UNet, the text tower, SDXL's second tower.
 _COMPONENTS = ('unet', 'text_encoder', 'text_encoder_2')
 # LoRA kinds other than plain down/up factors, by a key part each writes (kohya/LyCORIS
 # LoHa and LoKr, kohya's and peft's DoRA magnitudes): refused by name, not misread.
@@ -403,21 +404,13 @@ def _read_peft(state: Mapping[str, np.ndarray], header: Mapping[str, str], folde
   return tree
 
 
-def pipeline_params(pipe: pipeline.Pipeline) -> dict:
-  """Each component's params of a pipeline, keyed as `check_lora` takes them."""
-  params = {'unet': pipe.unet_params, 'text_encoder': pipe.text_params}
-  if pipe.text2 is not None:
-    params['text_encoder_2'] = pipe.text2_params
-  return params
-
-
 def check_lora(lora: lora_lib.LoRATree, params: Mapping[str, Any], shown: int = 8) -> None:
   """Checks that every layer of a LoRA tree is a Dense layer of the model, of its shape.
 
   Args:
     lora: a LoRA tree (shared or per sample).
     params: component -> its param tree ('unet', 'text_encoder', 'text_encoder_2';
-      `pipeline_params`); a bare UNet param tree also works.
+      `pipeline.param_trees(pipe, *_COMPONENTS)`); a bare UNet param tree also works.
     shown: how many of the misfits the error names.
 
   Raises:
@@ -496,7 +489,7 @@ def load_lora_file(path: str, pipe: Optional[pipeline.Pipeline] = None) -> dict:
         f'(lora_unet_*|lora_te[12]_*.lora_down.weight|lora_up.weight|alpha) LoRA file; '
         f'{len(odd)} of its {len(state)} keys fit neither, e.g. {odd[:5]}.')
   if pipe is not None:
-    check_lora(tree, pipeline_params(pipe))
+    check_lora(tree, pipeline.param_trees(pipe, *_COMPONENTS))
   return tree
 
 

@@ -74,6 +74,19 @@ class Pipeline(NamedTuple):
     return (self.tokenizer,) if self.text2 is None else (self.tokenizer, self.tokenizer2)
 
 
+def param_trees(pipe: Pipeline, unet='unet', text='text', text2='text2', vae='') -> dict:
+  """The pipeline's param trees under the given names: the UNet's, the text tower's, SDXL's
+  second tower's (when it has one) and, when `vae` names it, the VAE's (when it has one).
+  The defaults are the objectives' names (their frozen trees, `base`); a LoRA file's
+  components are diffusers' ('text_encoder', 'text_encoder_2')."""
+  trees = {unet: pipe.unet_params, text: pipe.text_params}
+  if pipe.text2 is not None:
+    trees[text2] = pipe.text2_params
+  if vae and pipe.vae is not None:
+    trees[vae] = pipe.vae_params
+  return trees
+
+
 def _read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)

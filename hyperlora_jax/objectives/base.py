@@ -160,7 +160,7 @@ def load_base(config, rng):
 
 
 def base_models(config, rng, hypernet_fn=None):
-  """(Models, frozen params {'unet', 'text'[, 'vae']}) of the run's base model.
+  """(Models, frozen params {'unet', 'text'[, 'text2'][, 'vae']}) of the run's base model.
 
   hypernet_fn: targets -> a hypernetwork module, for objectives that have one.
   """
@@ -172,11 +172,7 @@ def base_models(config, rng, hypernet_fn=None):
                   hypernet_fn and hypernet_fn(targets), targets, base.text2,
                   base.text2_config, base.tokenizer2, tokenizer_folders[1] if xl else None,
                   base.force_zeros_for_empty_prompt)
-  frozen = {'unet': base.unet_params, 'text': base.text_params}
-  if xl:
-    frozen['text2'] = base.text2_params
-  if base.vae is not None:
-    frozen['vae'] = base.vae_params
+  frozen = pipeline.param_trees(base, vae='vae')
   addons = load_addons(config, models, frozen, latent_factor(models),
                                     compute_dtype(config))
   return models._replace(addons=addons), frozen
