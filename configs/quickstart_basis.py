@@ -21,8 +21,6 @@ Stages (each in <workdir>/<stage>, reused when finished, resumed when interrupte
                  context picture instead of 4, other scenes (editability), against the
                  no-LoRA and oracle rows; the exported ID / Base / sum LoRAs; a slider
 """
-import ml_collections
-
 from configs import quickstart
 
 SIZES = {
@@ -78,9 +76,7 @@ def _basis(size, steps, seed, stage, **basis):
 
 def get_config(size='cpu'):
   s = SIZES[size]
-  c = ml_collections.ConfigDict()
-  c.stages = ml_collections.ConfigDict()
-  c.stages.base = quickstart.base_stage(s)
+  c = quickstart.with_base_stage(s)
   # Three-stage chains: the default conditions' and a sweep's others (stage 1 has none).
   chains = {'three_stages': ''} | {
       f'three_stages_c{round(100 * mix[0])}': f'_c{round(100 * mix[0])}'
