@@ -7,7 +7,7 @@
 # $BENCH_JOB: each device call copies the working tree again, and a job importing the
 # package from it can break mid-run.
 #
-#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue18/20/23 and/or
+#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue16/18/20/23 and/or
 #                                                       # process names, comma-separated
 #   bash benchmarks/device_run.sh collect [SECONDS]     # every later call (default 500)
 #
@@ -30,7 +30,9 @@ issue20|latency|benchmarks/gpu_benchmark.py --only=latency,latency_parts $F
 issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_sizes=16 $F
 issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora $F
 issue23|sdxl_sample|benchmarks/gpu_benchmark.py --only=sdxl_sample $F
-issue23|sdxl_parity|benchmarks/sdxl_parity.py"
+issue23|sdxl_parity|benchmarks/sdxl_parity.py
+issue16|hdb_cold|benchmarks/hdb_benchmark.py --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
+issue16|hdb_warm|benchmarks/hdb_benchmark.py --folder=$JOB/sd15_random --compilation_cache=$JOB/cache"
 
 commands() {  # name|command of the processes a comma list of sets and names selects
   local lines
@@ -52,7 +54,7 @@ job() {  # the detached job: every process of the set not yet done
     echo "$(date +%T) $name: $cmd"
     extra=()
     case $cmd in
-      *gpu_benchmark.py*) extra=(--json="$JOB/results/$name.json"
+      *gpu_benchmark.py* | *hdb_benchmark.py*) extra=(--json="$JOB/results/$name.json"
                                  --out="$JOB/results/$name.md") ;;
       *hyperlora_jax.main*) extra=(--workdir="$JOB/work/$name"  # kept across calls
                                    --compilation_cache="$JOB/cache") ;;
