@@ -40,14 +40,24 @@ SIZES = {
                 a=16, b=8, beta=1.0, report_subjects=24, fast=40, fast_lr=1e-1,
                 converged=400, converged_lr=3e-2, seeds=(0,), eval_steps=20,
                 prediction='v_prediction'),
-    # Not run here (no GPU in this session): the CPU's rates at the GPU quickstart's size.
-    # (cpu_2seeds, below: the cpu size with every hypernetwork and fine-tuning row twice.)
-    'gpu': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
-                base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
+    # gpu: the CPU's rates with the GPU quickstart's UNet at 32 px (the item 11 px wide),
+    # three seeds, sized as quickstart_basis:gpu (27 min on one H200 in all) was: ~17 min
+    # estimated from that run's step rates, so it fits a session's device time beside
+    # benchmarks/hdb_benchmark.py. gpu64: 64 px and twice the hypernetwork steps (~35
+    # min). (cpu_2seeds, below: the cpu size with every hypernetwork and fine-tuning row
+    # twice.) Neither GPU size has run yet.
+    'gpu': dict(resolution=32, item_frac=0.34, channels=(64, 128, 256), text=128,
+                base=4000, batch=64, num_train=20000, workers=-1, dtype='bfloat16',
                 test_fraction=0.2, targets_steps=40, subjects=64, targets_lr=1e-1,
-                hyper=2000, rounds=4, a=32, b=16, beta=1.0, report_subjects=128, fast=40,
+                hyper=1000, rounds=4, a=32, b=16, beta=1.0, report_subjects=128, fast=40,
                 fast_lr=1e-1, converged=400, converged_lr=3e-2, seeds=(0, 1, 2),
                 eval_steps=25, prediction='v_prediction'),
+    'gpu64': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
+                  base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
+                  test_fraction=0.2, targets_steps=40, subjects=64, targets_lr=1e-1,
+                  hyper=2000, rounds=4, a=32, b=16, beta=1.0, report_subjects=128, fast=40,
+                  fast_lr=1e-1, converged=400, converged_lr=3e-2, seeds=(0, 1, 2),
+                  eval_steps=25, prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=0.5, channels=(16, 32), text=32, base=2,
                   batch=4, num_train=48, workers=0, dtype='float32', test_fraction=0.5,

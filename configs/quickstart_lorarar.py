@@ -29,12 +29,20 @@ SIZES = {
                 zoo_steps=40, subjects=64, zoo_lr=1e-1, rank=4, merger=150, pairs=48,
                 ziplora=100, ziplora_lr=1e-2, seeds=(0,), eval_steps=20,
                 prediction='v_prediction'),
-    # Not run here (no GPU in this session).
-    'gpu': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
-                base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
+    # gpu: 32 px (the item 11 px wide), three seeds, 120 held-out pairs (ZipLoRA's 100
+    # steps each are most of the report): ~17 min estimated from quickstart_basis:gpu's
+    # step rates on one H200 (27 min), so it fits a session's device time. gpu64: 64 px,
+    # 300 pairs (~40 min). Neither has run yet.
+    'gpu': dict(resolution=32, item_frac=0.34, channels=(64, 128, 256), text=128,
+                base=4000, batch=64, num_train=20000, workers=-1, dtype='bfloat16',
                 test_fraction=0.2, zoo_steps=100, subjects=256, zoo_lr=1e-1, rank=8,
-                merger=2000, pairs=300, ziplora=100, ziplora_lr=1e-2, seeds=(0, 1, 2),
+                merger=2000, pairs=120, ziplora=100, ziplora_lr=1e-2, seeds=(0, 1, 2),
                 eval_steps=25, prediction='v_prediction'),
+    'gpu64': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
+                  base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
+                  test_fraction=0.2, zoo_steps=100, subjects=256, zoo_lr=1e-1, rank=8,
+                  merger=2000, pairs=300, ziplora=100, ziplora_lr=1e-2, seeds=(0, 1, 2),
+                  eval_steps=25, prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=0.5, channels=(16, 32), text=32, base=2,
                   batch=4, num_train=48, workers=0, dtype='float32', test_fraction=0.5,

@@ -107,7 +107,7 @@ def test_report_has_every_row_and_column_and_a_grid(rar):
 
 
 def test_cpu_and_gpu_sizes_build():
-  for size in ('cpu', 'gpu'):
+  for size in ('cpu', 'gpu', 'gpu64'):
     c = quickstart_lorarar.get_config(size)
     assert c.stages.merger.merger.content == 'stage:content' and c.report.kind == 'merging'
     assert c.stages.style.bank.group == 'style' and c.stages.content_test.bank.split == 'test'
