@@ -25,6 +25,7 @@ F=--xla_flags=--xla_gpu_enable_triton_gemm=false  # cuBLAS GEMMs: same speed, fa
 # the rows that are compared with each other (ratios only within one process). New rows
 # first: the b16 LoRA and sampling rows re-measure what issue 20 already has.
 ALL="issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
+issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
 issue16|hdb_gpu|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu
 issue17|lorarar_gpu|-m hyperlora_jax.main --config=configs/quickstart_lorarar.py:gpu
 issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F

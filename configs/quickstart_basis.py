@@ -45,12 +45,16 @@ SIZES = {
     'smoke': dict(quickstart.SIZES['smoke'], stages=(2, 2, 2), width=16, depth=1, heads=2,
                   bases=4, ranks=(2, 1), seeds=(0,), eval_examples=2, eval_steps=2),
 }
-# cpu_sweep: why one stage overtakes the three at 6x the steps on the GPU (RESULTS.md): 3x
-# the cpu steps, and the three stages once more without the two distillation conditions
-# (every sample reconstructs with the trigger), so the ID-LoRA sees the target as often
-# as the one stage does.
+# Sweeps of why one stage overtakes the three on pattern at the gpu size (RESULTS.md):
+# more three-stage chains, one per further mix of `conditions` ((1, 0, 0): no
+# distillation, every sample reconstructs with the trigger, so the ID-LoRA sees the
+# target as often as the one stage does), and with `stage2` rows of each chain's stage 2
+# alone. cpu_sweep: 3x the cpu steps (ran: the conditions are what makes the three
+# stages learn the item there). gpu_sweep: the gpu size, one seed (not run yet).
 SIZES['cpu_sweep'] = dict(SIZES['cpu'], stages=(240, 480, 240),
                           conditions=((0.5, 0.25, 0.25), (1.0, 0.0, 0.0)))
+SIZES['gpu_sweep'] = dict(SIZES['gpu'], seeds=(0,), stage2=True, conditions=(
+    (0.5, 0.25, 0.25), (1.0, 0.0, 0.0), (0.8, 0.1, 0.1)))
 SET_SIZE = 4
 ID, BASE = {'id': 1.0, 'base': 0.0}, {'id': 0.0, 'base': 1.0}
 
@@ -82,6 +86,8 @@ def get_config(size='cpu'):
       f'three_stages_c{round(100 * mix[0])}': f'_c{round(100 * mix[0])}'
       for mix in s.get('conditions', ())[1:]}
   order, runs = ['base'], {'one_stage': [], **{chain: [] for chain in chains}}
+  if s.get('stage2'):
+    runs.update({f'{chain}_stage2': [] for chain in chains})
   for seed in s['seeds']:
     name = lambda n: quickstart.seeded(n, seed)
     c.stages[name('basis_base')] = _basis(s, s['stages'][0], seed, 'base')
@@ -95,6 +101,8 @@ def get_config(size='cpu'):
           config.basis.conditions = mix
         previous = name(f'basis_{stage}{suffix}')
         order.append(previous)
+        if stage == 'id_clip' and s.get('stage2'):
+          runs[f'{chain}_stage2'].append(previous)
       runs[chain].append(previous)
     c.stages[name('one_stage')] = _basis(s, sum(s['stages']), seed, 'joint')
     c.stages[name('one_stage')].basis.region.mode = 'none'
@@ -103,16 +111,24 @@ def get_config(size='cpu'):
   c.stage_order = tuple(order)
   rows = [('no LoRA (S* prompt)', 'three_stages', 'no_lora', {})]
   labels = {'one_stage': 'one stage', 'three_stages': 'three stages'} | {
-      chain: 'three stages, no distillation conditions' for chain in list(chains)[1:]}
-  for run, label in labels.items():
+      chain: 'three stages, ' + ('no distillation conditions' if mix == (1.0, 0.0, 0.0)
+                                 else 'conditions ' + ' / '.join(map(str, mix)))
+      for chain, mix in zip(list(chains)[1:], s.get('conditions', ())[1:])}
+  if s.get('stage2'):
+    labels |= {f'{chain}_stage2': labels[chain].replace('three', 'the first two')
+               for chain in chains}
+  for run, label in labels.items():  # stage 2 alone: the identity rows only
     rows += [(f'{label}: ID + Base', run, 'hyperlora', {}),
              (f'{label}: Base alone', run, 'hyperlora', {'lora_scale': BASE}),
              (f'{label}: ID alone', run, 'hyperlora', {'lora_scale': ID}),
-             (f'{label}: no trigger', run, 'hyperlora', {'trigger': False}),
-             (f'{label}: 1 context image', run, 'hyperlora', {'context_images': 1})]
+             (f'{label}: no trigger', run, 'hyperlora', {'trigger': False})]
+    if not run.endswith('_stage2'):
+      rows.append((f'{label}: 1 context image', run, 'hyperlora', {'context_images': 1}))
   rows.append(('oracle (full prompt)', 'three_stages', 'oracle', {}))
   rows.append(('no LoRA, other scene', 'three_stages', 'no_lora_edit', {}))
   for run, label in labels.items():
+    if run.endswith('_stage2'):
+      continue
     rows += [(f'{label}, other scene', run, 'hyperlora_edit', {}),
              (f'{label}, other scene, no trigger', run, 'hyperlora_edit', {'trigger': False})]
   rows.append(('oracle, other scene', 'three_stages', 'oracle_edit', {}))

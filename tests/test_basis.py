@@ -292,6 +292,17 @@ def test_slider_direction_moves_one_id_lora_to_the_other(trained, tmp_path):
 
 
 # ---------------------------------------------------------------- configs
+@pytest.mark.parametrize('size', ['cpu_sweep', 'gpu_sweep'])
+def test_sweep_sizes_add_chains_of_other_conditions(size):
+  c = quickstart_basis.get_config(size)
+  mixes = quickstart_basis.SIZES[size]['conditions']
+  clips = [n for n in c.stage_order if n.startswith('basis_id_clip')]
+  assert [tuple(c.stages[n].basis.conditions) for n in clips] == list(mixes)
+  assert {c.stages[n].train.init_from for n in clips} == {'stage:basis_base'}
+  for _, run, _, _ in c.report.rows:  # every row's run is trained by the config
+    assert all(stage in c.stage_order for stage in c.report.runs[run]), run
+
+
 @pytest.mark.parametrize('make', [quickstart_basis.get_config, sd15_basis.get_config])
 def test_stage_configs_chain_their_stages(make):
   c = make()
