@@ -23,7 +23,7 @@ a folder.
 import functools
 import os
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -87,21 +87,26 @@ def bank_config(config, rank: int, num_subjects: int):
 
 
 def personalize(run: runs.Run, contexts, *, steps: int, rank: int, lr: float,
-                from_scratch: bool = False, prompt: Optional[str] = None, seed: int = 0,
-                log_every: int = 0, subject_key: str = 'subject') -> Personal:
-  """Fine-tunes one relaxed LoRA per context image [N, H, W, 3] in [-1, 1], all at once.
+                from_scratch: bool = False, prompt: Optional[str | Sequence[str]] = None,
+                seed: int = 0, log_every: int = 0, subject_key: str = 'subject') -> Personal:
+  """Fine-tunes one relaxed LoRA per context image [N, H, W, 3] in [-1, 1], all at once,
+  with the supervisory `prompt` (default the run's static prompt), or N prompts, one per
+  subject (e.g. each photo's caption, so the LoRA need not learn what the words say).
   The personal run's LoRA input is `subject_key` (`lora_bank.bank`): subject n is row n."""
   check(run, steps, rank, from_scratch)
   contexts = np.asarray(contexts, np.float32)
   n = len(contexts)
+  prompt = prompt or builders.static_prompt(run.config.data)
+  prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+  if len(prompts) != n:
+    raise ValueError(f'{len(prompts)} prompts for {n} subjects: give one, or one each.')
   models = run.objective.models
   base = dict(runs.base_params(run), **{k: v for k, v in run.objective.frozen.items()
                                         if k == 'vae'})
-  prompt = prompt or builders.static_prompt(run.config.data)
   start = time.perf_counter()  # (The first calls of both compile.)
   predicted = None if from_scratch else runs.lora(run, {'context': contexts})
   data = jax.block_until_ready(lora_bank.cache_latents(models, base, lora_bank.subject_data(
-      models, contexts[:, None], [[prompt]] * n)))
+      models, contexts[:, None], [[p] for p in prompts])))
   prepare_s = time.perf_counter() - start
   config = bank_config(run.config, rank, n)
   objective = lora_bank.bank(config, models, base, jax.random.key(seed), n, predicted,

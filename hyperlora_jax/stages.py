@@ -363,10 +363,12 @@ def personalization_report(config, workdir: str) -> dict:
   ``report.rows``: in order, {name, runs: the stage(s) it uses (one per report seed, or
   one for all), mode: 'hyperlora' (the run's LoRA) | 'no_lora' | 'oracle', and for
   fine-tuned rows steps, from_scratch, rank, lr (`finetune.personalize`; the
-  fine-tuning seed is the report seed)}. Every personal model is asked for another scene than its
-  reference's where evaluate scores editability (`_asked`), with the S* prompt (the
-  oracle: the item in words). Columns: the item's color and pattern (fidelity), the
-  background and figure position (editability), steps, seconds per subject.
+  fine-tuning seed is the report seed) and prompt: 'static' (the supervisory prompt, the
+  default) | 'caption' (each subject's own prompt, its scene in words)}. Every personal
+  model is asked for another scene than its reference's where evaluate scores
+  editability (`_asked`), with the S* prompt (the oracle: the item in words). Columns:
+  the item's color and pattern (fidelity), the background and figure position
+  (editability), steps, seconds per subject.
   """
   r = config.report
   seeds, n = tuple(r.seeds), r.num_examples
@@ -378,7 +380,8 @@ def personalization_report(config, workdir: str) -> dict:
       if d not in restored:
         restored[d] = runs.restore(d)
     first = restored[stage_dirs[0]]
-    contexts = data_pipeline.load_records(first.config.data, 'test', range(n))['context']
+    records = data_pipeline.load_records(first.config.data, 'test', range(n))
+    contexts = records['context']
     if row.get('steps') is None:
       rows[name] = (stage_dirs if len(stage_dirs) > 1 else stage_dirs[0],
                     _asked(row['mode']))
@@ -388,7 +391,8 @@ def personalization_report(config, workdir: str) -> dict:
     personal = [finetune.personalize(
         restored[stage_dirs[k % len(stage_dirs)]], contexts, steps=row['steps'],
         rank=row['rank'], lr=row['lr'], from_scratch=row['from_scratch'], seed=seed,
-        subject_key='index') for k, seed in enumerate(seeds)]
+        prompt=_fine_prompts(row.get('prompt', 'static'), records), subject_key='index')
+        for k, seed in enumerate(seeds)]
     rows[name] = ([p.run for p in personal] if len(seeds) > 1 else personal[0].run,
                   _asked(row['mode']))
     costs[name] = (row['steps'], float(np.mean([(p.prepare_s + p.fit_s) / n
@@ -402,6 +406,19 @@ def personalization_report(config, workdir: str) -> dict:
   files.write_text(os.path.join(out_dir, 'results.md'), personalization_table(results))
   logging.info('Results (%s):\n%s', out_dir, personalization_table(results))
   return results
+
+
+def _fine_prompts(kind: str, records: dict):
+  """A fine-tuned row's prompts: None (the static one) or each subject's caption (its
+  scene prompt, with S*)."""
+  if kind not in ('static', 'caption'):
+    raise ValueError(f"report row prompt={kind!r}: 'static' or 'caption'.")
+  if kind == 'static':
+    return None
+  if 'prompt_scene' not in records:
+    raise ValueError('report row prompt=caption: these examples have no scene prompt '
+                     '(the synthetic task has).')
+  return [str(p) for p in records['prompt_scene']]
 
 
 def personalization_table(results: dict) -> str:

@@ -276,7 +276,11 @@ def test_predicted_text_tower_lora_loads_in_diffusers(hyper_run, tmp_path, fmt):
 # ---------------------------------------------------------------- fast fine-tuning
 def test_fast_finetuning_stacks_the_prediction_and_the_relaxed_lora(hyper_run):
   run, contexts = hyper_run['run'], hyper_run['contexts']
-  personal = finetune.personalize(run, contexts, steps=3, rank=2, lr=1e-2)
+  with pytest.raises(ValueError, match='1 prompts for 2 subjects'):
+    finetune.personalize(run, contexts, steps=3, rank=2, lr=1e-2, prompt=['a'])
+  # One prompt per subject (e.g. each photo's caption).
+  captions = ['a figure on the left wearing S*', 'a figure on the right wearing S*']
+  personal = finetune.personalize(run, contexts, steps=3, rank=2, lr=1e-2, prompt=captions)
   trees, errors = finetune.loras(personal)
   assert errors == [0.0, 0.0] and len(trees) == 2
   predicted = runs.plain_loras(personal.predicted)
