@@ -39,12 +39,10 @@ SIZES = {
     'gpu': dict(quickstart.SIZES['gpu'], resolution=32, batch=64, stages=(500, 1000, 500),
                 width=256, depth=4, heads=8, bases=64, ranks=(8, 4), seeds=(0, 1, 2),
                 eval_examples=200, eval_steps=25),
-    'gpu64': dict(quickstart.SIZES['gpu'], stages=(1000, 2000, 1000), width=256, depth=4,
-                  heads=8, bases=64, ranks=(8, 4), seeds=(0, 1, 2), eval_examples=200,
-                  eval_steps=25),
     'smoke': dict(quickstart.SIZES['smoke'], stages=(2, 2, 2), width=16, depth=1, heads=2,
                   bases=4, ranks=(2, 1), seeds=(0,), eval_examples=2, eval_steps=2),
 }
+SIZES['gpu64'] = dict(SIZES['gpu'], resolution=64, batch=128, stages=(1000, 2000, 1000))
 # Sweeps of why one stage overtakes the three on pattern at the gpu size (RESULTS.md):
 # more three-stage chains, one per further mix of `conditions` ((1, 0, 0): no
 # distillation, every sample reconstructs with the trigger, so the ID-LoRA sees the

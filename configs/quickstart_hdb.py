@@ -52,12 +52,6 @@ SIZES = {
                 hyper=1000, rounds=4, a=32, b=16, beta=1.0, report_subjects=128, fast=40,
                 fast_lr=1e-1, converged=400, converged_lr=3e-2, seeds=(0, 1, 2),
                 eval_steps=25, prediction='v_prediction'),
-    'gpu64': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
-                  base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
-                  test_fraction=0.2, targets_steps=40, subjects=64, targets_lr=1e-1,
-                  hyper=2000, rounds=4, a=32, b=16, beta=1.0, report_subjects=128, fast=40,
-                  fast_lr=1e-1, converged=400, converged_lr=3e-2, seeds=(0, 1, 2),
-                  eval_steps=25, prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=0.5, channels=(16, 32), text=32, base=2,
                   batch=4, num_train=48, workers=0, dtype='float32', test_fraction=0.5,
@@ -65,6 +59,7 @@ SIZES = {
                   b=8, beta=1.0, report_subjects=4, fast=2, fast_lr=1e-1, converged=3,
                   converged_lr=3e-2, seeds=(0,), eval_steps=2, prediction='v_prediction'),
 }
+SIZES['gpu64'] = dict(SIZES['gpu'], resolution=64, batch=128, hyper=2000)
 SIZES['cpu_2seeds'] = dict(SIZES['cpu'], seeds=(0, 1))
 # cpu_captions: the cpu size with every fine-tuned row trained on each subject's caption
 # (its scene in words, with S*) instead of the static prompt, so that the personal LoRA

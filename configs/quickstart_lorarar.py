@@ -38,11 +38,6 @@ SIZES = {
                 test_fraction=0.2, zoo_steps=100, subjects=256, zoo_lr=1e-1, rank=8,
                 merger=2000, pairs=120, ziplora=100, ziplora_lr=1e-2, seeds=(0, 1, 2),
                 eval_steps=25, prediction='v_prediction'),
-    'gpu64': dict(resolution=64, item_frac=0.34, channels=(64, 128, 256), text=128,
-                  base=4000, batch=128, num_train=20000, workers=-1, dtype='bfloat16',
-                  test_fraction=0.2, zoo_steps=100, subjects=256, zoo_lr=1e-1, rank=8,
-                  merger=2000, pairs=300, ziplora=100, ziplora_lr=1e-2, seeds=(0, 1, 2),
-                  eval_steps=25, prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=0.5, channels=(16, 32), text=32, base=2,
                   batch=4, num_train=48, workers=0, dtype='float32', test_fraction=0.5,
@@ -50,6 +45,7 @@ SIZES = {
                   ziplora=2, ziplora_lr=1e-2, seeds=(0,), eval_steps=2,
                   prediction='v_prediction'),
 }
+SIZES['gpu64'] = dict(SIZES['gpu'], resolution=64, batch=128, pairs=300)
 TARGETS = 'cross_attn,self_attn'  # LoRA.rar merges the UNet's attention LoRAs
 
 
