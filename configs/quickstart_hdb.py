@@ -66,6 +66,8 @@ SIZES['cpu_2seeds'] = dict(SIZES['cpu'], seeds=(0, 1))
 # need not take the reference's background and position into S* (RESULTS.md: with the
 # static prompt the fine-tuned rows lose the asked-for scene).
 SIZES['cpu_captions'] = dict(SIZES['cpu'], fine_prompt='caption')
+# cpu_captions_slow: the same at the per-image LoRA's rate for the 40 fast steps (3e-2).
+SIZES['cpu_captions_slow'] = dict(SIZES['cpu_captions'], fast_lr=3e-2)
 TARGETS = 'cross_attn,self_attn,text_attn,text_mlp'  # the paper's layers
 
 
