@@ -376,7 +376,7 @@ def test_personalization_report(hyper_run, tmp_path):
   assert os.path.getsize(tmp_path / 'report' / 'grid.png') > 0
 
 
-@pytest.mark.parametrize('size', ['cpu', 'cpu_2seeds', 'gpu', 'gpu64', 'smoke'])
+@pytest.mark.parametrize('size', sorted(quickstart_hdb.SIZES))
 def test_hdb_config_is_complete(size):
   c = quickstart_hdb.get_config(size)
   assert c.stage_order[:2] == ('base', 'targets')
