@@ -137,19 +137,26 @@ def export_part(workdir: str, part: str) -> str:
       run.objective.export_part(run.params, run.objective.frozen, folder)))
 
 
+def _stage_folder(value, workdir: str) -> Optional[str]:
+  """The folder under `workdir` of the stage that a 'stage:<name>' value names; None
+  for any other value (a path, '', a number)."""
+  if isinstance(value, str) and value.startswith('stage:'):
+    return os.path.join(workdir, value[len('stage:'):])
+  return None
+
+
 def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
   """'stage:<name>' in model.pretrained (its pipeline folder), train.init_from (its
   workdir, with the step it had: train.init_step), hypernet.loss.targets and
   merger.content / .style (its workdir) and `STAGE_KEYS` -> paths under `workdir`; a
   stage is retrained when what it was trained on changed (`_depends_on`)."""
   with stage.unlocked():
-    pretrained = stage.model.get('pretrained') or ''
-    if pretrained.startswith('stage:'):
-      stage.model.pretrained = os.path.join(workdir, pretrained[len('stage:'):], PIPELINE)
+    source = _stage_folder(stage.model.get('pretrained'), workdir)
+    if source:
+      stage.model.pretrained = os.path.join(source, PIPELINE)
       _trained_on(stage_dir, stage.model.pretrained)
-    init_from = stage.train.get('init_from') or ''
-    if init_from.startswith('stage:'):
-      source = os.path.join(workdir, init_from[len('stage:'):])
+    source = _stage_folder(stage.train.get('init_from'), workdir)
+    if source:
       stage.train.init_from = source
       stage.train.init_step = _initialized_from(stage_dir, source)
     # Per-subject stages' folders: a hypernetwork's target weights, a merger's LoRA zoo.
@@ -158,9 +165,9 @@ def _resolve_stages(stage, workdir: str, stage_dir: str) -> None:
       parent = stage
       for name in section.split('.'):
         parent = parent.get(name) or {}
-      value = parent.get(key) or ''
-      if value.startswith('stage:'):
-        parent[key] = os.path.join(workdir, value[len('stage:'):])
+      source = _stage_folder(parent.get(key), workdir)
+      if source:
+        parent[key] = source
   depends = _resolve_stage_keys(stage, workdir)
   if depends:
     _depends_on(stage_dir, DEPENDS_RECORD, depends, 'add-on')
@@ -195,10 +202,9 @@ def _resolve_stage_keys(stage, workdir: str) -> Optional[dict]:
     section = stage
     for name in parents:
       section = section.get(name) if section is not None else None
-    value = section.get(leaf) if section is not None else None
-    if not isinstance(value, str) or not value.startswith('stage:'):
+    source = _stage_folder(section.get(leaf) if section is not None else None, workdir)
+    if not source:
       continue
-    source = os.path.join(workdir, value[len('stage:'):])
     with stage.unlocked():
       section[leaf] = os.path.join(source, sub)
     depends[key] = _read_record(os.path.join(source, f'{sub.split("/")[0]}_export.json'))
@@ -372,7 +378,7 @@ def personalization_report(config, workdir: str) -> dict:
   """
   r = config.report
   seeds, n = tuple(r.seeds), r.num_examples
-  restored, rows, costs = {}, {}, {}
+  restored, rows, costs, records_of = {}, {}, {}, {}
   for row in r.rows:
     name = row['name']
     stage_dirs = [os.path.join(workdir, s) for s in row['runs']]
@@ -380,7 +386,10 @@ def personalization_report(config, workdir: str) -> dict:
       if d not in restored:
         restored[d] = runs.restore(d)
     first = restored[stage_dirs[0]]
-    records = data_pipeline.load_records(first.config.data, 'test', range(n))
+    data = first.config.data.to_json(sort_keys=True)  # Rows' runs share it: read once.
+    if data not in records_of:
+      records_of[data] = data_pipeline.load_records(first.config.data, 'test', range(n))
+    records = records_of[data]
     contexts = records['context']
     if row.get('steps') is None:
       rows[name] = (stage_dirs if len(stage_dirs) > 1 else stage_dirs[0],
@@ -455,10 +464,9 @@ def _attachment(addons: dict, workdir: str) -> dict:
   for name, keys in (addons or {}).items():
     out[name] = {}
     for key, value in dict(keys).items():
-      sub = STAGE_KEYS.get(f'model.{name}.{key}', '')
-      if isinstance(value, str) and value.startswith('stage:'):
-        value = os.path.join(workdir, value[len('stage:'):], sub)
-      out[name][key] = value
+      source = _stage_folder(value, workdir)
+      out[name][key] = (os.path.join(source, STAGE_KEYS.get(f'model.{name}.{key}', ''))
+                        if source else value)
   return out
 
 
