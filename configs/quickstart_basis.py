@@ -33,9 +33,9 @@ SIZES = {
                 eval_steps=16),
     # gpu: ByteDance's ranks (ID 8, Base 4), resamplers 256 wide and 4 deep, three seeds,
     # 200 held-out items, at 32 px (the item 11 px wide, as the scorer reads it exactly)
-    # with 6x the cpu size's stage steps: ~10 min on one H200, so it fits one session's
-    # device time beside other work. gpu64: the quickstart's 64 px base model and twice
-    # the steps (~45 min; not run yet).
+    # with 6x the cpu size's stage steps: 27 min on one H200 (RESULTS.md), so it fits one
+    # session's device time. gpu64: the quickstart's 64 px base model and twice the steps
+    # (not run yet).
     'gpu': dict(quickstart.SIZES['gpu'], resolution=32, batch=64, stages=(500, 1000, 500),
                 width=256, depth=4, heads=8, bases=64, ranks=(8, 4), seeds=(0, 1, 2),
                 eval_examples=200, eval_steps=25),
@@ -79,10 +79,17 @@ def _basis(size, steps, seed, stage, **basis):
 def get_config(size='cpu'):
   s = SIZES[size]
   c = quickstart.with_base_stage(s)
-  # Three-stage chains: the default conditions' and a sweep's others (stage 1 has none).
-  chains = {'three_stages': ''} | {
-      f'three_stages_c{round(100 * mix[0])}': f'_c{round(100 * mix[0])}'
-      for mix in s.get('conditions', ())[1:]}
+  # Three-stage chains, name -> (stage suffix, conditions, label): the default
+  # conditions' and a sweep's others (stage 1 has none, so the chains share it).
+  chains = {}
+  for i, mix in enumerate(s.get('conditions', ((),))):
+    if not i:
+      suffix, label = '', 'three stages'
+    else:
+      suffix = f'_c{round(100 * mix[0])}'
+      label = 'three stages, ' + ('no distillation conditions' if mix == (1.0, 0.0, 0.0)
+                                  else 'conditions ' + ' / '.join(map(str, mix)))
+    chains[f'three_stages{suffix}'] = (suffix, mix, label)
   order, runs = ['base'], {'one_stage': [], **{chain: [] for chain in chains}}
   if s.get('stage2'):
     runs.update({f'{chain}_stage2': [] for chain in chains})
@@ -90,7 +97,7 @@ def get_config(size='cpu'):
     name = lambda n: quickstart.seeded(n, seed)
     c.stages[name('basis_base')] = _basis(s, s['stages'][0], seed, 'base')
     order.append(name('basis_base'))
-    for (chain, suffix), mix in zip(chains.items(), s.get('conditions', ((),))):
+    for chain, (suffix, mix, _) in chains.items():
       previous = name('basis_base')
       for stage, steps in zip(('id_clip', 'id_embed'), s['stages'][1:]):
         c.stages[name(f'basis_{stage}{suffix}')] = config = _basis(s, steps, seed, stage)
@@ -108,19 +115,17 @@ def get_config(size='cpu'):
     runs['one_stage'].append(name('one_stage'))
   c.stage_order = tuple(order)
   rows = [('no LoRA (S* prompt)', 'three_stages', 'no_lora', {})]
-  labels = {'one_stage': 'one stage', 'three_stages': 'three stages'} | {
-      chain: 'three stages, ' + ('no distillation conditions' if mix == (1.0, 0.0, 0.0)
-                                 else 'conditions ' + ' / '.join(map(str, mix)))
-      for chain, mix in zip(list(chains)[1:], s.get('conditions', ())[1:])}
+  labels = {'one_stage': 'one stage'} | {chain: label
+                                         for chain, (_, _, label) in chains.items()}
   if s.get('stage2'):
     labels |= {f'{chain}_stage2': labels[chain].replace('three', 'the first two')
                for chain in chains}
-  for run, label in labels.items():  # stage 2 alone: the identity rows only
+  for run, label in labels.items():
     rows += [(f'{label}: ID + Base', run, 'hyperlora', {}),
              (f'{label}: Base alone', run, 'hyperlora', {'lora_scale': BASE}),
              (f'{label}: ID alone', run, 'hyperlora', {'lora_scale': ID}),
              (f'{label}: no trigger', run, 'hyperlora', {'trigger': False})]
-    if not run.endswith('_stage2'):
+    if not run.endswith('_stage2'):  # stage 2 alone: the identity rows only
       rows.append((f'{label}: 1 context image', run, 'hyperlora', {'context_images': 1}))
   rows.append(('oracle (full prompt)', 'three_stages', 'oracle', {}))
   rows.append(('no LoRA, other scene', 'three_stages', 'no_lora_edit', {}))
