@@ -7,7 +7,7 @@
 # $BENCH_JOB: each device call copies the working tree again, and a job importing the
 # package from it can break mid-run.
 #
-#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue16/18/20/23 and/or
+#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue16/17/18/20/23 and/or
 #                                                       # process names, comma-separated
 #   bash benchmarks/device_run.sh collect [SECONDS]     # every later call (default 500)
 #
@@ -22,8 +22,9 @@ WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU imag
 F=--xla_flags=--xla_gpu_enable_triton_gemm=false  # cuBLAS GEMMs: same speed, faster compile
 
 # set|name|script and flags: one process each, in the order they run. A process holds
-# the rows that are compared with each other (ratios only within one process). New rows
-# first: the b16 LoRA and sampling rows re-measure what issue 20 already has.
+# the rows that are compared with each other (ratios only within one process). The
+# method configs' GPU sizes first, then the benchmarks; within issue 20 new rows first:
+# the b16 LoRA and sampling rows re-measure what it already has.
 ALL="issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
 issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
 issue16|hdb_gpu|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu
