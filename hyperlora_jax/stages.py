@@ -573,26 +573,27 @@ def merging_report(config, workdir: str) -> dict:
                           't': t, 'input_ids': tuple(x[i:i + 1] for x in ids)}
     return {'content': side(ex['target'][i]), 'style': side(style_ex['target'][i])}
 
-  # (content, style) -> the LoRA; sum and LoRA.rar compiled (ZipLoRA compiles its loop).
+  # (content, style, pair index) -> the LoRA; sum and LoRA.rar compiled, ZipLoRA (which
+  # compiles its loop) optimized on pair i's inputs.
+  direct_sum = jax.jit(lambda c, s: merging.merge(c, s))
   methods = {
-      'content LoRA alone': lambda c, s: c,
-      'style LoRA alone': lambda c, s: s,
-      'direct sum': jax.jit(lambda c, s: merging.merge(c, s)),
+      'content LoRA alone': lambda c, s, i: c,
+      'style LoRA alone': lambda c, s, i: s,
+      'direct sum': lambda c, s, i: direct_sum(c, s),
       f'ZipLoRA ({r.ziplora_steps} steps)': lambda c, s, i: merging.merge(
           c, s, 'ziplora', predict=predict, base=base, inputs=inputs(i),
           steps=r.ziplora_steps, lr=r.ziplora_lr),
   }
   for k, run in enumerate(mergers):
-    methods[f'LoRA.rar #{k}'] = jax.jit(lambda c, s, m=merge.trained_merger(run): merging.merge(
+    rar = jax.jit(lambda c, s, m=merge.trained_merger(run): merging.merge(
         c, s, 'lorarar', merger=m))
+    methods[f'LoRA.rar #{k}'] = lambda c, s, i, rar=rar: rar(c, s)
   truth = {'color': ex['color'], 'style': np.array([synthetic.STYLES.index(style_keys[s])
                                                     for _, s in pairs])}
   scores, seconds, shown = {}, {}, {}
   for name, fn in methods.items():
     logging.info('Merging report: %s on %d pairs', name, len(pairs))
-    call = (lambda i, fn=fn: fn(contents[pairs[i][0]], styles[pairs[i][1]], i)) if (
-        name.startswith('ZipLoRA')) else (
-            lambda i, fn=fn: fn(contents[pairs[i][0]], styles[pairs[i][1]]))
+    call = lambda i, fn=fn: fn(contents[pairs[i][0]], styles[pairs[i][1]], i)
     trees, seconds[name] = _timed(call, list(range(len(pairs))))
     for seed in r.seeds:
       images_ = _generate(first, trees, prompts, r, seed)
