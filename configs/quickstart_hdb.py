@@ -41,17 +41,20 @@ SIZES = {
                 converged=400, converged_lr=3e-2, seeds=(0,), eval_steps=20,
                 prediction='v_prediction'),
     # gpu: the CPU's rates with the GPU quickstart's UNet at 32 px (the item 11 px wide),
-    # three seeds, sized as quickstart_basis:gpu (27 min on one H200 in all) was: ~17 min
-    # estimated from that run's step rates, so it fits a session's device time beside
-    # benchmarks/hdb_benchmark.py. gpu64: 64 px and twice the hypernetwork steps (~35
-    # min). (cpu_2seeds, below: the cpu size with every hypernetwork and fine-tuning row
-    # twice.) Neither GPU size has run yet.
+    # three seeds for the method's rows, the ablations (K = 1, no weight-space loss)
+    # trained once (ablation_seeds), and the caption rows (caption_lr: RESULTS.md's CPU
+    # finding that a caption at the per-image rate keeps the scene). ~18 min estimated
+    # from quickstart_basis:gpu's step rates (its 27 min: base ~6, 12 stages ~14, report
+    # ~6.5), so it fits a session's device time beside benchmarks/hdb_benchmark.py.
+    # gpu64: 64 px and twice the hypernetwork steps (~35 min). (cpu_2seeds, below: the
+    # cpu size with every hypernetwork and fine-tuning row twice.)
     'gpu': dict(resolution=32, item_frac=0.34, channels=(64, 128, 256), text=128,
                 base=4000, batch=64, num_train=20000, workers=-1, dtype='bfloat16',
                 test_fraction=0.2, targets_steps=40, subjects=64, targets_lr=1e-1,
                 hyper=1000, rounds=4, a=32, b=16, beta=1.0, report_subjects=128, fast=40,
                 fast_lr=1e-1, converged=400, converged_lr=3e-2, seeds=(0, 1, 2),
-                eval_steps=25, prediction='v_prediction'),
+                ablation_seeds=(0,), caption_lr=3e-2, eval_steps=25,
+                prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.
     'smoke': dict(resolution=16, item_frac=0.5, channels=(16, 32), text=32, base=2,
                   batch=4, num_train=48, workers=0, dtype='float32', test_fraction=0.5,
@@ -98,9 +101,12 @@ def get_config(size='cpu'):
   targets.optim.update(lr=s['targets_lr'], weight_decay=0.0)
   c.stages.targets = targets
   order, runs = ['base', 'targets'], {}
+  ablations = s.get('ablation_seeds', s['seeds'])
   for seed in s['seeds']:
     for row, rounds, beta in (('hyper', s['rounds'], s['beta']), ('hyper_k1', 1, s['beta']),
                               ('hyper_noweight', s['rounds'], 0.0)):
+      if row != 'hyper' and seed not in ablations:
+        continue
       name = quickstart.seeded(row, seed)
       c.stages[name] = _hyper(s, seed, rounds, beta)
       runs.setdefault(row, []).append(name)
@@ -109,6 +115,18 @@ def get_config(size='cpu'):
   fine = dict(rank=4, lr=s['fast_lr'], mode='hyperlora',
               prompt=s.get('fine_prompt', 'static'))
   first = [runs['hyper'][0]]
+  captions = []  # The fine-tuned rows again on each subject's caption, at caption_lr.
+  if 'caption_lr' in s:
+    caption = dict(fine, prompt='caption', lr=s['caption_lr'])
+    captions = [
+        dict(name=f'No Hyper, captions ({s["fast"]} steps at {s["caption_lr"]:g})',
+             runs=first, steps=s['fast'], from_scratch=True, **caption),
+        dict(name=f'Hyper + fast fine-tuning, captions ({s["fast"]} steps at '
+             f'{s["caption_lr"]:g})', runs=runs['hyper'], steps=s['fast'],
+             from_scratch=False, **caption),
+        dict(name=f'per-image LoRA, captions ({s["converged"]} steps)', runs=first,
+             steps=s['converged'], from_scratch=True,
+             **dict(caption, lr=s['converged_lr']))]
   c.report = dict(
       kind='personalization', num_examples=s['report_subjects'], num_steps=s['eval_steps'],
       guidance=3.0, seeds=s['seeds'], rows=(
@@ -126,6 +144,7 @@ def get_config(size='cpu'):
                runs=runs['hyper_noweight'], steps=s['fast'], from_scratch=False, **fine),
           dict(name=f'per-image LoRA, {s["converged"]} steps (DreamBooth-LoRA)', runs=first,
                steps=s['converged'], from_scratch=True, **dict(fine, lr=s['converged_lr'])),
+          *captions,
           dict(name='oracle: base model, item in words', runs=first, mode='oracle'),
       ))
   return c
