@@ -71,6 +71,10 @@ SIZES['cpu_2seeds'] = dict(SIZES['cpu'], seeds=(0, 1))
 SIZES['cpu_captions'] = dict(SIZES['cpu'], fine_prompt='caption')
 # cpu_captions_slow: the same at the per-image LoRA's rate for the 40 fast steps (3e-2).
 SIZES['cpu_captions_slow'] = dict(SIZES['cpu_captions'], fast_lr=3e-2)
+# cpu_scene: cpu_captions_slow with the pre-optimization and the hypernetworks trained on
+# the captions too (prompt: their data.prompt), so that no stage binds the reference's
+# scene to S* (RESULTS.md: the GPU's static-prompt hypernetwork start costs position).
+SIZES['cpu_scene'] = dict(SIZES['cpu_captions_slow'], prompt='scene')
 TARGETS = 'cross_attn,self_attn,text_attn,text_mlp'  # the paper's layers
 
 
@@ -82,7 +86,8 @@ def _stage(objective, s, steps, prompt, seed=0, **model):
 
 
 def _hyper(s, seed, rounds, beta):
-  c = _stage('hyperlora', s, s['hyper'], 'static', seed, pretrained='stage:base',
+  c = _stage('hyperlora', s, s['hyper'], s.get('prompt', 'static'), seed,
+             pretrained='stage:base',
              prompt_dropout=0.0)
   c.hypernet.decoder.update(kind='transformer', width=128, depth=2, heads=4, rounds=rounds)
   c.hypernet.param.update(kind='lidb', rank=1, a=s['a'], b=s['b'], seed=0)
@@ -94,8 +99,8 @@ def _hyper(s, seed, rounds, beta):
 def get_config(size='cpu'):
   s = SIZES[size]
   c = quickstart.with_base_stage(s, _stage)
-  targets = _stage('lora_bank', s, s['targets_steps'], 'static', pretrained='stage:base',
-                   prompt_dropout=0.0)
+  targets = _stage('lora_bank', s, s['targets_steps'], s.get('prompt', 'static'),
+                   pretrained='stage:base', prompt_dropout=0.0)
   targets.bank.update(param=dict(kind='lidb', rank=1, a=s['a'], b=s['b'], seed=0),
                       subjects_per_step=s['subjects'])
   targets.optim.update(lr=s['targets_lr'], weight_decay=0.0)

@@ -105,6 +105,7 @@ def _fit_shards(config, workdir, records, chunks, todo):
   fit = train.fit(objective.loss_fn, lora_bank.subject_batch, config.optim, config.train.remat)
   fields = lora_lib.raw_fields(config.bank.param)
   n = config.bank.subjects_per_step
+  most = max(len(r) for r in records.values())  # One shape for every shard: one compile.
   for step, k in enumerate(todo):
     identities = chunks[k]
     indices = [i for key in identities for i in records[key]]
@@ -114,7 +115,7 @@ def _fit_shards(config, workdir, records, chunks, todo):
     padded = identities + [identities[-1]] * (n - len(identities))  # a short last shard
     data = lora_bank.cache_latents(models, frozen, lora_bank.subject_data(
         models, [batch['target'][mine[key]] for key in padded],
-        [list(batch['prompt'][mine[key]]) for key in padded]))
+        [list(batch['prompt'][mine[key]]) for key in padded], most))
     start = time.perf_counter()
     params, loss = fit(on_rows(objective.trainable),
                        frozen, on_rows(data), config.train.num_steps,

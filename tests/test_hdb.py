@@ -149,6 +149,18 @@ def test_bank_subjects_train_independently_in_one_compiled_loop(dirs):
   assert 'while' in str(jax.make_jaxpr(fit)(objective.trainable, objective.frozen, data,
                                             3, np.float32(1e-2), jax.random.key(1)))
 
+  # Shards whose subjects have other image counts, padded to one k, run that program.
+  prompts = [['a figure wearing S*'] * 2] * 2
+  for shard in ([test[[0]], test[[1, 2]]], [test[[0, 1]], test[[2]]]):
+    padded = lora_bank.subject_data(objective.models, shard, prompts, k=3)
+    assert padded['target'].shape[:2] == (2, 3) and list(padded['count']) == [
+        len(x) for x in shard]
+    fit(objective.trainable, objective.frozen, padded, 1, np.float32(1e-2),
+        jax.random.key(1))
+  assert fit._cache_size() == 2  # k=1 above, k=3 here
+  with pytest.raises(ValueError, match='k=1 images per subject, fewer than a subject'):
+    lora_bank.subject_data(objective.models, [test[[0, 1]]], prompts[:1], k=1)
+
 
 # ---------------------------------------------------------------- the weight-space loss
 def _hyper_config(dirs, **more):
@@ -383,7 +395,8 @@ def test_hdb_config_is_complete(size):
   assert objectives.spec(c.stages.targets.objective).per_subject
   for name in c.stage_order[1:]:
     stage = c.stages[name]
-    assert stage.model.pretrained == 'stage:base' and stage.data.prompt == 'static'
+    assert stage.model.pretrained == 'stage:base'
+    assert stage.data.prompt == quickstart_hdb.SIZES[size].get('prompt', 'static')
     assert stage.data.context == 'target'
     for key in ('resolution', 'item_frac', 'num_train', 'seed', 'test_fraction'):
       assert stage.data[key] == c.stages.base.data[key], key

@@ -87,11 +87,15 @@ def bank(config, models: Models, frozen: dict, rng, num_subjects: int, fixed=Non
   return diffusion_objective(spec, config, models, trainable, frozen, lora=lora)
 
 
-def subject_data(models: Models, images, prompts) -> dict:
+def subject_data(models: Models, images, prompts, k: int | None = None) -> dict:
   """What `subject_batch` draws from (numpy): 'target' [N, k, H, W, 3] (subject n's
-  images[n], k = the most any subject has, the rest repeats its last), 'count' [N], and
-  per text tower 'input_ids' [N, k, L] of prompts[n] (one per image)."""
-  k = max(len(x) for x in images)
+  images[n], the rest up to k repeating its last; k: at least the most any subject has,
+  by default that), 'count' [N], and per text tower 'input_ids' [N, k, L] of prompts[n]
+  (one per image). A fixed k keeps the shapes, and so the compiled fit, of every shard."""
+  k = k or max(len(x) for x in images)
+  if k < max(len(x) for x in images):
+    raise ValueError(f'k={k} images per subject, fewer than a subject has '
+                     f'({max(len(x) for x in images)}).')
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], k - len(x), axis=0)])
   ids = tokenize(models, [p for ps in prompts for p in list(ps) + [ps[-1]] * (k - len(ps))])
   return {'target': np.stack([pad(np.asarray(x, np.float32)) for x in images]),
