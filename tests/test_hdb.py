@@ -1,6 +1,7 @@
 """HyperDreamBooth end to end: batched pre-optimization into a target-weights dataset,
 the weight-space loss, text-tower LoRAs through diffusers, rank-relaxed fast fine-tuning
 (library and CLI) and the Table 3 report, on tiny from-scratch models."""
+import importlib.util
 import os
 
 import jax
@@ -16,6 +17,8 @@ from hyperlora_jax.convert import lora_files, pipeline, target_weights
 from hyperlora_jax.data import images, pipeline as data_pipeline
 from hyperlora_jax.objectives import base as objective_base, hyperlora, lora_bank
 from tests.test_sample import make_run, run_cli, shared_dirs, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's layers (UNet self attention is the tiny UNet's cost, so cross only here).
 TARGETS = 'cross_attn,text_attn,text_mlp'
@@ -116,6 +119,25 @@ def test_preoptimization_fits_every_identity_and_resumes_without_refitting(bank)
   with pytest.raises(ValueError, match=r'(?s)holds 2 shards fitted with another config:'
                      r'\n  bank.subjects_per_step: 32 -> 16\n  optim.lr: .* -> 0.5\n'):
     main.train_one(other, workdir)
+
+
+def test_target_noise_measures_what_a_hypernetwork_can_learn_of_the_targets(bank):
+  """benchmarks/target_noise.py on the bank's fit: a fit agrees with itself, attribute-
+  linear numbers are explained and noise is not."""
+  spec = importlib.util.spec_from_file_location(
+      'target_noise', os.path.join(ROOT, 'benchmarks', 'target_noise.py'))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  r = tool.report(bank['workdir'], again=bank['workdir'])
+  assert r['identities'] == len(bank['keys']) and r['variance'] > 0
+  assert r['retest'] == pytest.approx(1.0)
+  identities, y = tool.load(bank['workdir'])
+  assert tool.retest(y, 2 * y.mean(0) - y) == pytest.approx(-1.0)
+  x = tool.attributes(identities)
+  assert np.all(x.sum(1) == 5)  # shape, color, pattern, second color, the constant
+  rng = np.random.RandomState(0)
+  assert tool.attribute_r2(identities, x @ rng.randn(x.shape[1], 7)) > 0.999
+  assert tool.attribute_r2(identities, rng.randn(len(identities), 7)) < 0.2
 
 
 def _targets(index):
