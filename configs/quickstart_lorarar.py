@@ -31,11 +31,13 @@ SIZES = {
                 prediction='v_prediction'),
     # gpu: 32 px (the item 11 px wide), three seeds, 120 held-out pairs (ZipLoRA's 100
     # steps each are most of the report): ~17 min estimated from quickstart_basis:gpu's
-    # step rates on one H200 (27 min), so it fits a session's device time. gpu64: 64 px,
+    # step rates on one H200, as quickstart_hdb:gpu's 17 were (it took 26): plan ~25.
+    # The zoo's rate is 3e-2, not the CPU's 0.1: on quickstart_hdb:gpu's UNet 40 LoRA
+    # steps at 0.1 draw noise and at 3e-2 reach 95% color (RESULTS.md). gpu64: 64 px,
     # 300 pairs (~40 min). Neither has run yet.
     'gpu': dict(resolution=32, item_frac=0.34, channels=(64, 128, 256), text=128,
                 base=4000, batch=64, num_train=20000, workers=-1, dtype='bfloat16',
-                test_fraction=0.2, zoo_steps=100, subjects=256, zoo_lr=1e-1, rank=8,
+                test_fraction=0.2, zoo_steps=100, subjects=256, zoo_lr=3e-2, rank=8,
                 merger=2000, pairs=120, ziplora=100, ziplora_lr=1e-2, seeds=(0, 1, 2),
                 eval_steps=25, prediction='v_prediction'),
     # The smallest end-to-end run (tests): seconds, learns nothing.
