@@ -28,6 +28,7 @@ F=--xla_flags=--xla_gpu_enable_triton_gemm=false  # cuBLAS GEMMs: same speed, fa
 ALL="issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
 issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
 issue16|hdb_gpu|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu
+issue16|hdb_gpu_scene|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu_scene
 issue17|lorarar_gpu|-m hyperlora_jax.main --config=configs/quickstart_lorarar.py:gpu
 issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F
 issue20|latency|benchmarks/gpu_benchmark.py --only=latency,latency_parts $F

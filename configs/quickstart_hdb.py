@@ -2,7 +2,8 @@
 
   python -m hyperlora_jax.main --config=configs/quickstart_hdb.py --workdir=workdirs/hdb
   python -m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu --workdir=...
-  (:cpu_2seeds: the cpu size with two training seeds, reusing a cpu run's stages)
+  (:cpu_2seeds: the cpu size with two training seeds, reusing a cpu run's stages;
+   :cpu_scene / :gpu_scene: every stage and fine-tuned row on the subjects' captions)
 
 A subject is a synthetic item; its reference photo is a scene in which the figure wears
 it (data.context='target': the image is both the hypernetwork's input and the diffusion
@@ -73,8 +74,16 @@ SIZES['cpu_captions'] = dict(SIZES['cpu'], fine_prompt='caption')
 SIZES['cpu_captions_slow'] = dict(SIZES['cpu_captions'], fast_lr=3e-2)
 # cpu_scene: cpu_captions_slow with the pre-optimization and the hypernetworks trained on
 # the captions too (prompt: their data.prompt), so that no stage binds the reference's
-# scene to S* (RESULTS.md: the GPU's static-prompt hypernetwork start costs position).
-SIZES['cpu_scene'] = dict(SIZES['cpu_captions_slow'], prompt='scene')
+# scene to S* (RESULTS.md: the GPU's static-prompt hypernetwork start costs position);
+# two training seeds.
+SIZES['cpu_scene'] = dict(SIZES['cpu_captions_slow'], prompt='scene', seeds=(0, 1))
+# gpu_scene: the gpu size as cpu_scene (every stage and fine-tuned row on captions, fast
+# rate 3e-2: the gpu run's best rows), targets fitted at 3e-2 for 120 steps (at lr 0.1
+# they are 60% fit noise: RESULTS.md, benchmarks/target_noise.py), and 10-step rows, where
+# 40 steps from zero already reach 95% color. ~25 min on one H200 (gpu: 26 measured).
+SIZES['gpu_scene'] = {k: v for k, v in SIZES['gpu'].items() if k != 'caption_lr'}
+SIZES['gpu_scene'].update(prompt='scene', fine_prompt='caption', fast_lr=3e-2,
+                          targets_lr=3e-2, targets_steps=120, short=10)
 TARGETS = 'cross_attn,self_attn,text_attn,text_mlp'  # the paper's layers
 
 
@@ -120,10 +129,10 @@ def get_config(size='cpu'):
   fine = dict(rank=4, lr=s['fast_lr'], mode='hyperlora',
               prompt=s.get('fine_prompt', 'static'))
   first = [runs['hyper'][0]]
-  captions = []  # The fine-tuned rows again on each subject's caption, at caption_lr.
+  extra = []  # The fine-tuned rows again on each subject's caption, at caption_lr.
   if 'caption_lr' in s:
     caption = dict(fine, prompt='caption', lr=s['caption_lr'])
-    captions = [
+    extra += [
         dict(name=f'No Hyper, captions ({s["fast"]} steps at {s["caption_lr"]:g})',
              runs=first, steps=s['fast'], from_scratch=True, **caption),
         dict(name=f'Hyper + fast fine-tuning, captions ({s["fast"]} steps at '
@@ -132,6 +141,11 @@ def get_config(size='cpu'):
         dict(name=f'per-image LoRA, captions ({s["converged"]} steps)', runs=first,
              steps=s['converged'], from_scratch=True,
              **dict(caption, lr=s['converged_lr']))]
+  if 'short' in s:  # Fewer steps than No Hyper needs: what the hypernetwork's start is worth.
+    extra += [dict(name=f'No Hyper ({s["short"]} steps from zero)', runs=first,
+                   steps=s['short'], from_scratch=True, **fine),
+              dict(name=f'Hyper + fast fine-tuning ({s["short"]} steps)', runs=runs['hyper'],
+                   steps=s['short'], from_scratch=False, **fine)]
   c.report = dict(
       kind='personalization', num_examples=s['report_subjects'], num_steps=s['eval_steps'],
       guidance=3.0, seeds=s['seeds'], rows=(
@@ -149,7 +163,7 @@ def get_config(size='cpu'):
                runs=runs['hyper_noweight'], steps=s['fast'], from_scratch=False, **fine),
           dict(name=f'per-image LoRA, {s["converged"]} steps (DreamBooth-LoRA)', runs=first,
                steps=s['converged'], from_scratch=True, **dict(fine, lr=s['converged_lr'])),
-          *captions,
+          *extra,
           dict(name='oracle: base model, item in words', runs=first, mode='oracle'),
       ))
   return c
