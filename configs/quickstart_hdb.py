@@ -78,9 +78,10 @@ SIZES['cpu_captions_slow'] = dict(SIZES['cpu_captions'], fast_lr=3e-2)
 # two training seeds.
 SIZES['cpu_scene'] = dict(SIZES['cpu_captions_slow'], prompt='scene', seeds=(0, 1))
 # cpu_scene_slow_targets: cpu_scene with the targets fitted at 3e-2 for 60 steps (half
-# the fit noise of 0.1 for 20: benchmarks/target_noise.py), as gpu_scene's are.
+# the fit noise of 0.1 for 20: benchmarks/target_noise.py), as gpu_scene's are, and
+# gpu_scene's 10-step rows.
 SIZES['cpu_scene_slow_targets'] = dict(SIZES['cpu_scene'], targets_lr=3e-2,
-                                       targets_steps=60)
+                                       targets_steps=60, short=10)
 # gpu_scene: the gpu size as cpu_scene (every stage and fine-tuned row on captions, fast
 # rate 3e-2: the gpu run's best rows), targets fitted at 3e-2 for 120 steps (at lr 0.1
 # they are 60% fit noise: RESULTS.md, benchmarks/target_noise.py), and 10-step rows, where
