@@ -15,7 +15,6 @@ synthetic task, prints:
   deviations from their means, the share of the targets that is not fit noise
 """
 import argparse
-import json
 import os
 import sys
 
@@ -29,8 +28,7 @@ from hyperlora_jax.data import synthetic  # noqa: E402
 
 def load(folder: str, identities=None):
   """(identities, [N, numbers]): every identity's raw target numbers, flattened."""
-  with open(os.path.join(folder, target_weights.INDEX)) as f:
-    index = json.load(f)
+  index = target_weights.read_index(folder)
   identities = sorted(index['identities']) if identities is None else identities
   groups = target_weights.load(folder, identities, index['parameterization'],
                                [lora_lib.Target(*t) for t in index['targets']])

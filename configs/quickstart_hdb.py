@@ -44,9 +44,8 @@ SIZES = {
     # gpu: the CPU's rates with the GPU quickstart's UNet at 32 px (the item 11 px wide),
     # three seeds for the method's rows, the ablations (K = 1, no weight-space loss)
     # trained once (ablation_seeds), and the caption rows (caption_lr: RESULTS.md's CPU
-    # finding that a caption at the per-image rate keeps the scene). ~18 min estimated
-    # from quickstart_basis:gpu's step rates (its 27 min: base ~6, 12 stages ~14, report
-    # ~6.5), so it fits a session's device time beside benchmarks/hdb_benchmark.py.
+    # finding that a caption at the per-image rate keeps the scene). 26 min on one H200
+    # (RESULTS.md), where the CPU's fast rate 0.1 draws noise: gpu_scene is the next run.
     # gpu64: 64 px and twice the hypernetwork steps (~35 min). (cpu_2seeds, below: the
     # cpu size with every hypernetwork and fine-tuning row twice.)
     'gpu': dict(resolution=32, item_frac=0.34, channels=(64, 128, 256), text=128,
@@ -101,8 +100,7 @@ def _stage(objective, s, steps, prompt, seed=0, **model):
 
 def _hyper(s, seed, rounds, beta):
   c = _stage('hyperlora', s, s['hyper'], s.get('prompt', 'static'), seed,
-             pretrained='stage:base',
-             prompt_dropout=0.0)
+             pretrained='stage:base', prompt_dropout=0.0)
   c.hypernet.decoder.update(kind='transformer', width=128, depth=2, heads=4, rounds=rounds)
   c.hypernet.param.update(kind='lidb', rank=1, a=s['a'], b=s['b'], seed=0)
   c.hypernet.gamma_init = 1.0  # the scale the target weights were fitted at
@@ -134,8 +132,8 @@ def get_config(size='cpu'):
   fine = dict(rank=4, lr=s['fast_lr'], mode='hyperlora',
               prompt=s.get('fine_prompt', 'static'))
   first = [runs['hyper'][0]]
-  extra = []  # The fine-tuned rows again on each subject's caption, at caption_lr.
-  if 'caption_lr' in s:
+  extra = []  # Sizes' further rows: the fine-tuned ones on captions, the short ones.
+  if 'caption_lr' in s:  # The fine-tuned rows again on each subject's caption.
     caption = dict(fine, prompt='caption', lr=s['caption_lr'])
     extra += [
         dict(name=f'No Hyper, captions ({s["fast"]} steps at {s["caption_lr"]:g})',

@@ -116,16 +116,22 @@ def check(index: dict, parameterization: dict, targets: Sequence[lora_lib.Target
                      + '; '.join(problems) + '.')
 
 
-def load(folder: str, identities: Sequence[str], parameterization: dict,
-         targets: Sequence[lora_lib.Target]) -> list:
-  """The raw groups [len(identities), T_g, size] of `identities`, in their order."""
+def read_index(folder: str) -> dict:
+  """A finished target-weights dataset's index (parameterization, targets, identity ->
+  [shard, row]); a clear error where there is none."""
   path = os.path.join(folder, INDEX)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'No target-weights dataset at {folder}: {INDEX} is missing (a finished '
         'pre-optimization, a lora_bank run, writes it; rerun an interrupted one).')
   with open(path) as f:
-    index = json.load(f)
+    return json.load(f)
+
+
+def load(folder: str, identities: Sequence[str], parameterization: dict,
+         targets: Sequence[lora_lib.Target]) -> list:
+  """The raw groups [len(identities), T_g, size] of `identities`, in their order."""
+  index = read_index(folder)
   check(index, parameterization, targets, folder)
   missing = [i for i in identities if i not in index['identities']]
   if missing:

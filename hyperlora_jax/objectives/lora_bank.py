@@ -92,10 +92,10 @@ def subject_data(models: Models, images, prompts, k: int | None = None) -> dict:
   images[n], the rest up to k repeating its last; k: at least the most any subject has,
   by default that), 'count' [N], and per text tower 'input_ids' [N, k, L] of prompts[n]
   (one per image). A fixed k keeps the shapes, and so the compiled fit, of every shard."""
-  k = k or max(len(x) for x in images)
-  if k < max(len(x) for x in images):
-    raise ValueError(f'k={k} images per subject, fewer than a subject has '
-                     f'({max(len(x) for x in images)}).')
+  most = max(len(x) for x in images)
+  k = k or most
+  if k < most:
+    raise ValueError(f'k={k} images per subject, fewer than a subject has ({most}).')
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], k - len(x), axis=0)])
   ids = tokenize(models, [p for ps in prompts for p in list(ps) + [ps[-1]] * (k - len(ps))])
   return {'target': np.stack([pad(np.asarray(x, np.float32)) for x in images]),

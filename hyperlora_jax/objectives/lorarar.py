@@ -15,8 +15,6 @@ A run's LoRA is the merge of a pair: ``lora(trainable, frozen, {'content': i, 's
 j})`` with zoo indices i, j [B] (`Spec.lora_inputs`), so sampling takes it as it takes
 any per-sample LoRA.
 """
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +32,7 @@ from hyperlora_jax.objectives.base import (Objective, Spec, base_models, latents
 
 def zoo_keys(folder: str) -> tuple:
   """The subjects of a lora_bank run's folder (its index), in their row order."""
-  path = os.path.join(folder, target_weights.INDEX)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No LoRA zoo bank at {folder}: {target_weights.INDEX} is '
-                            'missing (a finished lora_bank run writes it).')
-  with open(path) as f:
-    return tuple(json.load(f)['identities'])
+  return tuple(target_weights.read_index(folder)['identities'])
 
 
 def build(config, rng) -> Objective:
