@@ -101,7 +101,7 @@ class JaxControl(gb.JaxBench):
         shapes.unet, conditioning_embedding_out_channels=_embedding(args))
     self.control = controlnet.from_config(config, self.dtype)
     self.control_config = config
-    self.control_params = gb._random_params(gb._abstract_params(self.control), 7,  # pylint: disable=protected-access
+    self.control_params = gb.random_params(gb.abstract_params(self.control), 7,
                                             args.unet_param_dtype)
 
   def step_flops(self) -> float:
@@ -116,7 +116,7 @@ class JaxControl(gb.JaxBench):
       residuals = conditioning.control_residuals(control, control_params, pose, SCALE)
       return conditioning.denoiser(unet, unet_params, None, {'context': text}, residuals)(x, t)
 
-    return gb.flops(step, gb._abstract_params(unet), gb._abstract_params(control),  # pylint: disable=protected-access
+    return gb.flops(step, gb.abstract_params(unet), gb.abstract_params(control),
                     spec(1, s.latent, s.latent, s.unet['in_channels']), spec(1, dtype=jnp.int32),
                     spec(1, s.text_len, s.text_dim), spec(1, side, side, 3))
 

@@ -429,7 +429,7 @@ def flops(fn, *args) -> float:
   return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def _abstract_params(module, *inputs):
+def abstract_params(module, *inputs):
   inputs = inputs or module.dummy_inputs()
   return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))['params']
 
@@ -443,7 +443,7 @@ def model_flops(shapes: Shapes, hypernet_config) -> dict:
   """
   f32 = jax.ShapeDtypeStruct
   unet = unet_lib.from_config(shapes.unet)
-  unet_params = _abstract_params(unet)
+  unet_params = abstract_params(unet)
   added = {}
   if shapes.pooled_dim:
     added = dict(text_embeds=f32((1, shapes.pooled_dim), jnp.float32),
@@ -457,17 +457,17 @@ def model_flops(shapes: Shapes, hypernet_config) -> dict:
   size = shapes.vit['image_size']
   images = f32((1, size, size, 3), jnp.float32)
   counts['hypernet'] = flops(lambda p, x: net.apply({'params': p}, x),
-                             _abstract_params(net, jnp.zeros((1, size, size, 3))), images)
+                             abstract_params(net, jnp.zeros((1, size, size, 3))), images)
   if shapes.text:
     text = clip.text_from_config(shapes.text)
-    counts['text'] = flops(lambda p, i: text.apply({'params': p}, i), _abstract_params(text),
+    counts['text'] = flops(lambda p, i: text.apply({'params': p}, i), abstract_params(text),
                            f32((1, shapes.text_len), jnp.int32))
   if shapes.text:  # the families whose latency rows run the whole pipeline
     vae = vae_lib.from_config(shapes.vae)
     latents = f32((1, shapes.latent, shapes.latent, shapes.vae['latent_channels']),
                   jnp.float32)
     counts['vae_decoder'] = flops(lambda p, z: vae_lib.decode_latents(vae, p, z),
-                                  _abstract_params(vae), latents)
+                                  abstract_params(vae), latents)
   return counts
 
 
@@ -501,11 +501,11 @@ def write_random_pipeline(shapes: Shapes, folder: str, rank: int) -> str:
   text_config = dict(shapes.text, max_position_embeddings=shapes.text_len,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id)
-  unet_params = _random_params(_abstract_params(unet_lib.from_config(shapes.unet)), 0,
+  unet_params = random_params(abstract_params(unet_lib.from_config(shapes.unet)), 0,
                                np.float32, host=True)
-  text_params = _random_params(_abstract_params(clip.text_from_config(text_config)), 1,
+  text_params = random_params(abstract_params(clip.text_from_config(text_config)), 1,
                                np.float32, host=True)
-  vae_params = _random_params(_abstract_params(vae_lib.from_config(shapes.vae)), 2,
+  vae_params = random_params(abstract_params(vae_lib.from_config(shapes.vae)), 2,
                               np.float32, host=True)
   pipe = os.path.join(folder, 'pipeline')
   pipeline.save_pipeline(pipe, unet_params, shapes.unet, text_params, text_config, tokenizer,
@@ -794,7 +794,7 @@ def _planned_bytes(compiled) -> Optional[float]:
     return None
 
 
-def _random_params(shapes, seed: int, dtype=None, host: bool = False):
+def random_params(shapes, seed: int, dtype=None, host: bool = False):
   """Random params of these shapes, made on the host in a few seconds (a jitted
   init of the SD UNet compiles for longer; throughput does not depend on values);
   numpy arrays with ``host``, else device arrays.
@@ -850,7 +850,7 @@ class JaxBench:
 
   @functools.cached_property
   def unet_params(self):
-    return _random_params(_abstract_params(self.module), 0, self.args.unet_param_dtype)
+    return random_params(abstract_params(self.module), 0, self.args.unet_param_dtype)
 
   # --- pieces
   def _hypernet(self, targets):
@@ -860,7 +860,7 @@ class JaxBench:
     size = self.shapes.vit['image_size']
     variables = jax.eval_shape(net.init, jax.random.key(2), jnp.zeros((1, size, size, 3)))
     assert set(variables) == {'params'}, 'plain LoRA has no aux variables'
-    return net, _random_params(variables['params'], 2)
+    return net, random_params(variables['params'], 2)
 
   def _time_ids(self, batch: int):
     p = self.shapes.pixels

@@ -174,7 +174,7 @@ def test_flops_equal_torch_flop_counter_at_full_size():
   assert round(ours['unet'] / 1e12, 2) == 6.76  # SDXL at 1024 px
 
   vit = clip.vision_from_config(s.vit).clone(remat='full')  # a lax.scan over 24 layers
-  params = gb._abstract_params(vit)  # pylint: disable=protected-access
+  params = gb.abstract_params(vit)
   ours = gb.flops(lambda p, x: vit.apply({'params': p}, x), params,
                   jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
   with torch.device('meta'):
