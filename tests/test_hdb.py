@@ -316,6 +316,12 @@ def test_fast_finetuning_stacks_the_prediction_and_the_relaxed_lora(hyper_run):
   captions = ['a figure on the left wearing S*', 'a figure on the right wearing S*']
   personal = finetune.personalize(run, contexts, steps=3, rank=2, lr=1e-2, prompt=captions)
   trees, errors = finetune.loras(personal)
+  # The next subjects of these shapes run the same compiled loop, to the same numbers.
+  again = finetune.personalize(run, contexts, steps=3, rank=2, lr=1e-2, prompt=captions)
+  assert personal.compile_s > 0 and again.compile_s == 0
+  for tree, tree_again in zip(trees, finetune.loras(again)[0]):
+    for path, factors in tree.items():
+      np.testing.assert_array_equal(factors['up'], tree_again[path]['up'])
   assert errors == [0.0, 0.0] and len(trees) == 2
   predicted = runs.plain_loras(personal.predicted)
   module = lora_bank.raw_lora(personal.run.config.bank.param, run.objective.models.targets)
