@@ -102,7 +102,7 @@ class JaxControl(gb.JaxBench):
     self.control = controlnet.from_config(config, self.dtype)
     self.control_config = config
     self.control_params = gb.random_params(gb.abstract_params(self.control), 7,
-                                            args.unet_param_dtype)
+                                           args.unet_param_dtype)
 
   def step_flops(self) -> float:
     """FLOPs of one ControlNet + UNet evaluation at batch 1 (`gb.flops`, float32

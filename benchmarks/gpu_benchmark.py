@@ -490,6 +490,22 @@ def _work(row: Row, counts: dict, args) -> Optional[float]:
 
 
 # ---------------------------------------------------------------- the latency rows' folder
+def write_random_folder(folder: str, unet_config: dict, text_config: dict, vae_config: dict,
+                        tokenizer: str) -> dict:
+  """A diffusers SD folder (unet/, text_encoder/, tokenizer/ from the `tokenizer`
+  folder, scheduler/, vae/) of random weights made on the host (`random_params`);
+  returns the UNet's params."""
+  modules = (unet_lib.from_config(unet_config), clip.text_from_config(text_config),
+             vae_lib.from_config(vae_config))
+  unet, text, vae = (random_params(abstract_params(m), seed, np.float32, host=True)
+                     for seed, m in enumerate(modules))
+  pipeline.save_pipeline(folder, unet, unet_config, text, text_config, tokenizer,
+                         dict(diffusion.SD15_SCHEDULER_CONFIG))
+  pipeline.save_model(vae, dict(vae_config, _class_name='AutoencoderKL'),
+                      os.path.join(folder, 'vae'), pipeline.UNET_WEIGHTS)
+  return unet
+
+
 def write_random_pipeline(shapes: Shapes, folder: str, rank: int) -> str:
   """A diffusers SD folder with random weights (unet/, text_encoder/, tokenizer/,
   scheduler/, vae/) and, beside its parts, a random rank-``rank`` LoRA on every
@@ -501,17 +517,8 @@ def write_random_pipeline(shapes: Shapes, folder: str, rank: int) -> str:
   text_config = dict(shapes.text, max_position_embeddings=shapes.text_len,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id)
-  unet_params = random_params(abstract_params(unet_lib.from_config(shapes.unet)), 0,
-                               np.float32, host=True)
-  text_params = random_params(abstract_params(clip.text_from_config(text_config)), 1,
-                               np.float32, host=True)
-  vae_params = random_params(abstract_params(vae_lib.from_config(shapes.vae)), 2,
-                              np.float32, host=True)
   pipe = os.path.join(folder, 'pipeline')
-  pipeline.save_pipeline(pipe, unet_params, shapes.unet, text_params, text_config, tokenizer,
-                         diffusion.SD15_SCHEDULER_CONFIG)
-  pipeline.save_model(vae_params, dict(shapes.vae, _class_name='AutoencoderKL'),
-                      os.path.join(pipe, 'vae'), pipeline.UNET_WEIGHTS)
+  unet_params = write_random_folder(pipe, shapes.unet, text_config, shapes.vae, tokenizer)
   rng = np.random.default_rng(3)
   lora = {t.path: {'down': rng.standard_normal((rank, t.d_in), np.float32) * t.d_in ** -0.5,
                    'up': rng.standard_normal((t.d_out, rank), np.float32) * 0.1}

@@ -43,10 +43,9 @@ import gpu_benchmark as gb  # pylint: disable=g-import-not-at-top,wrong-import-p
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
-from hyperlora_jax import defaults, diffusion, files, finetune, objectives, runs, train
-from hyperlora_jax.convert import clip_folders, pipeline
+from hyperlora_jax import defaults, files, finetune, objectives, runs, train
+from hyperlora_jax.convert import clip_folders
 from hyperlora_jax.data import synthetic
-from hyperlora_jax.models import clip, unet as unet_lib, vae as vae_lib
 from hyperlora_jax.objectives import lora_bank
 
 GIB = 2 ** 30
@@ -115,16 +114,7 @@ def write_folder(folder: str, size: dict) -> None:
   _log(f'Writing random weights to {folder}')
   tokenizer = os.path.join(tempfile.mkdtemp(), 'tokenizer')
   clip_folders.write_tokenizer(synthetic.vocabulary(), tokenizer, 77)
-  unet = unet_lib.from_config(size['unet'])
-  text = clip.text_from_config(size['text'])
-  vae = vae_lib.from_config(size['vae'])
-  # On the host: a jitted init of the SD1.5 UNet compiled for over 7 minutes on the H200.
-  params = [gb.random_params(gb.abstract_params(m), seed, np.float32, host=True)
-            for seed, m in enumerate((unet, text, vae))]
-  pipeline.save_pipeline(folder, params[0], size['unet'], params[1], size['text'], tokenizer,
-                         dict(diffusion.SD15_SCHEDULER_CONFIG))
-  pipeline.save_model(params[2], dict(size['vae'], _class_name='AutoencoderKL'),
-                      os.path.join(folder, 'vae'), pipeline.UNET_WEIGHTS)
+  gb.write_random_folder(folder, size['unet'], size['text'], size['vae'], tokenizer)
 
 
 def hyper_run(folder: str, size: dict, remat: str, dtype: str) -> runs.Run:
@@ -172,7 +162,7 @@ def one_subject(run, args, rows):
   warm = finetune.personalize(run, context, **kwargs)
   path = os.path.join(tempfile.mkdtemp(), 'subject.safetensors')
   writes = []
-  for personal in (cold, warm):  # the first call converts the file format's pieces
+  for personal in (cold, warm):  # the first call compiles plain_loras' eager ops
     start = time.perf_counter()
     trees, _ = finetune.loras(personal)
     finetune.write(trees[0], 'diffusers', path, run.objective.models.unet_config, {})
