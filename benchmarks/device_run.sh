@@ -36,8 +36,10 @@ issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_s
 issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora $F
 issue23|sdxl_sample|benchmarks/gpu_benchmark.py --only=sdxl_sample $F
 issue23|sdxl_parity|benchmarks/sdxl_parity.py
-issue16|hdb_cold|benchmarks/hdb_benchmark.py --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
-issue16|hdb_warm|benchmarks/hdb_benchmark.py --folder=$JOB/sd15_random --compilation_cache=$JOB/cache"
+issue16|hdb_cold|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
+issue16|hdb_warm|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
+issue16|hdb_preopt|benchmarks/hdb_benchmark.py --only=preoptimization --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
+issue16|hdb_cmdbuf|benchmarks/hdb_benchmark.py --only=one_subject --xla_flags=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --folder=$JOB/sd15_random --compilation_cache=$JOB/cache"
 
 commands() {  # name|command of the processes a comma list of sets and names selects
   local lines

@@ -93,10 +93,17 @@ def parse_args(argv=None):
                  'pre-optimization step (32; tiny 2).')
   p.add_argument('--one_by_one', type=int, default=None, help='Single-identity fits timed '
                  '(4; tiny 1).')
+  p.add_argument('--only', default=','.join(MEASUREMENTS), help='Comma-separated measurements '
+                 f'(of {",".join(MEASUREMENTS)}).')
+  p.add_argument('--xla_flags', default='', help='Appended to XLA_FLAGS (a flag sweep: one '
+                 'process per setting).')
   p.add_argument('--remat', default='none', help='train.remat policy of the fits.')
   p.add_argument('--dtype', default=None, help='Compute dtype (bfloat16; tiny float32: '
                  'CPUs emulate bf16).')
   args = p.parse_args(argv)
+  unknown = set(args.only.split(',')) - set(MEASUREMENTS)
+  if unknown:
+    p.error(f'--only: unknown {sorted(unknown)}; choose from {",".join(MEASUREMENTS)}.')
   tiny = {'steps': 2, 'preopt_steps': 2, 'together': 2, 'identities': 2, 'one_by_one': 1,
           'dtype': 'float32'}
   full = {'steps': 40, 'preopt_steps': 40, 'together': 16, 'identities': 32, 'one_by_one': 4,
@@ -177,7 +184,8 @@ def one_subject(run, args, rows):
        f'{warm.fit_s:.3f} s, file (rank {rank}, {os.path.getsize(path) / 2**20:.1f} MiB) '
        f'{write_s:.3f} s; target <= 1 s'),
       ('one subject: compile of the fine-tuning loop', f'{cold.compile_s:.1f} s',
-       f"this process' first subject, tracing {cold.trace_s:.1f} s of it; the next "
+       f"this process' first subject, tracing {cold.trace_s:.1f} s of it (or reading the "
+       'traced program back: hyperlora_jax/traced.py); the next '
        f'subjects of these shapes reuse the loop ({warm.compile_s:.1f} s); target <= 10 s '
        'from a warm persistent cache (a second run of the benchmark)'),
       ("one subject: this process' first context -> LoRA file, compiles included",
@@ -234,6 +242,10 @@ def preoptimization(run, args, rows):
                          f'; XLA plan of the loop {planned / GIB:.1f} GiB'))]
 
 
+MEASUREMENTS = {'preoptimization': preoptimization, 'one_subject': one_subject,
+                'together': together}
+
+
 def format_table(rows, notes) -> str:
   lines = ['| measurement | value | notes |', '|---|---|---|']
   lines += [f'| {a} | {b} | {c} |' for a, b, c in rows]
@@ -242,6 +254,8 @@ def format_table(rows, notes) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.xla_flags:  # Before JAX starts its backend, which reads XLA_FLAGS once.
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
   if args.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
   size = SIZES['tiny' if args.tiny else 'sd15']
@@ -250,8 +264,8 @@ def main(argv=None):
   run = hyper_run(folder, size, args.remat, args.dtype)
   device = jax.devices()[0]
   rows = []
-  for name, fn in (('pre-optimization', preoptimization), ('one subject', one_subject),
-                   ('together', together)):
+  for name in args.only.split(','):
+    fn = MEASUREMENTS[name]
     _log(f'Measuring {name}')
     try:
       fn(run, args, rows)
@@ -261,7 +275,7 @@ def main(argv=None):
   notes = [f'{device.device_kind} ({jax.default_backend()}), JAX {jax.__version__}, '
            f'{args.dtype} compute, {"tiny" if args.tiny else "SD1.5"}-shaped random weights at '
            f'{size["resolution"]} px, LiDB rank 1 a={size["a"]} b={size["b"]} over '
-           f'{TARGETS}, remat {args.remat}.']
+           f'{TARGETS}, remat {args.remat}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}.']
   table = format_table(rows, notes)
   print(table)
   if args.out:

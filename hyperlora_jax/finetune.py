@@ -21,6 +21,7 @@ is printed). --out is the file for one image, the folder (<image name>.safetenso
 a folder.
 """
 import functools
+import json
 import os
 import time
 from typing import Any, NamedTuple, Optional, Sequence
@@ -34,6 +35,7 @@ import numpy as np
 from hyperlora_jax import cli
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import runs
+from hyperlora_jax import traced
 from hyperlora_jax import train
 from hyperlora_jax.convert import lora_files
 from hyperlora_jax.data import builders
@@ -54,7 +56,7 @@ class Personal(NamedTuple):
   lora: Any  # each subject's LoRA as the personal run applies it (leading axis N)
   prepare_s: float  # the hypernetwork's prediction and the images' VAE latents
   compile_s: float  # the fine-tuning loop's tracing and compilation (0: compiled before)
-  trace_s: float  # of which tracing and lowering to StableHLO
+  trace_s: float  # of which tracing and lowering to StableHLO (or reading it: traced.py)
   fit_s: float  # the fine-tuning loop itself, all subjects
 
 
@@ -153,8 +155,11 @@ def _compiled_fit(objective, config, subject_key: str, log_every: int, args):
     params, _ = fit(trainable, frozen, *rest)
     return params, objective.lora(params, frozen, subjects)
 
+  models = objective.models
   start = time.perf_counter()
-  lowered = jax.jit(fit_and_gather).lower(*args)
+  lowered = traced.lower(fit_and_gather, args, json.dumps(
+      [key[1:4], models.unet_config, models.text_config, models.text2_config,
+       models.scheduler_config], sort_keys=True, default=str))
   trace_s = time.perf_counter() - start
   compiled = lowered.compile()
   while len(_FITS) >= _FITS_KEPT:
@@ -192,6 +197,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   files = image_io.image_files(f.context)  # Fails before the slow restore.
+  cli.use_compilation_cache(f.compilation_cache)
   run = runs.restore(f.workdir, f.step)
   check(run, f.steps, f.rank, f.from_scratch)
   contexts, names = image_io.load_images(f.context, run.config.data.resolution)
@@ -239,7 +245,10 @@ def _flags():
   flags.DEFINE_enum('format', 'diffusers', FORMATS, 'diffusers (diffusers/peft) or kohya '
                     '(= comfyui, a1111).')
   flags.DEFINE_integer('seed', 0, 'Seed of the fresh LoRA, the noise and the timesteps.')
-  flags.DEFINE_integer('log_every', 10, 'Print the loss every N steps (0: never).')
+  flags.DEFINE_integer('log_every', 0, 'Print the loss every N steps from inside the loop '
+                       '(0: never). A loop that prints is traced again in every process: '
+                       'the traced-program cache (hyperlora_jax/traced.py) cannot keep it.')
+  cli.define_compilation_cache_flag()
   flags.DEFINE_string('out', None, 'The LoRA file (one context image) or folder.')
   flags.mark_flags_as_required(['workdir', 'context', 'out'])
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import quickstart_hdb, sd15_hyperdreambooth
 from hyperlora_jax import export, finetune, lora as lora_lib, main, objectives, preoptimize
-from hyperlora_jax import runs, sample, stages, train
+from hyperlora_jax import runs, sample, stages, traced, train
 from hyperlora_jax.convert import lora_files, pipeline, target_weights
 from hyperlora_jax.data import images, pipeline as data_pipeline
 from hyperlora_jax.objectives import base as objective_base, hyperlora, lora_bank
@@ -346,6 +346,26 @@ def test_fast_finetuning_stacks_the_prediction_and_the_relaxed_lora(hyper_run):
   # Each subject's own LoRA is what its sampling applies.
   pictures = np.asarray(sample_images(personal.run, 2))
   assert np.abs(pictures[0] - pictures[1]).max() > 1e-3
+
+
+def test_a_fresh_process_reads_the_traced_loop_back(hyper_run, dirs, monkeypatch):
+  """With a compilation cache, the loop's traced program is kept beside it (traced.py):
+  a process without the loop in memory (here: an emptied _FITS) does not trace the
+  model again, and runs the same numbers."""
+  run, contexts = hyper_run['run'], hyper_run['contexts']
+  kwargs = dict(steps=2, rank=2, lr=1e-2)
+  monkeypatch.setattr(finetune, '_FITS', {})
+  first = finetune.personalize(run, contexts, **kwargs)
+  assert any(n.endswith(traced.SUFFIX) for n in os.listdir(traced.folder()))
+  draws, draw = [], lora_bank.subject_batch
+  monkeypatch.setattr(lora_bank, 'subject_batch',
+                      lambda *a, **k: draws.append(1) or draw(*a, **k))
+  monkeypatch.setattr(finetune, '_FITS', {})
+  again = finetune.personalize(run, contexts, **kwargs)
+  assert again.compile_s > 0 and not draws  # compiled, from the file: never traced
+  for tree, tree_again in zip(finetune.loras(first)[0], finetune.loras(again)[0]):
+    for path, factors in tree.items():
+      np.testing.assert_array_equal(factors['up'], tree_again[path]['up'])
 
 
 def sample_images(run, n):
