@@ -52,7 +52,11 @@ def lower(fn, args: tuple, description: str) -> jax.stages.Lowered:
     # JAX version and backend already stand in for.
     checks = [jax.export.DisabledSafetyCheck.custom_call(t)
               for t in sorted(set(_CUSTOM_CALL.findall(text)))]
-    exported = jax.export.export(jitted, disabled_checks=checks)(*args)
+    try:
+      exported = jax.export.export(jitted, disabled_checks=checks)(*args)
+    except Exception as e:  # pylint: disable=broad-except  (kept or not, it runs)
+      logging.warning('Not keeping the traced program (%s: %s).', type(e).__name__, e)
+      return lowered
     with files.atomic_file(path) as tmp, open(tmp, 'wb') as out:
       out.write(exported.serialize())
   # The first process lowers the same call as the later ones: one compilation-cache key.
