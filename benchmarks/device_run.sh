@@ -40,6 +40,8 @@ issue16|hdb_cold|benchmarks/hdb_benchmark.py --only=one_subject,together --folde
 issue16|hdb_warm|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
 issue16|hdb_preopt|benchmarks/hdb_benchmark.py --only=preoptimization --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
 issue16|hdb_jit|benchmarks/hdb_benchmark.py --only=one_subject --compilation_cache= --folder=$JOB/sd15_random
+issue16|hdb_steps1|benchmarks/hdb_benchmark.py --only=one_subject --steps=1 --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
+issue16|hdb_steps80|benchmarks/hdb_benchmark.py --only=one_subject --steps=80 --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
 issue16|hdb_cmdbuf|benchmarks/hdb_benchmark.py --only=one_subject --xla_flags=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --folder=$JOB/sd15_random --compilation_cache=$JOB/cache"
 
 commands() {  # name|command of the processes a comma list of sets and names selects
