@@ -37,7 +37,7 @@ issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora $F
 issue23|sdxl_sample|benchmarks/gpu_benchmark.py --only=sdxl_sample $F
 issue23|sdxl_parity|benchmarks/sdxl_parity.py
 issue16|hdb_cold|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
-issue16|hdb_warm|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
+issue16|hdb_warm|benchmarks/hdb_benchmark.py --only=one_subject,together --profile=$JOB/results/hdb_warm_profile --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
 issue16|hdb_preopt|benchmarks/hdb_benchmark.py --only=preoptimization --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
 issue16|hdb_jit|benchmarks/hdb_benchmark.py --only=one_subject --compilation_cache= --folder=$JOB/sd15_random
 issue16|hdb_steps1|benchmarks/hdb_benchmark.py --only=one_subject --steps=1 --folder=$JOB/sd15_random --compilation_cache=$JOB/cache

@@ -31,6 +31,7 @@ import os
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys
 import tempfile
 import time
@@ -97,6 +98,8 @@ def parse_args(argv=None):
                  f'(of {",".join(MEASUREMENTS)}).')
   p.add_argument('--xla_flags', default='', help='Appended to XLA_FLAGS (a flag sweep: one '
                  'process per setting).')
+  p.add_argument('--profile', default='', help='Write a jax.profiler trace of a 1-step '
+                 'fine-tuning call here (one_subject).')
   p.add_argument('--remat', default='none', help='train.remat policy of the fits.')
   p.add_argument('--dtype', default=None, help='Compute dtype (bfloat16; tiny float32: '
                  'CPUs emulate bf16).')
@@ -135,11 +138,22 @@ def hyper_run(folder: str, size: dict, remat: str, dtype: str) -> runs.Run:
   c.train.update(compute_dtype=dtype, remat=remat)
   objective = objectives.build(c, jax.random.key(0))
   params = dict(objective.trainable, gamma=np.float32(1.0))
-  return runs.Run(c, objective._replace(trainable=None), params)
+  return runs.Run(c, objective._replace(trainable=None, frozen=runs.on_devices(
+      objective.frozen)), runs.on_devices(params))
 
 
 def _log(message: str) -> None:
   print(f'[{time.strftime("%H:%M:%S")}] {message}', flush=True)
+
+
+@contextlib.contextmanager
+def _profiled(folder):
+  """A jax.profiler trace of the block into `folder` (TensorBoard/XProf), or nothing."""
+  if not folder:
+    yield
+    return
+  with jax.profiler.trace(folder):
+    yield
 
 
 def _peak():
@@ -167,6 +181,9 @@ def one_subject(run, args, rows):
   kwargs = dict(steps=args.steps, rank=4, lr=1e-3)
   cold = finetune.personalize(run, context, **kwargs)
   warm = finetune.personalize(run, context, **kwargs)
+  # One step through the same program (steps is its argument): the call's fixed cost.
+  with _profiled(args.profile):
+    one = finetune.personalize(run, context, **dict(kwargs, steps=1))
   path = os.path.join(tempfile.mkdtemp(), 'subject.safetensors')
   writes = []
   for personal in (cold, warm):  # the first call compiles plain_loras' eager ops
@@ -178,11 +195,17 @@ def one_subject(run, args, rows):
   write_s = writes[1]
   total = warm.prepare_s + warm.fit_s + write_s
   rank = max(f['down'].shape[0] for f in trees[0].values())
+  per_step = (warm.fit_s - one.fit_s) / max(1, args.steps - 1)
   rows += [
       ('one subject: context -> LoRA file, after compilation', f'{total:.3f} s',
        f'hypernetwork + latents {warm.prepare_s:.3f} s, {args.steps} steps '
        f'{warm.fit_s:.3f} s, file (rank {rank}, {os.path.getsize(path) / 2**20:.1f} MiB) '
        f'{write_s:.3f} s; target <= 1 s'),
+      ('one subject: the loop, fixed cost per call + per step',
+       f'{one.fit_s - per_step:.3f} s + {1000 * per_step:.1f} ms',
+       f'from {args.steps} steps ({warm.fit_s:.3f} s) and 1 step ({one.fit_s:.3f} s) of the '
+       'same program' + (f'; profile of the 1-step call in {args.profile}'
+                         if args.profile else '')),
       ('one subject: compile of the fine-tuning loop', f'{cold.compile_s:.1f} s',
        f"this process' first subject, tracing {cold.trace_s:.1f} s of it (or reading the "
        'traced program back: hyperlora_jax/traced.py); the next '
