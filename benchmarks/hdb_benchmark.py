@@ -148,11 +148,12 @@ def _log(message: str) -> None:
 
 @contextlib.contextmanager
 def _profiled(folder):
-  """A jax.profiler trace of the block into `folder` (TensorBoard/XProf), or nothing."""
+  """A jax.profiler trace of the block into `folder` (benchmarks/trace_summary.py reads
+  its perfetto file), or nothing."""
   if not folder:
     yield
     return
-  with jax.profiler.trace(folder):
+  with jax.profiler.trace(folder, create_perfetto_trace=True):
     yield
 
 
