@@ -4,7 +4,7 @@ The compilation cache spares a fresh process XLA's compile, not the tracing befo
 Python running the model once to build the program's StableHLO, ~10 s for the
 fine-tuning loop at SD1.5 shape (finetune.py). `lower` keeps that StableHLO as a
 jax.export file, keyed by everything the program is made from (this package's source,
-JAX's version, the backend, the caller's description of its configuration, the
+the versions of JAX, Flax and Optax, the backend, the caller's description of its configuration, the
 arguments' structure, shapes, dtypes and placement), so a fresh process reads it back in
 well under a second and then finds its compile in the compilation cache.
 
@@ -13,6 +13,7 @@ callback is a Python function of the process that traced it): it is lowered as u
 """
 import functools
 import hashlib
+from importlib import metadata
 import os
 import re
 
@@ -65,11 +66,16 @@ def lower(fn, args: tuple, description: str) -> jax.stages.Lowered:
 
 def key(description: str, args: tuple) -> str:
   leaves, treedef = jax.tree.flatten(args)
-  parts = [_source_digest(), jax.__version__, jax.default_backend(), description,
-           str(treedef)]
+  parts = [_source_digest(), *_versions(), jax.default_backend(), description, str(treedef)]
   parts += [f'{np.shape(x)} {getattr(x, "dtype", type(x).__name__)} '
             f'{getattr(x, "sharding", "")}' for x in leaves]
   return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
+
+
+@functools.cache
+def _versions() -> tuple:
+  """The libraries whose code builds the programs besides this package's."""
+  return tuple(f'{name} {metadata.version(name)}' for name in ('jax', 'jaxlib', 'flax', 'optax'))
 
 
 @functools.cache
