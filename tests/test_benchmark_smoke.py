@@ -69,11 +69,27 @@ def _check_rows(rows, expected, torch_impls):
         assert _number(vs_eager) > 0, (config, cells)
 
 
-def test_tiny_training_and_sampling_rows(tmp_path):
-  out, js = tmp_path / 'table.md', tmp_path / 'rows.json'
-  _run('--tiny', '--only=lora,hyper,sample', '--batch_sizes=2', f'--out={out}',
-       f'--json={js}')
+# One process for every gpu_benchmark.py section the next three tests read: JAX, torch
+# and each family's models start once, not once per test.
+TINY_SECTIONS = 'lora,hyper,sample,latency,latency_parts,sdxl_lora,sdxl_sample'
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """gpu_benchmark.py --tiny's table, --json file and, per section, its table rows."""
+  folder = tmp_path_factory.mktemp('gpu_benchmark')
+  out, js = folder / 'table.md', folder / 'rows.json'
+  _run('--tiny', f'--only={TINY_SECTIONS}', '--batch_sizes=2', f'--out={out}', f'--json={js}')
+  section = {r['label']: r['section'] for r in json.loads(js.read_text())['rows']}
   rows = _table(out.read_text())
+  of = lambda *names: {k: v for k, v in rows.items() if section[k[0]] in names}
+  return dict(out=out, json=js, of=of)
+
+
+@pytest.mark.xdist_group('gpu_benchmark')
+def test_tiny_training_and_sampling_rows(tiny_run, tmp_path):
+  out, js = tiny_run['out'], tiny_run['json']
+  rows = tiny_run['of']('lora', 'hyper', 'sample')
   expected = {('LoRA train, batch 2', OURS), ('HyperLoRA train, batch 2', OURS),
               ('DDIM-3 + CFG, 2 images', 'ours (per-sample LoRAs)')}
   _check_rows({k: v for k, v in rows.items() if k[0] != 'HyperLoRA train, batch 2'},
@@ -107,10 +123,9 @@ def test_tiny_training_and_sampling_rows(tmp_path):
   assert (tmp_path / 'merged.md').read_text() == out.read_text()
 
 
-def test_tiny_latency_rows_and_parts(tmp_path):
-  out = tmp_path / 'table.md'
-  _run('--tiny', '--only=latency,latency_parts', f'--out={out}')
-  rows = _table(out.read_text())
+@pytest.mark.xdist_group('gpu_benchmark')
+def test_tiny_latency_rows_and_parts(tiny_run):
+  rows = tiny_run['of']('latency', 'latency_parts')
   latency = '1 image: context -> LoRA -> DDIM-2 + CFG -> decoded'
   _check_rows({k: v for k, v in rows.items() if k[0] == latency},
               {(latency, 'ours (sample.generate)')},
@@ -122,14 +137,13 @@ def test_tiny_latency_rows_and_parts(tmp_path):
           'sampler loop, the LoRA merged into the weights'} <= set(parts)
 
 
-def test_tiny_sdxl_rows(tmp_path):
-  out = tmp_path / 'table.md'
-  _run('--tiny', '--only=sdxl_lora,sdxl_sample', f'--out={out}')
-  rows = _table(out.read_text())
+@pytest.mark.xdist_group('gpu_benchmark')
+def test_tiny_sdxl_rows(tiny_run):
+  rows = tiny_run['of']('sdxl_lora', 'sdxl_sample')
   _check_rows(rows, {('SDXL LoRA train, batch 2', OURS),
                      ('SDXL DDIM-2 + CFG, 2 images', 'ours (per-sample LoRAs)')},
               ('diffusers+peft eager', 'diffusers+peft compiled'))
-  assert 'pooled text 16 + 6 time ids' in out.read_text()
+  assert 'pooled text 16 + 6 time ids' in tiny_run['out'].read_text()
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='compares with diffusers')
