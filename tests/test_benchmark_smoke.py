@@ -87,6 +87,7 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.xdist_group('gpu_benchmark')
+@pytest.mark.slow
 def test_tiny_training_and_sampling_rows(tiny_run, tmp_path):
   out, js = tiny_run['out'], tiny_run['json']
   rows = tiny_run['of']('lora', 'hyper', 'sample')
@@ -147,6 +148,7 @@ def test_tiny_sdxl_rows(tiny_run):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='compares with diffusers')
+@pytest.mark.slow
 def test_tiny_sdxl_parity_is_exact_in_fp32():
   result = _run('--tiny', script=os.path.join(ROOT, 'benchmarks', 'sdxl_parity.py'))
   rows = {r['dtype']: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
@@ -154,6 +156,7 @@ def test_tiny_sdxl_parity_is_exact_in_fp32():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="compares with torch's FLOP counter")
+@pytest.mark.slow
 def test_flops_equal_torch_flop_counter_at_full_size():
   """The count behind MFU, on the full SD1.5 and SDXL UNets and the ViT-L/14 (a lax.scan
   over its layers), equals torch.utils.flop_counter on diffusers' and transformers'
@@ -226,6 +229,7 @@ def test_ratios_only_within_one_process_and_the_hyperlora_note():
           'LoRA step') in text
 
 
+@pytest.mark.slow
 def test_memory_plan_prints_xla_plans_of_the_tiny_steps():
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH,
              XLA_FLAGS='--xla_backend_optimization_level=0 '
@@ -292,6 +296,7 @@ def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
     ts.find_traces(str(tmp_path / 'nothing_here'))
 
 
+@pytest.mark.slow
 def test_hdb_benchmark_tiny_prints_every_target_row(tmp_path):
   """benchmarks/hdb_benchmark.py --tiny: every speed and memory row of issue 16, each
   with its number (through finetune.personalize and the lora_bank fit)."""
@@ -412,6 +417,7 @@ def test_tiny_controlnet_row(tmp_path):
     assert rows[(config, 'diffusers+peft compiled')][0] == 'skipped (CPU)'
 
 
+@pytest.mark.slow
 def test_merge_benchmark_tiny_prints_every_row():
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
   result = subprocess.run(
