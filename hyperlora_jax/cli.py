@@ -37,15 +37,19 @@ def quiet_libraries() -> None:
       logger.addFilter(noise)
 
 
-# JAX's persistent compilation cache (main's and sample's --compilation_cache).
-COMPILATION_CACHE = os.path.expanduser('~/.cache/hyperlora_jax/xla')
+# JAX's persistent compilation cache (main's and sample's --compilation_cache): JAX's own
+# JAX_COMPILATION_CACHE_DIR when set (as the Colab notebook reads it), which the flag's
+# default would otherwise override.
+COMPILATION_CACHE = (os.environ.get('JAX_COMPILATION_CACHE_DIR') or
+                     os.path.expanduser('~/.cache/hyperlora_jax/xla'))
 
 
 def define_compilation_cache_flag():
   return flags.DEFINE_string(
       'compilation_cache', COMPILATION_CACHE,
       'JAX persistent compilation cache: a rerun, a resumed run or another stage of the '
-      'same shapes loads its compiled programs instead of compiling again. Empty: off.')
+      'same shapes loads its compiled programs instead of compiling again. Default: '
+      '$JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/hyperlora_jax/xla. Empty: off.')
 
 
 def use_compilation_cache(folder: str) -> None:

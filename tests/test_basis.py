@@ -20,6 +20,9 @@ from hyperlora_jax.data import subjects, synthetic
 from hyperlora_jax.models import id_base
 from hyperlora_jax.objectives import hyperlora_basis
 
+# One worker builds its fixtures; slow: scheduled first (tests/conftest.py).
+pytestmark = [pytest.mark.xdist_group('basis'), pytest.mark.slow]
+
 SET = 2
 
 

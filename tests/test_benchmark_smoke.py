@@ -69,11 +69,28 @@ def _check_rows(rows, expected, torch_impls):
         assert _number(vs_eager) > 0, (config, cells)
 
 
-def test_tiny_training_and_sampling_rows(tmp_path):
-  out, js = tmp_path / 'table.md', tmp_path / 'rows.json'
-  _run('--tiny', '--only=lora,hyper,sample', '--batch_sizes=2', f'--out={out}',
-       f'--json={js}')
+# One process for every gpu_benchmark.py section the next three tests read: JAX, torch
+# and each family's models start once, not once per test.
+TINY_SECTIONS = 'lora,hyper,sample,latency,latency_parts,sdxl_lora,sdxl_sample'
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """gpu_benchmark.py --tiny's table, --json file and, per section, its table rows."""
+  folder = tmp_path_factory.mktemp('gpu_benchmark')
+  out, js = folder / 'table.md', folder / 'rows.json'
+  _run('--tiny', f'--only={TINY_SECTIONS}', '--batch_sizes=2', f'--out={out}', f'--json={js}')
+  section = {r['label']: r['section'] for r in json.loads(js.read_text())['rows']}
   rows = _table(out.read_text())
+  of = lambda *names: {k: v for k, v in rows.items() if section[k[0]] in names}
+  return dict(out=out, json=js, of=of)
+
+
+@pytest.mark.xdist_group('gpu_benchmark')
+@pytest.mark.slow
+def test_tiny_training_and_sampling_rows(tiny_run, tmp_path):
+  out, js = tiny_run['out'], tiny_run['json']
+  rows = tiny_run['of']('lora', 'hyper', 'sample')
   expected = {('LoRA train, batch 2', OURS), ('HyperLoRA train, batch 2', OURS),
               ('DDIM-3 + CFG, 2 images', 'ours (per-sample LoRAs)')}
   _check_rows({k: v for k, v in rows.items() if k[0] != 'HyperLoRA train, batch 2'},
@@ -107,10 +124,9 @@ def test_tiny_training_and_sampling_rows(tmp_path):
   assert (tmp_path / 'merged.md').read_text() == out.read_text()
 
 
-def test_tiny_latency_rows_and_parts(tmp_path):
-  out = tmp_path / 'table.md'
-  _run('--tiny', '--only=latency,latency_parts', f'--out={out}')
-  rows = _table(out.read_text())
+@pytest.mark.xdist_group('gpu_benchmark')
+def test_tiny_latency_rows_and_parts(tiny_run):
+  rows = tiny_run['of']('latency', 'latency_parts')
   latency = '1 image: context -> LoRA -> DDIM-2 + CFG -> decoded'
   _check_rows({k: v for k, v in rows.items() if k[0] == latency},
               {(latency, 'ours (sample.generate)')},
@@ -122,17 +138,17 @@ def test_tiny_latency_rows_and_parts(tmp_path):
           'sampler loop, the LoRA merged into the weights'} <= set(parts)
 
 
-def test_tiny_sdxl_rows(tmp_path):
-  out = tmp_path / 'table.md'
-  _run('--tiny', '--only=sdxl_lora,sdxl_sample', f'--out={out}')
-  rows = _table(out.read_text())
+@pytest.mark.xdist_group('gpu_benchmark')
+def test_tiny_sdxl_rows(tiny_run):
+  rows = tiny_run['of']('sdxl_lora', 'sdxl_sample')
   _check_rows(rows, {('SDXL LoRA train, batch 2', OURS),
                      ('SDXL DDIM-2 + CFG, 2 images', 'ours (per-sample LoRAs)')},
               ('diffusers+peft eager', 'diffusers+peft compiled'))
-  assert 'pooled text 16 + 6 time ids' in out.read_text()
+  assert 'pooled text 16 + 6 time ids' in tiny_run['out'].read_text()
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='compares with diffusers')
+@pytest.mark.slow
 def test_tiny_sdxl_parity_is_exact_in_fp32():
   result = _run('--tiny', script=os.path.join(ROOT, 'benchmarks', 'sdxl_parity.py'))
   rows = {r['dtype']: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
@@ -140,6 +156,7 @@ def test_tiny_sdxl_parity_is_exact_in_fp32():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="compares with torch's FLOP counter")
+@pytest.mark.slow
 def test_flops_equal_torch_flop_counter_at_full_size():
   """The count behind MFU, on the full SD1.5 and SDXL UNets and the ViT-L/14 (a lax.scan
   over its layers), equals torch.utils.flop_counter on diffusers' and transformers'
@@ -212,6 +229,7 @@ def test_ratios_only_within_one_process_and_the_hyperlora_note():
           'LoRA step') in text
 
 
+@pytest.mark.slow
 def test_memory_plan_prints_xla_plans_of_the_tiny_steps():
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH,
              XLA_FLAGS='--xla_backend_optimization_level=0 '
@@ -278,6 +296,7 @@ def test_trace_summary_sums_device_ops_by_kind_per_step(tmp_path):
     ts.find_traces(str(tmp_path / 'nothing_here'))
 
 
+@pytest.mark.slow
 def test_hdb_benchmark_tiny_prints_every_target_row(tmp_path):
   """benchmarks/hdb_benchmark.py --tiny: every speed and memory row of issue 16, each
   with its number (through finetune.personalize and the lora_bank fit)."""
@@ -398,6 +417,7 @@ def test_tiny_controlnet_row(tmp_path):
     assert rows[(config, 'diffusers+peft compiled')][0] == 'skipped (CPU)'
 
 
+@pytest.mark.slow
 def test_merge_benchmark_tiny_prints_every_row():
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH)
   result = subprocess.run(

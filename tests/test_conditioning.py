@@ -18,6 +18,9 @@ from hyperlora_jax.models import controlnet
 from hyperlora_jax.objectives import conditioning
 from tests.test_sample import make_run, shared_dirs, tiny_config
 
+# One worker builds its fixtures; slow: scheduled first (tests/conftest.py).
+pytestmark = [pytest.mark.xdist_group('conditioning'), pytest.mark.slow]
+
 VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            image_size=16, patch_size=4, projection_dim=16)
 POSED = {'data.pose': True, 'data.resolution': 16,

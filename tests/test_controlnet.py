@@ -16,6 +16,8 @@ from hyperlora_jax.convert import controlnet_folders, core, pipeline
 from hyperlora_jax.models import controlnet, unet
 from tests.test_unet import SD1_TINY, _inputs, _peft_lora, _rel_err, _torch_unet
 
+pytestmark = pytest.mark.xdist_group('controlnet')  # one worker builds its fixtures
+
 CONTROL_TINY = dict(  # the UNet's encoder; the condition image at 2x the latent size
     {k: v for k, v in SD1_TINY.items() if k not in ('sample_size', 'up_block_types')},
     conditioning_embedding_out_channels=(8, 16))

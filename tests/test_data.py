@@ -14,6 +14,8 @@ from hyperlora_jax.data import augment, builders
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import synthetic
 
+pytestmark = pytest.mark.xdist_group('data')  # one worker builds its fixtures
+
 RED, BLUE = (200, 30, 30), (30, 30, 200)
 
 

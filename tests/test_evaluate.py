@@ -16,6 +16,9 @@ from hyperlora_jax.convert import clip_folders
 from hyperlora_jax.models import clip, vit
 from tests.test_sample import make_run, run_cli, shared_dirs
 
+# One worker builds its fixtures; slow: scheduled first (tests/conftest.py).
+pytestmark = [pytest.mark.xdist_group('evaluate'), pytest.mark.slow]
+
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):

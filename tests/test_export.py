@@ -17,6 +17,8 @@ from hyperlora_jax.data import images
 from hyperlora_jax.models import unet
 from tests.test_sample import examples, make_run, run_cli, shared_dirs
 
+pytestmark = pytest.mark.xdist_group('export')  # one worker builds its fixtures
+
 NUM_BASES, RANK = 3, 2
 
 

@@ -87,6 +87,8 @@ def test_stack_adds_deltas_and_compress_is_the_truncated_svd():
 
 
 # ---------------------------------------------------------------- pre-optimization
+@pytest.mark.xdist_group('hdb_bank')  # one worker fits the bank
+@pytest.mark.slow
 def test_preoptimization_fits_every_identity_and_resumes_without_refitting(bank):
   workdir, keys = bank['workdir'], bank['keys']
   index = bank['index']
@@ -121,6 +123,8 @@ def test_preoptimization_fits_every_identity_and_resumes_without_refitting(bank)
     main.train_one(other, workdir)
 
 
+@pytest.mark.xdist_group('hdb_bank')  # one worker fits the bank
+@pytest.mark.slow
 def test_target_noise_measures_what_a_hypernetwork_can_learn_of_the_targets(bank):
   """benchmarks/target_noise.py on the bank's fit: a fit agrees with itself, attribute-
   linear numbers are explained and noise is not."""
@@ -199,6 +203,8 @@ def _loss(objective, config, rng=1):
                                   jax.random.key(rng))
 
 
+@pytest.mark.xdist_group('hdb_bank')  # one worker fits the bank
+@pytest.mark.slow
 def test_weight_space_loss_and_beta_zero_is_the_diffusion_loss_exactly(dirs, bank):
   config = _hyper_config(dirs)
   plain = objectives.build(config, jax.random.key(0))
@@ -226,6 +232,8 @@ def test_weight_space_loss_and_beta_zero_is_the_diffusion_loss_exactly(dirs, ban
                              rtol=1e-5)
 
 
+@pytest.mark.xdist_group('hdb_bank')  # one worker fits the bank
+@pytest.mark.slow
 def test_target_weights_that_do_not_fit_fail_at_start_naming_what_differs(dirs, bank,
                                                                           tmp_path):
   workdir, keys, index = bank['workdir'], bank['keys'], bank['index']
@@ -264,6 +272,8 @@ def hyper_run(dirs, tmp_path_factory):
   return dict(workdir=workdir, run=run, contexts=contexts)
 
 
+@pytest.mark.xdist_group('hdb_hyper_run')  # one worker builds the run
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', ['diffusers', 'kohya'])
 def test_predicted_text_tower_lora_loads_in_diffusers(hyper_run, tmp_path, fmt):
   import diffusers  # pylint: disable=import-outside-toplevel
@@ -308,6 +318,8 @@ def test_predicted_text_tower_lora_loads_in_diffusers(hyper_run, tmp_path, fmt):
 
 
 # ---------------------------------------------------------------- fast fine-tuning
+@pytest.mark.xdist_group('hdb_hyper_run')  # one worker builds the run
+@pytest.mark.slow
 def test_fast_finetuning_stacks_the_prediction_and_the_relaxed_lora(hyper_run):
   run, contexts = hyper_run['run'], hyper_run['contexts']
   with pytest.raises(ValueError, match='1 prompts for 2 subjects'):
@@ -373,6 +385,8 @@ def sample_images(run, n):
                          inputs={'subject': np.arange(n)})
 
 
+@pytest.mark.xdist_group('hdb_hyper_run')  # one worker builds the run
+@pytest.mark.slow
 def test_what_cannot_be_fine_tuned_is_refused(hyper_run, dirs, tmp_path):
   run = hyper_run['run']
   for kwargs, message in ((dict(steps=-1), '--steps must be >= 0'),
@@ -390,6 +404,8 @@ def test_what_cannot_be_fine_tuned_is_refused(hyper_run, dirs, tmp_path):
     finetune.check(shared, 40, 4, False)
 
 
+@pytest.mark.xdist_group('hdb_hyper_run')  # one worker builds the run
+@pytest.mark.slow
 def test_finetune_cli(hyper_run, dirs, tmp_path):
   faces = tmp_path / 'faces'
   faces.mkdir()
@@ -412,6 +428,8 @@ def test_finetune_cli(hyper_run, dirs, tmp_path):
 
 
 # ---------------------------------------------------------------- the Table 3 report
+@pytest.mark.xdist_group('hdb_hyper_run')  # one worker builds the run
+@pytest.mark.slow
 def test_personalization_report(hyper_run, tmp_path):
   os.symlink(hyper_run['workdir'], tmp_path / 'hyper')
   config = quickstart_hdb.get_config('smoke')

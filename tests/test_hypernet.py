@@ -11,6 +11,9 @@ from hyperlora_jax import defaults, lora, objectives
 from hyperlora_jax.models import clip, hypernet, unet
 from tests.test_unet import SD1_TINY
 
+# One worker builds its fixtures; slow: scheduled first (tests/conftest.py).
+pytestmark = [pytest.mark.xdist_group('hypernet'), pytest.mark.slow]
+
 # Smaller than the parity config: these tests are about the hypernetwork, not the UNet.
 UNET = dict(SD1_TINY, block_out_channels=(16, 32), cross_attention_dim=16,
             down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),

@@ -19,6 +19,8 @@ from hyperlora_jax.convert import core, ip_adapter_files
 from hyperlora_jax.models import ip_adapter, unet
 from tests.test_unet import SD1_TINY, SD2_TINY, _inputs, _peft_lora, _rel_err, _torch_unet
 
+pytestmark = pytest.mark.xdist_group('ip_adapter')  # one worker builds its fixtures
+
 EMBED_DIM = 24  # the (tiny) CLIP image embedding
 
 

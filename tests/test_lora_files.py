@@ -21,6 +21,8 @@ from hyperlora_jax.models import unet
 from tests.test_sdxl import SDXL_TINY
 from tests.test_unet import SD1_TINY, _inputs, _ours, _peft_lora, _rel_err, _torch_unet
 
+pytestmark = pytest.mark.xdist_group('lora_files')  # one worker builds its fixtures
+
 TEXT_CONFIG = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
                    num_hidden_layers=2, vocab_size=100, bos_token_id=0, eos_token_id=1,
                    pad_token_id=1)

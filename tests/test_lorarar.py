@@ -16,6 +16,9 @@ from hyperlora_jax.data import synthetic
 from hyperlora_jax.objectives import lorarar
 from tests.test_sample import run_cli, shared_dirs
 
+# One worker builds its fixtures; slow: scheduled first (tests/conftest.py).
+pytestmark = [pytest.mark.xdist_group('lorarar'), pytest.mark.slow]
+
 
 @pytest.fixture(scope='module')
 def rar(tmp_path_factory):

@@ -22,6 +22,8 @@ from hyperlora_jax.convert import core, lora_files, pipeline
 from hyperlora_jax.models import merger as merger_lib
 from tests.test_unet import SD1_TINY, _inputs, _peft_lora, _rel_err, _torch_unet
 
+pytestmark = pytest.mark.xdist_group('merge')  # one worker builds its fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -14,6 +14,8 @@ from hyperlora_jax.convert import clip_folders, pipeline
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip, vae
 
+pytestmark = pytest.mark.xdist_group('pipeline')  # one worker builds its fixtures
+
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=40)
 

@@ -18,6 +18,8 @@ from hyperlora_jax.convert import core, lora_files
 from hyperlora_jax.data import images
 import test_train
 
+pytestmark = pytest.mark.xdist_group('robust')  # one worker builds its fixtures
+
 
 # ---------------------------------------------------------------- atomic writes
 

@@ -1,7 +1,7 @@
 """Sampling from a run trained by the real loop: restore, determinism,
 per-sample LoRAs, lora_scale, a diffusers base folder, and the CLI.
 
-The helpers here (compile cache, tiny configs, a run without training) are
+The helpers here (shared folders, tiny configs, a run without training) are
 shared by test_evaluate.py and test_export.py.
 """
 import json
@@ -20,21 +20,21 @@ from hyperlora_jax.convert import lora_files, pipeline
 from hyperlora_jax.data import images, synthetic
 from hyperlora_jax.data import pipeline as data_pipeline
 
+pytestmark = pytest.mark.xdist_group('sample')  # one worker builds its fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONPATH = os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
 
 
 def shared_dirs(factory) -> dict:
-  """Session-wide folders: the synthetic data and a persistent XLA cache.
+  """Session-wide folders: this worker's synthetic data and the session's persistent
+  XLA cache (tests/conftest.py's, which the CLIs read too).
 
   Building a tiny objective compiles for ~30 s on a busy 2-core CPU; every
   later build (restore_run, the CLIs) reads the cache instead.
   """
-  base = factory.getbasetemp()
-  dirs = {'data': str(base / 'tfds'), 'cache': str(base / 'jax_cache')}
-  jax.config.update('jax_compilation_cache_dir', dirs['cache'])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  return dirs
+  return {'data': str(factory.getbasetemp() / 'tfds'),
+          'cache': jax.config.jax_compilation_cache_dir}
 
 
 def tiny_config(dirs, objective='hyperlora', **overrides):

@@ -447,6 +447,7 @@ def test_hyperlora_trains_on_an_sdxl_folder(xl):
   assert all(float(np.abs(g).sum()) > 0 for g in jax.tree.leaves(grads['gamma']))
 
 
+@pytest.mark.slow
 def test_bytedance_basis_config_trains_on_an_sdxl_folder(xl, tmp_path):
   """configs/sdxl_basis.py's stage 3 at ByteDance's sizes (resamplers 1024 wide, 4
   deep, 12 heads of 64, two queries per layer, K = 128 bases of ranks 8 / 4, 16 identity
@@ -485,6 +486,7 @@ def test_bytedance_basis_config_trains_on_an_sdxl_folder(xl, tmp_path):
              if p.startswith('identity/projector'))
 
 
+@pytest.mark.slow
 def test_sdxl_lorarar_config_builds_and_trains_on_an_sdxl_folder(xl, tmp_path):
   """configs/sdxl_lorarar.py's merger on the tiny SDXL folder, over a two-subject zoo
   written as lora_bank runs write it: its loss is finite and reaches the merger."""

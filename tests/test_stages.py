@@ -62,6 +62,7 @@ def _record(path):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch, caplog):
   caplog.set_level(logging.INFO)
   monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README's command

@@ -18,6 +18,8 @@ from hyperlora_jax.convert import core
 from hyperlora_jax.models import clip, hypernet
 from tests.test_unet import _rel_err, _torch_unet
 
+pytestmark = pytest.mark.xdist_group('torch_peer')  # one worker builds its fixtures
+
 UNET = dict(defaults.tiny_unet(channels=(32, 64), cross_attention_dim=32, heads=2),
             in_channels=4, out_channels=4)
 VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -54,6 +54,7 @@ def test_bad_overrides_fail_fast(tmp_path, override, message):
   assert not (tmp_path / 'work').exists()  # Nothing was built or written.
 
 
+@pytest.mark.slow
 def test_tiny_config_learns_through_main(tmp_path):
   """configs/tiny_test.py end to end: real data, models and objective."""
   workdir = tmp_path / 'work'

@@ -15,6 +15,8 @@ from hyperlora_jax import convert
 from hyperlora_jax.convert import core
 from hyperlora_jax.models import unet
 
+pytestmark = pytest.mark.xdist_group('unet')  # one worker builds its fixtures
+
 SD1_TINY = dict(
     sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
     down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),

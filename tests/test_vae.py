@@ -14,6 +14,8 @@ from safetensors.numpy import load_file, save_file
 from hyperlora_jax.convert import CheckpointError, load_flax_model
 from hyperlora_jax.models import vae
 
+pytestmark = pytest.mark.xdist_group('vae')  # one worker builds its fixtures
+
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 # SD1.x-like (quant convs, no shift) and SD3/Flux-like (no quant convs, shift, no mid attention).
 CONFIGS = {
