@@ -305,9 +305,11 @@ def test_hdb_benchmark_tiny_prints_every_target_row(tmp_path):
   result = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'benchmarks', 'hdb_benchmark.py'), '--tiny',
        f'--out={out}', f'--folder={tmp_path / "weights"}',
-       f'--compilation_cache={tmp_path / "cache"}'],
+       f'--compilation_cache={tmp_path / "cache"}', f'--profile={tmp_path / "profile"}'],
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  # The 1-step call's trace, in the perfetto form benchmarks/trace_summary.py reads.
+  assert list((tmp_path / 'profile').rglob('*perfetto_trace.json.gz'))
   rows, notes = {}, {}
   for line in out.read_text().splitlines()[2:]:
     if line.startswith('| '):
@@ -323,6 +325,9 @@ def test_hdb_benchmark_tiny_prints_every_target_row(tmp_path):
                        'included'])
   assert first > float(cold)  # the loop's compile is part of it
   assert rows['2 subjects fine-tuned together'].endswith('subjects/s')
+  # The loop's cost split from a 1-step call of the same program (no compile of its own).
+  assert re.fullmatch(r'-?[0-9.]+ s \+ -?[0-9.]+ ms',
+                      rows['one subject: the loop, fixed cost per call + per step'])
   for name in ('pre-optimization, 2 identities per step',
                'pre-optimization, one identity at a time'):
     assert _number(rows[name]) > 0 and rows[name].endswith('identities/s')
