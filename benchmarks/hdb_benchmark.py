@@ -146,15 +146,11 @@ def _log(message: str) -> None:
   print(f'[{time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
-@contextlib.contextmanager
 def _profiled(folder):
   """A jax.profiler trace of the block into `folder` (benchmarks/trace_summary.py reads
   its perfetto file), or nothing."""
-  if not folder:
-    yield
-    return
-  with jax.profiler.trace(folder, create_perfetto_trace=True):
-    yield
+  return (jax.profiler.trace(folder, create_perfetto_trace=True) if folder
+          else contextlib.nullcontext())
 
 
 def _peak():

@@ -129,10 +129,10 @@ def personalize(run: runs.Run, contexts, *, steps: int, rank: int, lr: float,
 
 
 # The last few compiled loops, keyed by what their program depends on: the models (by
-# identity; the entry holds them, so the id stays theirs), the bank's config, the loop's
-# options and the arguments' shapes. A program only reads its arguments, so the next
-# subjects of the same run, shapes and rank reuse it: no tracing (~10 s at SD1.5 shape),
-# no compile, no first-run setup.
+# identity; the entry holds them, so the id stays theirs) and traced.key's digest of the
+# bank's config, the loop's options, the models' configs and the arguments' shapes. A
+# program only reads its arguments, so the next subjects of the same run, shapes and rank
+# reuse it: no tracing (~10 s at SD1.5 shape), no compile, no first-run setup.
 _FITS: dict = {}
 _FITS_KEPT = 4
 
@@ -141,9 +141,12 @@ def _compiled_fit(objective, config, subject_key: str, log_every: int, args):
   """(the compiled fine-tuning loop for `args`, seconds compiling, of which tracing).
   The loop returns the trained params and every subject's LoRA tree: gathering it in
   the same program spares the export a compile per personal run (1.3 s on the H200)."""
-  leaves, treedef = jax.tree.flatten(args)
-  key = (id(objective.models), config.to_json(sort_keys=True), subject_key, log_every,
-         treedef, tuple((np.shape(x), x.dtype) for x in leaves))
+  models = objective.models
+  description = json.dumps(
+      [config.to_json(sort_keys=True), subject_key, log_every, models.unet_config,
+       models.text_config, models.text2_config, models.scheduler_config],
+      sort_keys=True, default=str)
+  key = (id(models), traced.key(description, args))
   if key in _FITS:
     return _FITS[key][1], 0.0, 0.0
   fit = train.fit(objective.loss_fn, functools.partial(lora_bank.subject_batch,
@@ -155,16 +158,13 @@ def _compiled_fit(objective, config, subject_key: str, log_every: int, args):
     params, _ = fit(trainable, frozen, *rest)
     return params, objective.lora(params, frozen, subjects)
 
-  models = objective.models
   start = time.perf_counter()
-  lowered = traced.lower(fit_and_gather, args, json.dumps(
-      [key[1:4], models.unet_config, models.text_config, models.text2_config,
-       models.scheduler_config], sort_keys=True, default=str))
+  lowered = traced.lower(fit_and_gather, args, description)
   trace_s = time.perf_counter() - start
   compiled = lowered.compile()
   while len(_FITS) >= _FITS_KEPT:
     _FITS.pop(next(iter(_FITS)))
-  _FITS[key] = (objective.models, compiled)
+  _FITS[key] = (models, compiled)
   return compiled, time.perf_counter() - start, trace_s
 
 

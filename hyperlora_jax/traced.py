@@ -3,10 +3,11 @@
 The compilation cache spares a fresh process XLA's compile, not the tracing before it:
 Python running the model once to build the program's StableHLO, ~10 s for the
 fine-tuning loop at SD1.5 shape (finetune.py). `lower` keeps that StableHLO as a
-jax.export file, keyed by everything the program is made from (this package's source,
-the versions of JAX, Flax and Optax, the backend, the caller's description of its configuration, the
-arguments' structure, shapes, dtypes and placement), so a fresh process reads it back in
-well under a second and then finds its compile in the compilation cache.
+jax.export file, keyed by everything the program is made from (`key`: this package's
+source, the versions of JAX, Flax and Optax, the backend, the caller's description of
+its configuration, the arguments' structure, shapes, dtypes and placement), so a fresh
+process reads it back in well under a second and then finds its compile in the
+compilation cache.
 
 A program with a host callback (jax.debug.print, a progress report) cannot be kept (the
 callback is a Python function of the process that traced it): it is lowered as usual.
@@ -65,6 +66,7 @@ def lower(fn, args: tuple, description: str) -> jax.stages.Lowered:
 
 
 def key(description: str, args: tuple) -> str:
+  """A digest of the program `description` and `args` make (the file's name)."""
   leaves, treedef = jax.tree.flatten(args)
   parts = [_source_digest(), *_versions(), jax.default_backend(), description, str(treedef)]
   parts += [f'{np.shape(x)} {getattr(x, "dtype", type(x).__name__)} '
