@@ -33,7 +33,7 @@ issue17|lorarar_gpu|-m hyperlora_jax.main --config=configs/quickstart_lorarar.py
 issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F
 issue20|latency|benchmarks/gpu_benchmark.py --only=latency,latency_parts $F
 issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_sizes=16 $F
-issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora $F
+issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora --sdxl_batch_sizes=8 $F
 issue23|sdxl_sample|benchmarks/gpu_benchmark.py --only=sdxl_sample $F
 issue23|sdxl_parity|benchmarks/sdxl_parity.py
 issue16|hdb_cold|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache

@@ -190,12 +190,20 @@ def base_params(run: Run) -> dict:
   return run.objective.base(run.params, run.objective.frozen)
 
 
+@jax.jit
+def _to_plain(tree) -> dict:
+  """One program and one copy to the host for the whole tree: folded op by op, an
+  SD1.5 tree took 31 ms on a CPU against 5.6 ms jitted (its layers' ~1000 small ops are
+  each a dispatch, and on a GPU each leaf's np.asarray was a wait of its own)."""
+  return {p: lora_lib.to_plain(f) for p, f in tree.items()}
+
+
 def plain_loras(tree) -> list:
   """Plain (down, up, scale 1) shared trees, one per sample of a per-sample tree or one
   for a shared tree: what LoRA files hold (lora.to_plain folds LiDB, basis and VeRA
   factors; the rank is then down.shape[0]). Ranks that are zero in every sample (a part
   of the LoRA scaled to 0) are left out."""
-  plain = jax.tree.map(np.asarray, {p: lora_lib.to_plain(f) for p, f in tree.items()})
+  plain = jax.device_get(_to_plain(tree))
   plain = {p: _drop_zero_ranks(f) for p, f in plain.items()}
   # Shared bases with per-sample coefficients (basis, VeRA) fold into a per-sample down
   # or up only: the other factor stays shared.
