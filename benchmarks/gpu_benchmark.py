@@ -78,7 +78,7 @@ sys.path.insert(0, ROOT)
 from hyperlora_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax import objectives, runs, sample, train
+from hyperlora_jax import cli, objectives, runs, sample, train
 from hyperlora_jax.convert import clip_folders, lora_files, pipeline
 from hyperlora_jax.models import clip, hypernet
 from hyperlora_jax.models import unet as unet_lib
@@ -1228,8 +1228,7 @@ def run(args):
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   if args.tiny and 'XLA_FLAGS' not in os.environ:  # nothing to measure: compile fast
-    os.environ['XLA_FLAGS'] = ('--xla_backend_optimization_level=0 '
-                               '--xla_llvm_disable_expensive_passes=true')
+    os.environ['XLA_FLAGS'] = cli.FAST_COMPILE_XLA_FLAGS
   device = jax.local_devices()[0]  # starts JAX's backend before torch loads CUDA
   attention = args.attention
   if attention == 'auto':

@@ -585,9 +585,11 @@ def merging_report(config, workdir: str) -> dict:
           steps=r.ziplora_steps, lr=r.ziplora_lr),
   }
   for k, run in enumerate(mergers):
-    rar = jax.jit(lambda c, s, m=merge.trained_merger(run): merging.merge(
-        c, s, 'lorarar', merger=m))
-    methods[f'LoRA.rar #{k}'] = lambda c, s, i, rar=rar: rar(c, s)
+    # The params an argument, not constants: the seeds' mergers are one program.
+    m = merge.trained_merger(run)
+    rar = jax.jit(lambda c, s, params, module=m.module: merging.merge(
+        c, s, 'lorarar', merger=merging.TrainedMerger(module, params)))
+    methods[f'LoRA.rar #{k}'] = lambda c, s, i, rar=rar, params=m.params: rar(c, s, params)
   truth = {'color': ex['color'], 'style': np.array([synthetic.STYLES.index(style_keys[s])
                                                     for _, s in pairs])}
   scores, seconds, shown = {}, {}, {}

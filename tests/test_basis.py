@@ -19,6 +19,7 @@ from hyperlora_jax.data import pipeline as data_pipeline
 from hyperlora_jax.data import subjects, synthetic
 from hyperlora_jax.models import id_base
 from hyperlora_jax.objectives import hyperlora_basis
+from tests.test_sample import loss_and_grads
 
 # One worker builds its fixtures; slow: scheduled first (tests/conftest.py).
 pytestmark = [pytest.mark.xdist_group('basis'), pytest.mark.slow]
@@ -257,8 +258,7 @@ def test_three_conditions_reach_only_the_id_branch():
       -1, 1, (2, 32, 32, 3)), prompt=np.array([b'a red S* on a blue field', b'S*'])))
   batch = {k: (np.concatenate([v, v]) if not isinstance(v, tuple)
                else tuple(np.concatenate([x, x]) for x in v)) for k, v in batch.items()}
-  loss, grads = jax.jit(jax.value_and_grad(lambda tr: objective.loss_fn(
-      tr, objective.frozen, batch, jax.random.key(3))[0]))(objective.trainable)
+  loss, grads = loss_and_grads(objective, batch, 3)
   assert np.isfinite(loss)
   flat = _flat(grads)
   assert any(p.startswith('identity/') for p in flat)

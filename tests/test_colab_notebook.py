@@ -7,6 +7,7 @@ import nbclient
 import nbformat
 import pytest
 
+from hyperlora_jax import cli
 from hyperlora_jax.convert import lora_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,11 +41,9 @@ def test_notebook_runs_the_smoke_quickstart(tmp_path, monkeypatch):
   monkeypatch.setenv('HYPERLORA_NOTEBOOK_WORKDIR', str(workdir))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   # XLA's CPU compiles dominate this run (each stage, eval row and the sampler compile
-  # once); with the suite's cheap passes (tests/conftest.py: no LLVM optimization, no
-  # expensive LLVM passes) they take about half as long, and the programs are too small
-  # for their speed to matter.
-  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0 '
-                     '--xla_llvm_disable_expensive_passes=true')
+  # once): the suite's cheapest compile (cli.FAST_COMPILE_XLA_FLAGS), the programs being
+  # too small for their speed to matter.
+  monkeypatch.setenv('XLA_FLAGS', cli.FAST_COMPILE_XLA_FLAGS)
   # The notebook's compilation cache (~/.cache by default) stays in this test's folder;
   # every program goes in it (tests/conftest.py's 0 s minimum, inherited), so a report
   # row or restore that builds one again reads it.

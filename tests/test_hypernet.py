@@ -60,8 +60,14 @@ def test_starts_exactly_at_the_base_model(base, decoder, param):
   model, params, targets, images, inputs = base
   net = hypernet.build(_config(decoder, param), targets)
   tree = net.apply(jax.jit(net.init)(jax.random.key(5), images), images)
-  apply = jax.jit(lambda lora: model.apply({'params': params}, *inputs, lora=lora))
-  np.testing.assert_array_equal(apply(tree), apply(None))
+  # Every layer's predicted delta (up @ down, scale folded in) is exactly zero...
+  for factors in tree.values():
+    plain = lora.to_plain(factors)
+    assert not np.any(np.asarray(plain['up'] @ plain['down']))
+  # ...so the UNet's output is the base model's, up to how XLA fuses the two programs
+  # (bitwise equal with its fusion emitters, within 1e-6 with its loop emitters).
+  apply = jax.jit(lambda tree: model.apply({'params': params}, *inputs, lora=tree))
+  np.testing.assert_allclose(apply(tree), apply(None), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('decoder,param', COMBOS)

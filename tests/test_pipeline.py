@@ -13,6 +13,7 @@ from hyperlora_jax import objectives
 from hyperlora_jax.convert import clip_folders, pipeline
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.models import clip, vae
+from tests.test_sample import loss_and_grads
 
 pytestmark = pytest.mark.xdist_group('pipeline')  # one worker builds its fixtures
 
@@ -84,9 +85,7 @@ def test_recontext_config_trains_on_a_pipeline_folder(folders):
   batch = objective.prepare({'context': examples['context'] / 127.5 - 1,
                              'target': examples['target'] / 127.5 - 1,
                              'prompt': np.array(examples['prompt_scene'])})
-  grad_fn = jax.jit(jax.grad(lambda tr: objective.loss_fn(tr, objective.frozen, batch,
-                                                          jax.random.key(1))[0]))
-  grads = grad_fn(objective.trainable)
+  _, grads = loss_and_grads(objective, batch, 1)
   norms = {k: float(sum(np.abs(x).sum() for x in jax.tree.leaves(g))) for k, g in grads.items()}
   assert all(n > 0 for n in norms.values()), norms
   # Latents come from the folder's VAE: the UNet diffuses 4 x 16 x 16 for 32 px images.

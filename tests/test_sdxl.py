@@ -21,6 +21,7 @@ from hyperlora_jax import convert, defaults, diffusion, objectives, runs, sample
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import clip_folders, core, lora_files, pipeline
 from hyperlora_jax.models import unet
+from tests.test_sample import loss_and_grads
 from tests.test_unet import _rel_err, _torch_unet
 
 # SDXL's layout at toy width: no attention at full resolution, two layers per block,
@@ -441,8 +442,7 @@ def test_hyperlora_trains_on_an_sdxl_folder(xl):
                              'target': rng.uniform(-1, 1, (2, SIZE, SIZE, 3)),
                              'prompt': np.array(PROMPTS)})
   assert len(batch['input_ids']) == 2  # one id array per tower
-  loss, grads = jax.jit(jax.value_and_grad(lambda tr: objective.loss_fn(
-      tr, objective.frozen, batch, jax.random.key(1))[0]))(objective.trainable)
+  loss, grads = loss_and_grads(objective, batch, 1)
   assert np.isfinite(loss)
   assert all(float(np.abs(g).sum()) > 0 for g in jax.tree.leaves(grads['gamma']))
 
@@ -476,8 +476,7 @@ def test_bytedance_basis_config_trains_on_an_sdxl_folder(xl, tmp_path):
       'id_embed': rng.normal(size=(2, 2, 512)), 'target': rng.uniform(-1, 1, (2, SIZE, SIZE, 3)),
       'prompt': np.array(PROMPTS)})
   assert len(batch['input_ids']) == 2  # one id array per tower, with the trigger
-  loss, grads = jax.jit(jax.value_and_grad(lambda tr: objective.loss_fn(
-      tr, objective.frozen, batch, jax.random.key(1))[0]))(objective.trainable)
+  loss, grads = loss_and_grads(objective, batch, 1)
   assert np.isfinite(loss)
   flat = traverse_util.flatten_dict(grads, sep='/')
   queries = [v for p, v in flat.items() if p.startswith('id_decoder/id_')]
@@ -516,7 +515,6 @@ def test_sdxl_lorarar_config_builds_and_trains_on_an_sdxl_folder(xl, tmp_path):
   assert all(p.endswith(('to_q', 'to_out_0')) for p in objective.models.hypernet.paths)
   batch = objective.prepare({'target': rng.uniform(-1, 1, (2, SIZE, SIZE, 3)),
                              'prompt': np.array(PROMPTS)})
-  loss, grads = jax.jit(jax.value_and_grad(lambda tr: objective.loss_fn(
-      tr, objective.frozen, batch, jax.random.key(1))[0]))(objective.trainable)
+  loss, grads = loss_and_grads(objective, batch, 1)
   assert np.isfinite(loss) and loss > 0
   assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
