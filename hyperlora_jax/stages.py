@@ -585,7 +585,8 @@ def merging_report(config, workdir: str) -> dict:
           steps=r.ziplora_steps, lr=r.ziplora_lr),
   }
   for k, run in enumerate(mergers):
-    # The params an argument, not constants: the seeds' mergers are one program.
+    # The params an argument, not constants: every seed's merger compiles to the same
+    # program (read from the compilation cache after the first).
     m = merge.trained_merger(run)
     rar = jax.jit(lambda c, s, params, module=m.module: merging.merge(
         c, s, 'lorarar', merger=merging.TrainedMerger(module, params)))
