@@ -183,7 +183,7 @@ def one_subject(run, args, rows):
     one = finetune.personalize(run, context, **dict(kwargs, steps=1))
   path = os.path.join(tempfile.mkdtemp(), 'subject.safetensors')
   writes = []
-  for personal in (cold, warm):  # the first call compiles plain_loras' eager ops
+  for personal in (cold, warm):  # the first call compiles plain_loras' fold (runs._to_plain)
     start = time.perf_counter()
     trees, _ = finetune.loras(personal)
     finetune.write(trees[0], 'diffusers', path, run.objective.models.unet_config, {})
