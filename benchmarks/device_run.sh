@@ -82,6 +82,16 @@ job() {  # the detached job: every process of the set not yet done
   echo "$(date +%T) done" > "$JOB/finished"
 }
 
+imports() {  # every script of the set's commands must import: fail now, not mid-job
+  local script
+  cut -d'|' -f2 "$1" | awk '{print ($1 == "-m") ? $2 : $1}' | sort -u | while read -r script; do
+    (cd "$JOB/tree" && PYTHONPATH=/tmp/site:$JOB/tree:$JOB/tree/benchmarks $PY -c \
+      "import runpy, sys; s = sys.argv[1]; (runpy.run_path if s.endswith('.py') \
+else runpy.run_module)(s, run_name='imports_only')" \
+      "$script") || { echo "$script does not import (a wheel missing from .whl?)" >&2; return 1; }
+  done
+}
+
 running() {
   [ -e "$JOB/pid" ] && kill -0 "$(cat "$JOB/pid")" 2>/dev/null
 }
@@ -102,6 +112,7 @@ start() {
   fi
   rm -rf "$JOB/tree" && mkdir -p "$JOB/tree" || return 1
   cp -r hyperlora_jax benchmarks configs pyproject.toml "$JOB/tree/" || return 1
+  imports "$JOB/commands" || return 1
   BENCH_JOB=$JOB BENCH_PYTHON=$PY BENCH_FLAGS=$FLAGS setsid \
     bash "$JOB/tree/benchmarks/device_run.sh" _job >> "$JOB/log" 2>&1 < /dev/null &
   echo $! > "$JOB/pid"
