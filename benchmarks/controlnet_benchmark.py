@@ -27,7 +27,7 @@ import gpu_benchmark as gb  # pylint: disable=g-import-not-at-top,wrong-import-p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from hyperlora_jax import cli, diffusion  # noqa: E402
+from hyperlora_jax import diffusion  # noqa: E402
 from hyperlora_jax import lora as lora_lib  # noqa: E402
 from hyperlora_jax.models import controlnet  # noqa: E402
 from hyperlora_jax.models import unet as unet_lib  # noqa: E402
@@ -156,9 +156,7 @@ class JaxControl(gb.JaxBench):
 
 def run(args):
   """The row's three implementations; returns (rows, notes)."""
-  if args.tiny and 'XLA_FLAGS' not in os.environ:  # nothing to measure: compile fast
-    os.environ['XLA_FLAGS'] = cli.FAST_COMPILE_XLA_FLAGS
-  device = jax.local_devices()[0]  # JAX's backend before torch loads CUDA
+  device = gb.start_backend(args)
   attention = args.attention
   if attention == 'auto':
     attention = 'cudnn' if device.platform == 'gpu' else 'xla'

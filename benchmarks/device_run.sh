@@ -19,22 +19,23 @@ JOB=${BENCH_JOB:-/tmp/bench_job}
 PY=${BENCH_PYTHON:-python3}
 FLAGS=${BENCH_FLAGS:-}  # appended to every process (the tests: --tiny)
 WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU image lacks
-F=--xla_flags=--xla_gpu_enable_triton_gemm=false  # cuBLAS GEMMs: same speed, faster compile
 
 # set|name|script and flags: one process each, in the order they run. A process holds
 # the rows that are compared with each other (ratios only within one process). The
 # method configs' GPU sizes first, then the benchmarks; within issue 20 new rows first:
-# the b16 LoRA and sampling rows re-measure what it already has.
+# the b16 LoRA and sampling rows re-measure what it already has. gpu_benchmark's torch
+# rows run in a child process of their own (--torch_in_child): our SDXL step measured
+# 19.2 img/s after them in one process, 25.8 alone on another H200 (BENCHMARKS.md).
 ALL="issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
 issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
 issue16|hdb_gpu|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu
 issue16|hdb_gpu_scene|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu_scene
 issue17|lorarar_gpu|-m hyperlora_jax.main --config=configs/quickstart_lorarar.py:gpu
-issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --only=lora,hyper --batch_sizes=32 $F
-issue20|latency|benchmarks/gpu_benchmark.py --only=latency,latency_parts $F
-issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --only=lora,sample --batch_sizes=16 $F
-issue23|sdxl_lora|benchmarks/gpu_benchmark.py --only=sdxl_lora --sdxl_batch_sizes=8 $F
-issue23|sdxl_sample|benchmarks/gpu_benchmark.py --only=sdxl_sample $F
+issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --torch_in_child --only=lora,hyper --batch_sizes=32
+issue20|latency|benchmarks/gpu_benchmark.py --torch_in_child --only=latency,latency_parts
+issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --torch_in_child --only=lora,sample --batch_sizes=16
+issue23|sdxl_lora|benchmarks/gpu_benchmark.py --torch_in_child --only=sdxl_lora --sdxl_batch_sizes=8
+issue23|sdxl_sample|benchmarks/gpu_benchmark.py --torch_in_child --only=sdxl_sample
 issue23|sdxl_parity|benchmarks/sdxl_parity.py
 issue16|hdb_cold|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
 issue16|hdb_warm|benchmarks/hdb_benchmark.py --only=one_subject,together --profile=$JOB/results/hdb_warm_profile --folder=$JOB/sd15_random --compilation_cache=$JOB/cache

@@ -39,12 +39,11 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hyperlora_jax import main as _main  # noqa: F401  (sets our XLA_FLAGS before JAX)
 import gpu_benchmark as gb  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
-from hyperlora_jax import defaults, files, finetune, objectives, runs, train
+from hyperlora_jax import cli, defaults, files, finetune, objectives, runs, train
 from hyperlora_jax.convert import clip_folders
 from hyperlora_jax.data import synthetic
 from hyperlora_jax.objectives import lora_bank
@@ -274,8 +273,7 @@ def format_table(rows, notes) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.xla_flags:  # Before JAX starts its backend, which reads XLA_FLAGS once.
-    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
+  cli.set_default_xla_flags(args.xla_flags)  # as finetune's CLI sets them
   if args.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
   size = SIZES['tiny' if args.tiny else 'sd15']

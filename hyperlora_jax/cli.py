@@ -25,6 +25,30 @@ FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0 '
                           '--xla_cpu_use_fusion_emitters=false')
 
 
+# Our GPU defaults, which every tool started through `run` sets (a user's own setting of
+# a flag in XLA_FLAGS wins). Triton's GEMM autotuning nearly doubles the compile of the
+# SD1.5 LoRA step on an H100 (81 s -> 45 s without it) for no speed: cuBLAS wins those
+# GEMMs (BENCHMARKS.md; its XLA-flag section has what else was tried).
+GPU_XLA_FLAGS = {'xla_gpu_enable_triton_gemm': 'false'}
+
+
+def default_xla_flags(xla_flags: str) -> str:
+  """``xla_flags`` (an XLA_FLAGS value) plus each of GPU_XLA_FLAGS it does not set."""
+  added = [f'--{name}={value}' for name, value in GPU_XLA_FLAGS.items()
+           if f'--{name}=' not in xla_flags]
+  return ' '.join([xla_flags.strip()] + added).strip()
+
+
+def set_default_xla_flags(extra: str = '') -> None:
+  """XLA_FLAGS = default_xla_flags(XLA_FLAGS + extra), before JAX starts its backend,
+  which reads XLA_FLAGS once (a later change would be silently ignored)."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError('set_default_xla_flags after JAX started its backend: its '
+                       'XLA_FLAGS would be ignored')
+  os.environ['XLA_FLAGS'] = default_xla_flags(f'{os.environ.get("XLA_FLAGS", "")} {extra}')
+
+
 class _DropNoise(logging.Filter):
   def filter(self, record):
     return record.levelno >= logging.ERROR or not any(
@@ -122,8 +146,10 @@ def main_with_errors(main, errors=()):
 
 def run(module_name: str, main, **kwargs) -> None:
   """`app.run(main)` for a tool started as `python -m <module>` or as its console
-  script: either way --help shows the module's docstring and its own flags (absl
-  shows those of __main__, which for a console script is the pip-generated stub)."""
+  script, with our GPU XLA flags: either way --help shows the module's docstring and
+  its own flags (absl shows those of __main__, which for a console script is the
+  pip-generated stub)."""
+  set_default_xla_flags()
   module = sys.modules[module_name]
   stub = sys.modules['__main__']
   if stub is not module:

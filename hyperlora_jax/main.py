@@ -16,23 +16,9 @@ cluster (TPU pod, SLURM, ...) or from --coordinator_address/--num_processes/
 --process_id (or the JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS
 environment variables).
 """
-import os
 import sys
 
-
-def default_xla_flags(xla_flags: str) -> str:
-  """XLA_FLAGS plus our GPU default: Triton's GEMM autotuning nearly doubles the compile
-  of the SD1.5 LoRA step on an H100 (81 s -> 45 s without it) for no speed, as cuBLAS
-  wins those GEMMs (BENCHMARKS.md). A user's setting of the flag wins."""
-  if 'xla_gpu_enable_triton_gemm' in xla_flags:
-    return xla_flags
-  return f'{xla_flags} --xla_gpu_enable_triton_gemm=false'.strip()
-
-
-# Here, before JAX starts its backend, which reads XLA_FLAGS once.
-os.environ['XLA_FLAGS'] = default_xla_flags(os.environ.get('XLA_FLAGS', ''))
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
 from absl import flags
 from absl import logging
 import jax

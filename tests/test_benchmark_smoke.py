@@ -148,6 +148,22 @@ def test_tiny_sdxl_rows(tiny_run):
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='compares with diffusers')
+def test_torch_rows_in_a_child_process_share_the_table(tmp_path):
+  """--torch_in_child: the PyTorch rows come from a child process (--skip_ours) that ran
+  first, ours from this one, and the ratios are between them, as in one process."""
+  out, js = tmp_path / 'table.md', tmp_path / 'rows.json'
+  _run('--tiny', '--only=lora', '--batch_sizes=2', '--torch_in_child', f'--out={out}',
+       f'--json={js}')
+  rows = _table(out.read_text())
+  assert set(rows) == {('LoRA train, batch 2', impl) for impl in (
+      'diffusers+peft eager', 'diffusers+peft compiled', OURS)}, sorted(rows)
+  assert _number(rows[('LoRA train, batch 2', OURS)][2]) > 0  # vs the child's eager row
+  notes = json.loads(js.read_text())['notes']
+  assert sum('child process of their own' in n for n in notes) == 1, notes
+  assert len({n[:12] for n in notes}) == len(notes), notes  # no note twice
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='compares with diffusers')
 @pytest.mark.slow
 def test_tiny_sdxl_parity_is_exact_in_fp32():
   result = _run('--tiny', script=os.path.join(ROOT, 'benchmarks', 'sdxl_parity.py'))

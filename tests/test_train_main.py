@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from hyperlora_jax import cli
 import test_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,17 +81,24 @@ def test_tiny_config_learns_through_main(tmp_path):
           'process_0-of-1.json').exists()
 
 
-def test_main_turns_triton_gemm_off_unless_the_user_sets_it():
+def test_every_tool_sets_our_gpu_xla_flags_unless_the_user_sets_them():
+  """cli.run (every CLI's entry) adds cli.GPU_XLA_FLAGS to XLA_FLAGS before JAX starts
+  its backend (the imports of main start none: set_default_xla_flags would refuse)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=PYTHONPATH,
-             XLA_FLAGS='--xla_dump_to=/tmp/d')
-  result = subprocess.run(
-      [sys.executable, '-c', 'import os, hyperlora_jax.main; print(os.environ["XLA_FLAGS"])'],
-      env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
-  assert result.stdout.strip() == '--xla_dump_to=/tmp/d --xla_gpu_enable_triton_gemm=false'
-  from hyperlora_jax import main as main_lib  # pylint: disable=import-outside-toplevel
-  assert main_lib.default_xla_flags('') == '--xla_gpu_enable_triton_gemm=false'
+             XLA_FLAGS='--xla_dump_to=/tmp/d --xla_gpu_graph_min_graph_size=5')
+  code = ('import os, sys; from hyperlora_jax import cli, main; '
+          'sys.argv[1:] = ["--config=configs/tiny_test.py", "--workdir=unused"]; '
+          'cli.run("hyperlora_jax.main", lambda argv: print(os.environ["XLA_FLAGS"]))')
+  result = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=True)
+  assert result.stdout.split() == [
+      '--xla_dump_to=/tmp/d', '--xla_gpu_graph_min_graph_size=5',
+      '--xla_gpu_enable_triton_gemm=false'], result.stdout
   mine = '--xla_gpu_enable_triton_gemm=true'
-  assert main_lib.default_xla_flags(mine) == mine
+  assert cli.default_xla_flags(mine) == mine
+  jax.numpy.zeros(1).block_until_ready()  # this process' backend is running
+  with pytest.raises(RuntimeError, match='after JAX started its backend'):
+    cli.set_default_xla_flags()
 
 
 def test_preempted_run_exits_143_saying_it_will_resume(monkeypatch, capsys):
