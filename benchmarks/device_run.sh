@@ -35,6 +35,7 @@ issue20|lora_hyper_b32|benchmarks/gpu_benchmark.py --torch_in_child --only=lora,
 issue20|latency|benchmarks/gpu_benchmark.py --torch_in_child --only=latency,latency_parts
 issue20|lora_sample_b16|benchmarks/gpu_benchmark.py --torch_in_child --only=lora,sample --batch_sizes=16
 issue23|sdxl_lora|benchmarks/gpu_benchmark.py --torch_in_child --only=sdxl_lora --sdxl_batch_sizes=8
+issue23|sdxl_lora_after_eager|benchmarks/gpu_benchmark.py --only=sdxl_lora --sdxl_batch_sizes=8 --skip_compile_torch
 issue23|sdxl_sample|benchmarks/gpu_benchmark.py --torch_in_child --only=sdxl_sample
 issue23|sdxl_parity|benchmarks/sdxl_parity.py
 issue16|hdb_cold|benchmarks/hdb_benchmark.py --only=one_subject,together --folder=$JOB/sd15_random --compilation_cache=$JOB/cache
