@@ -182,6 +182,9 @@ def parse_args(argv=None):
                  help=f'comma list of sections: {", ".join(SECTIONS)}')
   p.add_argument('--skip_torch', action='store_true', help='no PyTorch rows')
   p.add_argument('--skip_ours', action='store_true', help='no rows of ours')
+  p.add_argument('--latency_folder', default='',
+                 help="where the latency rows' random SD pipeline is written unless it is "
+                      'there, and kept (default: a temporary folder, removed at the end)')
   p.add_argument('--torch_in_child', action='store_true',
                  help='measure the PyTorch rows in a child process of their own first '
                       '(this script with --skip_ours), then ours in a fresh process: '
@@ -1244,9 +1247,10 @@ def start_backend(args):
   return jax.local_devices()[0]
 
 
-def _torch_rows_in_child(args) -> tuple:
+def _torch_rows_in_child(args, folder) -> tuple:
   """(rows, notes) of this script's PyTorch rows, run as a child process with
-  --skip_ours (before this process starts JAX's backend, so each has the GPU alone)."""
+  --skip_ours (before this process starts JAX's backend, so each has the GPU alone),
+  on the latency rows' `folder` (None: none)."""
   own = ('--torch_in_child', '--json', '--out', '--profile_dir', '--skip_torch')
   argv, skip = [], False
   for a in args.argv:  # drop this process' own outputs, '--flag value' forms too
@@ -1256,6 +1260,7 @@ def _torch_rows_in_child(args) -> tuple:
   with tempfile.TemporaryDirectory() as scratch:
     path = os.path.join(scratch, 'torch_rows.json')
     _log('PyTorch rows in a child process ...')
+    argv += [f'--latency_folder={folder}'] if folder else []
     child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, '--skip_ours',
                             f'--json={path}'], check=False)
     if not os.path.exists(path):
@@ -1272,8 +1277,31 @@ def _torch_rows_in_child(args) -> tuple:
 
 def run(args):
   """Runs the selected rows; returns (rows, notes)."""
+  scratch = folder = None
+  if args.only & {'latency', 'latency_parts'}:
+    folder = args.latency_folder or tempfile.mkdtemp(prefix='hyperlora_bench_')
+    scratch = None if args.latency_folder else folder
+  try:
+    return _run_rows(args, folder)
+  finally:
+    if scratch:
+      shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _latency_pipeline(folder: str, shapes: Shapes, rank: int) -> str:
+  """The latency rows' random SD pipeline in `folder`, written unless it is there (a
+  --torch_in_child child wrote it; its LoRA file is written last)."""
+  pipe = os.path.join(folder, 'pipeline')
+  if os.path.exists(os.path.join(pipe, LORA_FILE)):
+    return pipe
+  _log('writing the latency rows\' random-weight SD folder ...')
+  return write_random_pipeline(shapes, folder, rank)
+
+
+def _run_rows(args, folder):
+  """`run`'s rows and notes, the latency rows' pipeline written in `folder` (or None)."""
   child_rows, child_notes = ([], []) if args.skip_torch or not args.torch_in_child else (
-      _torch_rows_in_child(args))
+      _torch_rows_in_child(args, folder))
   device = start_backend(args)
   attention = args.attention
   if attention == 'auto':
@@ -1288,23 +1316,14 @@ def run(args):
     counts[family] = model_flops(shapes[family], config.hypernet)
     _log(f'{shapes[family].name}: forward FLOPs per item '
          + ', '.join(f'{k} {v / 1e12:.4g} T' for k, v in counts[family].items()))
-  rows = []
+  rows = list(child_rows)
+  pipe = folder and _latency_pipeline(folder, shapes['sd15'], args.rank)
   notes = [f'JAX {jax.__version__} on {device.device_kind} ({device.platform}), Python '
            f'{platform.python_version()}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}.']
-  scratch = folder = None
-  if args.only & {'latency', 'latency_parts'}:
-    scratch = tempfile.mkdtemp(prefix='hyperlora_bench_')
-    _log('writing the latency rows\' random-weight SD folder ...')
-    folder = write_random_pipeline(shapes['sd15'], scratch, args.rank)
-  rows += child_rows
-  try:
-    if not (args.skip_torch or args.torch_in_child):
-      _torch_rows(args, shapes, folder, rows, notes)
-    if not args.skip_ours:
-      _our_rows(args, shapes, folder, rows, notes)
-  finally:
-    if scratch:
-      shutil.rmtree(scratch, ignore_errors=True)
+  if not (args.skip_torch or args.torch_in_child):
+    _torch_rows(args, shapes, pipe, rows, notes)
+  if not args.skip_ours:
+    _our_rows(args, shapes, pipe, rows, notes)
   for row in rows:
     row.flops_per_item = _work(row, counts[_family(row.section)], args)
   notes += _notes(args, shapes, counts, attention, config)

@@ -150,14 +150,20 @@ def test_tiny_sdxl_rows(tiny_run):
 @pytest.mark.skipif(not HAS_TORCH, reason='compares with diffusers')
 def test_torch_rows_in_a_child_process_share_the_table(tmp_path):
   """--torch_in_child: the PyTorch rows come from a child process (--skip_ours) that ran
-  first, ours from this one, and the ratios are between them, as in one process."""
+  first, ours from this one, and the ratios are between them, as in one process; the
+  latency rows' random folder is written once, by the child, for both."""
   out, js = tmp_path / 'table.md', tmp_path / 'rows.json'
-  _run('--tiny', '--only=lora', '--batch_sizes=2', '--torch_in_child', f'--out={out}',
-       f'--json={js}')
+  result = _run('--tiny', '--only=lora,latency', '--batch_sizes=2', '--torch_in_child',
+                f'--out={out}', f'--json={js}')
   rows = _table(out.read_text())
+  latency = '1 image: context -> LoRA -> DDIM-2 + CFG -> decoded'
   assert set(rows) == {('LoRA train, batch 2', impl) for impl in (
-      'diffusers+peft eager', 'diffusers+peft compiled', OURS)}, sorted(rows)
+      'diffusers+peft eager', 'diffusers+peft compiled', OURS)} | {(latency, impl) for impl in (
+          'diffusers eager', 'diffusers compiled (reduce-overhead)',
+          'ours (sample.generate)')}, sorted(rows)
   assert _number(rows[('LoRA train, batch 2', OURS)][2]) > 0  # vs the child's eager row
+  assert _number(rows[(latency, 'ours (sample.generate)')][2]) > 0
+  assert (result.stdout + result.stderr).count("writing the latency rows' random") == 1
   notes = json.loads(js.read_text())['notes']
   assert sum('child process of their own' in n for n in notes) == 1, notes
   assert len({n[:12] for n in notes}) == len(notes), notes  # no note twice
