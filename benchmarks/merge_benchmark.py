@@ -27,12 +27,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hyperlora_jax import main as _main  # noqa: F401,E402  (sets our XLA_FLAGS before JAX)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hyperlora_jax import defaults, diffusion, lora as lora_lib, merging  # noqa: E402
+from hyperlora_jax import cli, defaults, diffusion, lora as lora_lib, merging  # noqa: E402
 from hyperlora_jax import objectives  # noqa: E402
 from hyperlora_jax.convert import lora_files  # noqa: E402
 from hyperlora_jax.models import clip, merger as merger_lib, unet as unet_lib  # noqa: E402
@@ -83,6 +82,7 @@ def _random_lora(targets, rank, seed):
 
 def main(argv=None):
   args = parse_args(argv)
+  cli.set_default_xla_flags()  # as the merge CLI sets them
   size = SIZES['tiny' if args.tiny else 'sd15']
   unet = unet_lib.from_config(size['unet'])
   text = clip.text_from_config(size['text'])

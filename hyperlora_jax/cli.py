@@ -35,7 +35,7 @@ GPU_XLA_FLAGS = {'xla_gpu_enable_triton_gemm': 'false'}
 def default_xla_flags(xla_flags: str) -> str:
   """``xla_flags`` (an XLA_FLAGS value) plus each of GPU_XLA_FLAGS it does not set."""
   added = [f'--{name}={value}' for name, value in GPU_XLA_FLAGS.items()
-           if f'--{name}=' not in xla_flags]
+           if f'--{name}' not in xla_flags]  # also the bare '--name' form (true)
   return ' '.join([xla_flags.strip()] + added).strip()
 
 
