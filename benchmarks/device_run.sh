@@ -7,7 +7,7 @@
 # $BENCH_JOB: each device call copies the working tree again, and a job importing the
 # package from it can break mid-run.
 #
-#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue16/17/18/20/23 and/or
+#   bash benchmarks/device_run.sh start SETS [SECONDS]  # call 1: issue16/.../23 and/or
 #                                                       # process names, comma-separated
 #   bash benchmarks/device_run.sh collect [SECONDS]     # every later call (default 500)
 #
@@ -26,7 +26,9 @@ WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU imag
 # the b16 LoRA and sampling rows re-measure what it already has. gpu_benchmark's torch
 # rows run in a child process of their own (--torch_in_child): our SDXL step measured
 # 19.2 img/s after them in one process, 25.8 alone on another H200 (BENCHMARKS.md).
-ALL="issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
+ALL="issue19|qs_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep
+issue19|qs_gpu|-m hyperlora_jax.main --config=configs/quickstart.py:gpu
+issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
 issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
 issue16|hdb_gpu|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu
 issue16|hdb_gpu_scene|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu_scene

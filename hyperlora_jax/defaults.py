@@ -137,7 +137,9 @@ config.hypernet   see `models.hypernet.build`
                   softmax, activations and attention logits are recomputed, ~4% of a
                   ViT-L layer's forward FLOPs, for ~5x less activation memory); not
                   'none' also runs the layers as one lax.scan (`clip.CLIPEncoder`)
-  decoder         kind 'heads' | 'transformer' | 'perceiver'; hidden (heads), width,
+  decoder         kind 'heads' | 'transformer' | 'perceiver'; heads: hidden, pool
+                  ('embedding': the pooled image embedding | 'attention': a learned
+                  query per target over the tokens, `heads` attention heads); width,
                   depth, heads, rounds (transformer); perceiver: queries per target (1;
                   ByteDance: 2), block ('joint': Flamingo's | 'separate': ByteDance's),
                   head_dim (0: width // heads)
@@ -299,8 +301,8 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
   c.hypernet = dict(
       encoder=dict(kind='conv', channels=(32, 64, 128), pretrained='', trainable=True,
                    remat='dots_with_no_batch_dims_saveable', vit=dict(VIT_L14), layer=-1),
-      decoder=dict(kind='heads', hidden=64, width=128, depth=2, heads=4, rounds=2,
-                   queries=1, block='joint', head_dim=0),
+      decoder=dict(kind='heads', hidden=64, pool='embedding', width=128, depth=2, heads=4,
+                   rounds=2, queries=1, block='joint', head_dim=0),
       param=dict(kind='plain', rank=2, a=100, b=50, seed=0, num_id=16, num_base=16,
                  use_id=True, use_base=True, mix='mid', base_rank=0),
       gamma_init=0.0, loss=dict(alpha=1.0, beta=0.0, targets=''))

@@ -24,9 +24,12 @@ PARAMS = ('plain', 'lidb', 'basis', 'vera')
 
 
 def _config(decoder, param, gamma_init=0.0, rounds=2):
+  """decoder: a kind, or 'heads:attention' for the heads over their attention pool."""
   config = defaults.get_config().hypernet
   config.encoder.update(kind='conv', channels=(16, 32))
-  config.decoder.update(kind=decoder, width=32, depth=1, heads=2, rounds=rounds, hidden=16)
+  kind, _, pool = decoder.partition(':')
+  config.decoder.update(kind=kind, width=32, depth=1, heads=2, rounds=rounds, hidden=16,
+                        pool=pool or 'embedding')
   config.param.update(kind=param, rank=2, a=8, b=8, seed=0, num_id=3, num_base=2)
   config.gamma_init = gamma_init
   return config
@@ -43,7 +46,8 @@ def base():
   return model, params, targets, images, inputs
 
 
-COMBOS = [('transformer', 'lidb'), ('heads', 'plain'), ('perceiver', 'basis'), ('heads', 'vera')]
+COMBOS = [('transformer', 'lidb'), ('heads', 'plain'), ('perceiver', 'basis'), ('heads', 'vera'),
+          ('heads:attention', 'plain')]
 
 
 @pytest.mark.parametrize('decoder,param', list(itertools.product(DECODERS, PARAMS)))
@@ -87,6 +91,28 @@ def test_gradients_reach_every_trainable_param_only(base, decoder, param):
   assert not dead, f'no gradient reaches {dead}'
   # Frozen random matrices are variables outside 'params': the optimizer never sees them.
   assert ('aux' in variables) == (param in ('lidb', 'vera'))
+
+
+def test_heads_attention_pool_is_a_weighted_mean_of_the_tokens(base):
+  _, _, targets, images, _ = base
+  pooled = hypernet.build(_config('heads', 'plain', gamma_init=1.0), targets)
+  attend = hypernet.build(_config('heads:attention', 'plain', gamma_init=1.0), targets)
+  variables = jax.jit(attend.init)(jax.random.key(5), images)
+  params = variables['params']
+  decoder = dict(params['decoder'])
+  tree = lambda net, dec: net.apply({**variables, 'params': {**params, 'decoder': dec}},
+                                    images)
+  # Zero queries weigh every token alike: the conv encoder's pooled embedding (their
+  # mean), so the heads' weights give the embedding heads' LoRAs...
+  zero = {**decoder, 'pool_queries': jnp.zeros_like(decoder['pool_queries'])}
+  plain = {k: v for k, v in decoder.items() if not k.startswith('pool_')}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               tree(attend, zero), tree(pooled, plain))
+  # ...and a query per target makes each target read the tokens its own way.
+  first = targets[0].path
+  queries = jax.random.normal(jax.random.key(6), decoder['pool_queries'].shape) * 4
+  weighted = tree(attend, {**decoder, 'pool_queries': queries})
+  assert np.abs(weighted[first]['down'] - tree(attend, zero)[first]['down']).max() > 1e-3
 
 
 def test_refinement_rounds_build_on_each_other(base):

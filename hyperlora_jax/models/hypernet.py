@@ -7,7 +7,8 @@ Three interchangeable parts, each picked by config:
   a pooled embedding [B, D].
 * decoder: ``transformer`` (HyperDreamBooth: one token per target, K refinement rounds
   from zero weights), ``heads`` (recontextualization paper: one shallow MLP per target
-  over the pooled embedding), ``perceiver`` (ByteDance: learned queries over tokens).
+  over the pooled embedding, or by config over its own attention pool of the tokens),
+  ``perceiver`` (ByteDance: learned queries over tokens).
 * parameterization (`hyperlora_jax.lora`): plain LoRA, LiDB, LoRA basis, VeRA.
 
 Targets of equal (d_in, d_out) form a group; everything per target is vectorized over
@@ -148,19 +149,47 @@ class TransformerDecoder(nn.Module):
 
 class ShallowHeads(nn.Module):
   """The recontextualization paper's parallel heads: one small MLP per target over the
-  pooled image embedding, all targets in one einsum."""
+  image, all targets in one einsum.
+
+  ``pool`` says what each head reads: 'embedding' (the paper's: the pooled image
+  embedding, the same for every head) or 'attention' (each target's own learned query,
+  ``heads`` attention heads, over the image tokens; the queries start near zero, so
+  every head starts from about the tokens' mean). One embedding averages away where the
+  item's fine detail is (the paper says so itself); a query per target can look at it.
+  """
   groups: Any
   raw_sizes: Sequence[int]
   hidden: int
+  pool: str = 'embedding'
+  heads: int = 4
 
   @nn.compact
   def __call__(self, tokens, pooled):
     num = sum(len(idx) for _, idx in self.groups)
+    if self.pool == 'embedding':
+      x, spec = pooled, 'bd,tdh->bth'
+    elif self.pool == 'attention':
+      x, spec = self._attend(tokens, num), 'btd,tdh->bth'
+    else:
+      raise ValueError(f'Unknown heads pool {self.pool!r}; one of embedding, attention.')
     w = self.param('hidden_kernel', nn.initializers.lecun_normal(batch_axis=(0,)),
-                   (num, pooled.shape[-1], self.hidden))
+                   (num, x.shape[-1], self.hidden))
     b = self.param('hidden_bias', nn.initializers.zeros, (num, self.hidden))
-    h = nn.gelu(jnp.einsum('bd,tdh->bth', pooled, w) + b)
+    h = nn.gelu(jnp.einsum(spec, x, w) + b)
     return GroupHeads(self.groups, self.raw_sizes, per_target=True, name='heads')(h)
+
+  def _attend(self, tokens, num):
+    """[B, N, D] tokens -> [B, num, D]: each target's queries over the tokens."""
+    b, n, d = tokens.shape
+    if d % self.heads:
+      raise ValueError(f'The heads decoder\'s attention pool splits the {d}-wide tokens '
+                       f'into {self.heads} heads: set decoder.heads to a divisor of {d}.')
+    k = d // self.heads
+    queries = self.param('pool_queries', nn.initializers.normal(0.02), (num, self.heads, k))
+    keys = nn.Dense(d, name='pool_keys')(tokens).reshape(b, n, self.heads, k)
+    weights = jax.nn.softmax(jnp.einsum('bnhk,thk->bthn', keys, queries) / k ** 0.5)
+    values = tokens.reshape(b, n, self.heads, k)
+    return jnp.einsum('bthn,bnhk->bthk', weights, values).reshape(b, num, d)
 
 
 class PerceiverDecoder(nn.Module):
@@ -324,7 +353,7 @@ def build_decoder(dec, groups, raw_sizes: Sequence[int]) -> nn.Module:
   if dec.kind == 'transformer':
     return TransformerDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads, dec.rounds)
   if dec.kind == 'heads':
-    return ShallowHeads(groups, raw_sizes, dec.hidden)
+    return ShallowHeads(groups, raw_sizes, dec.hidden, dec.pool, dec.heads)
   if dec.kind == 'perceiver':
     return PerceiverDecoder(groups, raw_sizes, dec.width, dec.depth, dec.heads,
                             dec.queries, dec.block, dec.head_dim)
