@@ -86,8 +86,13 @@ job() {  # the detached job: every process of the set not yet done
   echo "$(date +%T) done" > "$JOB/finished"
 }
 
+# Modules the package imports lazily, so a script's import does not reach them.
+LAZY_IMPORTS="tensorboardX"  # train.MetricWriter: every training run
+
 imports() {  # every script of the set's commands must import: fail now, not mid-job
   local script
+  (cd "$JOB/tree" && PYTHONPATH=/tmp/site $PY -c "import $(echo $LAZY_IMPORTS | tr ' ' ,)") \
+    || { echo "$LAZY_IMPORTS: not importable (a wheel missing from .whl?)" >&2; return 1; }
   cut -d'|' -f2 "$1" | awk '{print ($1 == "-m") ? $2 : $1}' | sort -u | while read -r script; do
     (cd "$JOB/tree" && PYTHONPATH=/tmp/site:$JOB/tree:$JOB/tree/benchmarks $PY -c \
       "import runpy, sys; s = sys.argv[1]; (runpy.run_path if s.endswith('.py') \

@@ -62,7 +62,6 @@ SIZES = {
 SIZES['gpu_sweep'] = dict(SIZES['gpu'], seeds=(0,), single_lora=False, rows={
     'heads': ('heads', {}, None),
     'heads_attention': ('heads', dict(pool='attention'), None),
-    'heads_hidden256': ('heads', dict(hidden=256), None),
     'heads_lr3x': ('heads', {}, 3e-3),
     'perceiver': ('perceiver', {}, None)})
 

@@ -359,7 +359,8 @@ def test_hdb_benchmark_tiny_prints_every_target_row(tmp_path):
 FAKE_PYTHON = '''#!/usr/bin/env python3
 """Stands in for python3 under device_run.sh: notes its call, writes a --json file."""
 import json, os, sys
-if sys.argv[1] == '-c':  # start's import check of one script: BROKEN names one that fails
+if sys.argv[1] == '-c':  # start's import checks (the lazy imports, then each script):
+  # BROKEN names one that fails
   with open(os.environ['CALLS'] + '.imports', 'a') as f:
     f.write(sys.argv[-1] + '\\n')
   sys.exit(1 if sys.argv[-1] == os.environ.get('BROKEN') else 0)
@@ -427,13 +428,18 @@ def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_pat
   result = run('start', 'issue_twenty')
   assert result.returncode == 2 and 'sdxl_parity' in result.stderr, result
 
-  # start imports each script of the set first: one that does not import starts nothing.
+  # start imports the package's lazy imports and each script of the set first: one that
+  # does not import starts nothing.
   imports = (tmp_path / 'calls.imports').read_text().splitlines()
-  assert imports[:2] == ['benchmarks/gpu_benchmark.py', 'benchmarks/sdxl_parity.py'], imports
+  assert imports[:3] == ['import tensorboardX', 'benchmarks/gpu_benchmark.py',
+                         'benchmarks/sdxl_parity.py'], imports
   assert imports[-1] == 'hyperlora_jax.main', imports
   env['BROKEN'] = 'benchmarks/hdb_benchmark.py'
   result = run('start', 'hdb_cold,sdxl_parity', '60')
   assert result.returncode == 1 and 'hdb_benchmark.py does not import' in result.stderr
+  env['BROKEN'] = 'import tensorboardX'
+  result = run('start', 'basis_gpu', '60')
+  assert result.returncode == 1 and 'tensorboardX: not importable' in result.stderr
   assert len(calls.read_text().splitlines()) == 5  # the four, then basis_gpu: nothing new
 
 
