@@ -57,9 +57,9 @@ SIZES = {
 
 # gpu_sweep (issue 19): one training seed, the heads decoder's levers side by side on
 # one base model (rows: name -> decoder, its settings, the learning rate; None: the
-# size's), against the perceiver. At 1,000 steps the heads recovered 67% of the color
-# gap and 6% of the pattern gap, the transformer 98% and 54% (RESULTS.md). Two rows
-# after the ~6-minute base (a row: ~2 minutes) fit what a device session had left.
+# size's). At 1,000 steps the heads recovered 67% of the color gap and 6% of the
+# pattern gap, the transformer 98% and 54% (RESULTS.md). Two rows after the ~6-minute
+# base (a row: ~2 minutes) fit what a device session had left.
 SIZES['gpu_sweep'] = dict(SIZES['gpu'], seeds=(0,), single_lora=False, rows={
     'heads': ('heads', {}, None),
     'heads_attention': ('heads', dict(pool='attention'), None)})
