@@ -55,14 +55,21 @@ SIZES = {
 }
 
 
-# gpu_sweep (issue 19): one training seed, the heads decoder's levers side by side on
-# one base model (rows: name -> decoder, its settings, the learning rate; None: the
-# size's). At 1,000 steps the heads recovered 67% of the color gap and 6% of the
-# pattern gap, the transformer 98% and 54% (RESULTS.md). Two rows after the ~6-minute
-# base (a row: ~2 minutes) fit what a device session had left.
+# gpu_sweep (issue 19): one training seed, levers side by side on one base model (rows:
+# name -> decoder, updates of its config.hypernet sections, the learning rate; None: the
+# size's). At 3,000 steps the heads recovered 78% of the color gap and 41% of the
+# pattern gap, 88% / 41% with the attention pool (RESULTS.md): the rows try the heads'
+# width, learning rate and a deeper encoder (a 4th stage: 31 px receptive field instead
+# of 15, for the pattern's texture), and the perceiver at 3,000 steps. The ~7-minute
+# base and four ~2.3-minute rows fit two device calls.
+_ATTENTION = dict(pool='attention')
 SIZES['gpu_sweep'] = dict(SIZES['gpu'], seeds=(0,), single_lora=False, rows={
-    'heads': ('heads', {}, None),
-    'heads_attention': ('heads', dict(pool='attention'), None)})
+    'perceiver': ('perceiver', {}, None),
+    'heads_attention_hidden256': ('heads', dict(decoder=dict(_ATTENTION, hidden=256)), None),
+    'heads_attention_fast_lr': ('heads', dict(decoder=_ATTENTION), 3e-3),
+    'heads_attention_encoder4': ('heads', dict(decoder=_ATTENTION,
+                                               encoder=dict(channels=(32, 64, 128, 256))),
+                                 None)})
 
 
 def stage(objective, size, steps, prompt, seed=0, **model):
@@ -127,7 +134,8 @@ def get_config(size='cpu'):
       hyper = stage('hyperlora', s, s['hyper'], 'scene', seed, pretrained='stage:base',
                     prompt_dropout=0.0)
       hyper.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
-      hyper.hypernet.decoder.update(settings)
+      for section, updates in settings.items():
+        hyper.hypernet[section].update(updates)
       hyper.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
       hyper.data.augment.p = 0.5
       hyper.optim.lr = lr or s['hyper_lr']
