@@ -23,8 +23,9 @@ from hyperlora_jax.data import synthetic
 
 SIZES = {
     # resolution, item side as a fraction of it, unet channels, text width, base / lora /
-    # hypernet steps, the hypernetworks' learning rate, batch, decoders, training seeds
-    # (each trained row once per seed), held-out items scored (160 on CPU: a standard
+    # hypernet steps, the hypernetworks' learning rate, batch, decoders (one row each) or
+    # rows (name -> decoder, updates of its stage config), training seeds (each trained
+    # row once per seed), held-out items scored (160 on CPU: a standard
     # error under 4 points at any accuracy), data loader processes, the base model's
     # prediction type (the later stages read it from the base's scheduler folder)
     #
@@ -35,7 +36,8 @@ SIZES = {
     # v-prediction: the item's color is settled at the noisiest steps, where an epsilon loss
     # gives it almost no weight (oracle color after 400 base steps: 90% vs 12%; RESULTS.md).
     # gpu: 3,000 hypernetwork steps took the transformer decoder from 54% to 89% of the
-    # held-out pattern gap (RESULTS.md, the H200 sweep).
+    # held-out pattern gap; the heads, with the attention pool and lr 3e-3, 41% to 50%
+    # and color 78% to 96% (RESULTS.md, the H200 sweeps).
     'cpu': dict(resolution=16, item_frac=0.7, channels=(32, 64, 64), text=64, base=800,
                 lora=100, hyper=400, hyper_lr=3e-3, batch=16, decoders=('heads',),
                 num_train=4000,
@@ -43,7 +45,10 @@ SIZES = {
                 prediction='v_prediction'),
     'gpu': dict(resolution=64, item_frac=synthetic.ITEM_FRAC, channels=(64, 128, 256),
                 text=128, base=4000, lora=500, hyper=3000, hyper_lr=1e-3, batch=128,
-                decoders=('heads', 'transformer', 'perceiver'), num_train=20000,
+                rows={'heads': ('heads', dict(hypernet=dict(decoder=dict(pool='attention')),
+                                              optim=dict(lr=3e-3))),
+                      'transformer': ('transformer', {}), 'perceiver': ('perceiver', {})},
+                num_train=20000,
                 seeds=(0, 1, 2), eval_examples=200, eval_steps=25, dtype='bfloat16',
                 workers=-1, prediction='v_prediction'),
     # The smallest end-to-end run (the Colab notebook's test): seconds, learns nothing.
@@ -55,21 +60,38 @@ SIZES = {
 }
 
 
-# gpu_sweep (issue 19): one training seed, levers side by side on one base model (rows:
-# name -> decoder, updates of its config.hypernet sections, the learning rate; None: the
-# size's). At 3,000 steps the heads recovered 78% of the color gap and 41% of the
-# pattern gap, 88% / 41% with the attention pool (RESULTS.md): the rows try the heads'
-# width, learning rate and a deeper encoder (a 4th stage: 31 px receptive field instead
-# of 15, for the pattern's texture), and the perceiver at 3,000 steps. The ~7-minute
-# base and four ~2.3-minute rows fit two device calls.
-_ATTENTION = dict(pool='attention')
-SIZES['gpu_sweep'] = dict(SIZES['gpu'], seeds=(0,), single_lora=False, rows={
-    'perceiver': ('perceiver', {}, None),
-    'heads_attention_hidden256': ('heads', dict(decoder=dict(_ATTENTION, hidden=256)), None),
-    'heads_attention_fast_lr': ('heads', dict(decoder=_ATTENTION), 3e-3),
-    'heads_attention_encoder4': ('heads', dict(decoder=_ATTENTION,
-                                               encoder=dict(channels=(32, 64, 128, 256))),
-                                 None)})
+# Sweeps of issue 19 (gpu_sweep_<name>): one training seed, rows side by side on one base
+# model; gpu_sweep is the one to run next. Each ran once (RESULTS.md has its table):
+#   pool    the heads' pooled embedding against their attention pool over the tokens
+#   levers  at 3,000 steps the heads had 78% / 41% of the color / pattern gap, 88% / 41%
+#           with the attention pool: their width, lr and a deeper encoder (a 4th stage,
+#           31 px receptive field instead of 15), and the perceiver at 3,000 steps
+#   next    lr 3e-3 won (96% / 50%), the perceiver stayed at 80% / 35%: the heads at
+#           3e-3 wider or for 6,000 steps, the perceiver at 3e-3 or with plain LoRAs
+#           (its LoRA basis of 16 + 16 may bound it)
+# The ~6.5-minute base and four ~2-minute rows take two device calls.
+_ATTENTION = dict(hypernet=dict(decoder=dict(pool='attention')))
+_FAST = dict(optim=dict(lr=3e-3))
+_SWEEPS = {
+    'pool': {'heads': ('heads', {}), 'heads_attention': ('heads', _ATTENTION)},
+    'levers': {
+        'perceiver': ('perceiver', {}),
+        'heads_attention_hidden256': ('heads', dict(hypernet=dict(decoder=dict(
+            pool='attention', hidden=256)))),
+        'heads_attention_fast_lr': ('heads', dict(_ATTENTION, **_FAST)),
+        'heads_attention_encoder4': ('heads', dict(hypernet=dict(
+            decoder=dict(pool='attention'), encoder=dict(channels=(32, 64, 128, 256)))))},
+    'next': {
+        'heads_fast_lr_hidden256': ('heads', dict(hypernet=dict(decoder=dict(
+            pool='attention', hidden=256)), **_FAST)),
+        'heads_fast_lr_6000_steps': ('heads', dict(_ATTENTION, **_FAST,
+                                                   train=dict(num_steps=6000))),
+        'perceiver_fast_lr': ('perceiver', _FAST),
+        'perceiver_plain': ('perceiver', dict(hypernet=dict(param=dict(kind='plain'))))},
+}
+for _name, _rows in _SWEEPS.items():
+  SIZES[f'gpu_sweep_{_name}'] = dict(SIZES['gpu'], seeds=(0,), single_lora=False, rows=_rows)
+SIZES['gpu_sweep'] = SIZES['gpu_sweep_next']
 
 
 def stage(objective, size, steps, prompt, seed=0, **model):
@@ -123,22 +145,21 @@ def get_config(size='cpu'):
     runs.setdefault(row, []).append(name)
     order.append(name)
 
-  rows = s.get('rows') or {d: (d, {}, None) for d in s['decoders']}
+  rows = s.get('rows') or {d: (d, {}) for d in s['decoders']}
   for seed in s['seeds']:  # Seed 0 of every row first.
     if s.get('single_lora', True):
       lora = stage('unet_lora', s, s['lora'], 'scene', seed, pretrained='stage:base',
                    prompt_dropout=0.0)
       lora.lora.update(rank=4, alpha=4.0)
       add('single_lora', seed, lora)
-    for row, (decoder, settings, lr) in rows.items():
+    for row, (decoder, updates) in rows.items():
       hyper = stage('hyperlora', s, s['hyper'], 'scene', seed, pretrained='stage:base',
                     prompt_dropout=0.0)
       hyper.hypernet.decoder.update(kind=decoder, hidden=64, width=128, depth=2, heads=4)
-      for section, updates in settings.items():
-        hyper.hypernet[section].update(updates)
       hyper.hypernet.param.update(kind=decoders[decoder], rank=4, num_id=16, num_base=16)
       hyper.data.augment.p = 0.5
-      hyper.optim.lr = lr or s['hyper_lr']
+      hyper.optim.lr = s['hyper_lr']
+      hyper.update(updates)
       add(f'hyperlora_{row}', seed, hyper)
   c.stage_order = tuple(order)
   # Rows of several runs report the spread over training seeds, run k sampled with
