@@ -3,7 +3,8 @@ r"""Trains a config: the same command on a laptop, a GPU node or every TPU host.
   python -m hyperlora_jax.main --config=configs/tiny_test.py --workdir=/tmp/r \
       --config.train.batch_size=8
 
-A config with ``stages`` runs them one by one (`stages.run`); any other config is one
+A config with ``stages`` runs them one by one (`stages.run`; --stages: some of them,
+--side_by_side: several at once in processes of their own); any other config is one
 run of the training loop, handed its parts here: the objective builder, the data
 pipeline and the evaluation hook (`train_and_evaluate`). A run of a per-subject
 objective (``lora_bank``: pre-optimization, one LoRA per identity of the train split)
@@ -30,6 +31,7 @@ from hyperlora_jax import defaults
 from hyperlora_jax import evaluate
 from hyperlora_jax import objectives
 from hyperlora_jax import preoptimize
+from hyperlora_jax import side_by_side
 from hyperlora_jax import stages
 from hyperlora_jax import train
 from hyperlora_jax.data import pipeline
@@ -55,6 +57,16 @@ _ALLOW_CHANGES = flags.DEFINE_bool(
     "checkpoint's in keys that are safe to change (train.SAFE_TO_CHANGE: num_steps, "
     'log/eval/checkpoint intervals, eval, data_dir); other changes are refused but the '
     'layout (mesh, data reading: train.LAYOUT), which may always change.')
+_STAGES = flags.DEFINE_list(
+    'stages', [], 'A multi-stage config: train only these stages (in its stage_order) and '
+    'skip the report; the stages they use must be finished. Launches with disjoint lists '
+    'can run side by side (one per GPU, or several small ones on one); a launch without '
+    'the list then reports.')
+_SIDE_BY_SIDE = flags.DEFINE_integer(
+    'side_by_side', 0, 'A multi-stage config: train up to N stages at once, each in a '
+    'process of its own that gets 0.9/N of the GPU memory (`side_by_side`: for models '
+    'that leave a large GPU idle), then report. 0: one by one, in this process.',
+    lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -85,11 +97,13 @@ def train_one(config, workdir: str):
       allow_config_changes=_ALLOW_CHANGES.value)
 
 
-def train_and_evaluate(config, workdir: str):
-  """Trains a config: its stages one by one, or one run. Returns the final train
-  state of a single run (None for stages)."""
+def train_and_evaluate(config, workdir: str, only=()):
+  """Trains a config: its stages one by one (``only``: those, `stages.run`), or one
+  run. Returns the final train state of a single run (None for stages)."""
   if 'stages' in config:
-    return stages.run(config, workdir, train_one)
+    return stages.run(config, workdir, train_one, only)
+  if only:
+    raise ValueError(f'--stages={",".join(only)}: this config has no stages.')
   return train_one(config, workdir)
 
 
@@ -97,6 +111,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.use_compilation_cache(_CACHE.value)
+  if _SIDE_BY_SIDE.value:  # A scheduler only: its children take the devices.
+    if _DISTRIBUTED.value or _STAGES.value or 'stages' not in _CONFIG.value:
+      raise app.UsageError('--side_by_side schedules the stages of a multi-stage config, '
+                           'on one host, without --stages.')
+    side_by_side.run(_CONFIG.value, _WORKDIR.value, sys.argv, _SIDE_BY_SIDE.value)
+    return
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
@@ -105,7 +125,7 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   except train.Preempted as e:  # Not done: no success status, and say so.
     logging.warning('%s', e)
     print(e, file=sys.stderr)
@@ -114,7 +134,8 @@ def main(argv):
 
 def run():
   """The console script (`hyperlora-train`)."""
-  cli.run(__name__, cli.main_with_errors(main, errors=(checkpoint.SaveError,)),
+  cli.run(__name__, cli.main_with_errors(
+      main, errors=(checkpoint.SaveError, side_by_side.StageFailed)),
           flags_parser=parse_flags)
 
 

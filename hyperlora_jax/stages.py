@@ -235,34 +235,79 @@ def _eta(seconds: float) -> str:
   return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
 
 
-def run(config, workdir: str, train_one: Callable) -> None:
+def needs(stage) -> set:
+  """The stages a stage config names as 'stage:<name>' anywhere in it."""
+  found = set()
+
+  def walk(value):
+    if isinstance(value, str) and value.startswith('stage:'):
+      found.add(value[len('stage:'):])
+    elif hasattr(value, 'items'):
+      for v in value.values():
+        walk(v)
+    elif isinstance(value, (tuple, list)):
+      for v in value:
+        walk(v)
+  walk(stage)
+  return found
+
+
+def stage_finished(stage, stage_dir: str) -> bool:
+  """Whether the stage in `stage_dir` trained all its steps (or fitted every subject)."""
+  if objectives.spec(stage.objective).per_subject:
+    return preoptimize.finished(stage_dir)
+  return _finished(stage_dir, stage.train.num_steps)
+
+
+def run(config, workdir: str, train_one: Callable, only=()) -> None:
   """Trains each stage with `train_one(stage_config, stage_dir)`, then reports.
-  A pre-empted stage's train.Preempted stops the run before any later stage."""
+  A pre-empted stage's train.Preempted stops the run before any later stage.
+
+  ``only`` (names in stage_order): trains just those stages, in stage_order, and no
+  report; every other stage they use must be finished. Processes given disjoint names
+  can train side by side (one per accelerator, or several on one); a launch without
+  ``only`` then finds them finished and reports."""
   workdir = os.path.abspath(workdir)  # Stage configs name their base by this path.
   order = config.stage_order
-  steps = {n: config.stages[n].train.num_steps for n in order}
+  unknown = sorted(set(only) - set(order))
+  if unknown:
+    raise ValueError(f'No stage {", ".join(unknown)} in this config; its stages: '
+                     f'{", ".join(order)}.')
+  chosen = [n for n in order if not only or n in only]
+  steps = {n: config.stages[n].train.num_steps for n in chosen}
   started, trained = time.time(), 0  # Steps trained by this launch, for the ETA.
   for i, name in enumerate(order):
+    stage_dir = os.path.join(workdir, name)
+    if name not in chosen:
+      # Not trained here; used by a chosen stage only if finished (and then exported).
+      if not stage_finished(config.stages[name], stage_dir):
+        users = [n for n in chosen if name in needs(config.stages[n])]
+        if users:
+          raise ValueError(f'Stage {users[0]} uses stage {name}, which is not finished: '
+                           f'train it first, or name it too.')
+        continue
     # A copy: resolving 'stage:' keys below must not write through the config's
     # field references (keys a config shares between its stages).
     stage = config.stages[name].copy_and_resolve_references()
-    stage_dir = os.path.join(workdir, name)
-    _resolve_stages(stage, workdir, stage_dir)
-    left = sum(steps[n] for n in order[i:])
-    eta = (f', ETA of the remaining stages {_eta(left * (time.time() - started) / trained)}'
-           if trained else '')
-    logging.info('Stage %d/%d: %s (%s) in %s%s', i + 1, len(order), name,
-                 stage.objective, stage_dir, eta)
     spec = objectives.spec(stage.objective)
-    if not (preoptimize.finished(stage_dir) if spec.per_subject
-            else _finished(stage_dir, stage.train.num_steps)):
-      train_one(stage, stage_dir)
-      trained += steps[name]
+    if name in chosen:
+      _resolve_stages(stage, workdir, stage_dir)
+      left = sum(steps[n] for n in chosen[chosen.index(name):])
+      eta = (f', ETA of the remaining stages {_eta(left * (time.time() - started) / trained)}'
+             if trained else '')
+      logging.info('Stage %d/%d: %s (%s) in %s%s', i + 1, len(order), name,
+                   stage.objective, stage_dir, eta)
+      if not stage_finished(stage, stage_dir):
+        train_one(stage, stage_dir)
+        trained += steps[name]
     if spec.trains_base:
       export_pipeline(stage_dir)
     if spec.part:
       export_part(stage_dir, spec.part)
-  if 'report' in config:
+  if only:
+    logging.info('Trained %s; no report (a launch without the stage list reports).',
+                 ', '.join(chosen))
+  elif 'report' in config:
     logging.info('Report: evaluating the stages on held-out items...')
     REPORTS[config.report.get('kind', 'compare')](config, workdir)
 

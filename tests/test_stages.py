@@ -107,6 +107,25 @@ def test_stages_run_end_to_end_and_are_reused(tmp_path, monkeypatch, caplog):
     assert os.path.isdir(os.path.join(workdir, f'{name}.stale-0', 'checkpoints'))
 
 
+def test_stages_train_only_the_named_ones_without_a_report(tmp_path):
+  run = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match='No stage nope in this config; its stages: base'):
+    main.train_and_evaluate(_tiny_stages(), run, only=('nope',))
+  with pytest.raises(ValueError, match='--stages=base: this config has no stages'):
+    main.train_and_evaluate(tiny_test.get_config('unet_lora'), run, only=('base',))
+  with pytest.raises(ValueError, match='single_lora uses stage base, which is not finished'):
+    main.train_and_evaluate(_tiny_stages(), run, only=('single_lora',))
+  main.train_and_evaluate(_tiny_stages(), run, only=('base',))
+  assert os.listdir(run) == ['base']  # Exported, nothing else trained, no report.
+  assert _record(os.path.join(run, 'base', 'pipeline_export.json'))['step'] == 2
+  # A launch of another stage reuses the finished base as it is.
+  mtime = os.path.getmtime(os.path.join(run, 'base', 'pipeline_export.json'))
+  main.train_and_evaluate(_tiny_stages(), run, only=('hyperlora_heads',))
+  assert sorted(os.listdir(run)) == ['base', 'hyperlora_heads']
+  assert os.path.getmtime(os.path.join(run, 'base', 'pipeline_export.json')) == mtime
+  assert stages._finished(os.path.join(run, 'hyperlora_heads'), 2)
+
+
 @pytest.mark.parametrize('size', ['cpu', 'gpu'])
 def test_quickstart_config_is_complete(size):
   c = quickstart.get_config(size)

@@ -1,0 +1,119 @@
+"""Several stages of one config at once, each in a process of its own (main's
+--side_by_side=N).
+
+A small model leaves most of a large GPU idle (the quickstart's 64-px rows use it at a
+few percent), and a node's GPUs are idle while one stage trains. Here the stages of a
+multi-stage config are scheduled over up to N child processes, each
+``python -m hyperlora_jax.main <the same flags> --stages=<one stage>``: a stage starts
+when the stages it names ('stage:<name>', `stages.needs`) are finished, so the base
+model trains alone and the rows on it share the device. Each child gets 0.9 / N of the
+GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set) and writes its log to
+<workdir>/logs/<stage>.log; a last child, with every stage finished, writes the report.
+
+This process schedules only: it never starts a JAX backend, which would take the
+device memory its children need. A failed stage stops the others (SIGTERM: they save
+and resume on the next launch) and names its log.
+"""
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import logging
+
+from hyperlora_jax import cli
+from hyperlora_jax import stages
+
+
+class StageFailed(RuntimeError):
+  """A child process's stage did not finish."""
+
+
+def child_argv(argv, stage=None):
+  """main's command line for one child: `argv` without --side_by_side and --stages,
+  plus --stages=<stage> (None: every stage, the report's launch)."""
+  out, skip = [sys.executable, '-m', 'hyperlora_jax.main'], False
+  for arg in argv[1:]:
+    if skip:
+      skip = False
+      continue
+    name = arg.split('=', 1)[0]
+    if name in ('--side_by_side', '--stages'):
+      skip = '=' not in arg  # The value is the next argument.
+      continue
+    out.append(arg)
+  return out + ([f'--stages={stage}'] if stage else [])
+
+
+def _tail(path, lines=5):
+  with open(path) as f:
+    return ''.join(collections.deque(f, lines))
+
+
+def run(config, workdir: str, argv, processes: int) -> None:
+  """Trains `config`'s unfinished stages, up to `processes` at a time (see the module
+  docstring), then reports in one more child; `argv`: this launch's command line."""
+  if '://' in workdir:
+    raise ValueError(f'--side_by_side writes each stage\'s log under --workdir: a local '
+                     f'folder, not {workdir}.')
+  workdir = os.path.abspath(workdir)
+  order = config.stage_order
+  needs = {n: stages.needs(config.stages[n]) & set(order) for n in order}
+  done = {n for n in order
+          if stages.stage_finished(config.stages[n], os.path.join(workdir, n))}
+  waiting = [n for n in order if n not in done]
+  logs = os.path.join(workdir, 'logs')
+  os.makedirs(logs, exist_ok=True)
+  env = dict(os.environ)
+  env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / processes:.3f}')
+  running, started, took = {}, time.time(), []
+
+  def stop_all(signum=None, frame=None):
+    del frame
+    for child, _, _ in running.values():
+      child.terminate()
+    for child, _, _ in running.values():
+      child.wait()
+    if signum is not None:  # Pre-empted: the children saved; so does the next launch.
+      sys.exit(cli.PREEMPTED_EXIT)
+
+  previous = signal.signal(signal.SIGTERM, stop_all)
+  try:
+    while waiting or running:
+      for name in [n for n in waiting if needs[n] <= done][:processes - len(running)]:
+        waiting.remove(name)
+        log = os.path.join(logs, f'{name}.log')
+        with open(log, 'w') as out:
+          child = subprocess.Popen(child_argv(argv, name), stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+        running[name] = (child, time.time(), log)
+        logging.info('Side by side: %s started (%d running, %d waiting); log: %s', name,
+                     len(running), len(waiting), log)
+      if not running:
+        raise StageFailed(f'Stages {", ".join(waiting)} wait on each other (their '
+                          "'stage:' references make a cycle).")
+      time.sleep(1)
+      for name, (child, since, log) in list(running.items()):
+        if child.poll() is None:
+          continue
+        del running[name]
+        if child.returncode:
+          stop_all()
+          raise StageFailed(f'Stage {name} failed (exit {child.returncode}); the others '
+                            f'were stopped and resume next time. {log} ends:\n{_tail(log)}')
+        done.add(name)
+        took.append(time.time() - since)
+        left = len(waiting) + len(running)
+        eta = sum(took) / len(took) * left / processes
+        logging.info('Side by side: %s done in %.1f min; %d of %d stages done, ETA of the '
+                     'rest ~%.0f min (%.1f min so far).', name, took[-1] / 60, len(done),
+                     len(order), eta / 60, (time.time() - started) / 60)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if 'report' in config:
+    logging.info('Side by side: every stage is finished; reporting.')
+    report = subprocess.run(child_argv(argv), check=False)  # The whole device again.
+    if report.returncode:
+      raise StageFailed(f'The report failed (exit {report.returncode}).')

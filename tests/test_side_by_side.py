@@ -1,0 +1,80 @@
+"""main --side_by_side: stages scheduled over child processes in the order their
+'stage:' references allow, a failure stopping the others; and a real run of the smoke
+quickstart that way."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hyperlora_jax import side_by_side
+from tests import test_stages
+
+
+def test_child_argv_drops_the_scheduling_flags_and_names_one_stage():
+  argv = ['hyperlora-train', '--config=c.py:gpu', '--side_by_side', '3', '--workdir=w',
+          '--stages=a,b', '--config.seed=1', '--side_by_side=2']
+  assert side_by_side.child_argv(argv, 'base') == [
+      sys.executable, '-m', 'hyperlora_jax.main', '--config=c.py:gpu', '--workdir=w',
+      '--config.seed=1', '--stages=base']
+  assert side_by_side.child_argv(argv)[-1] == '--config.seed=1'  # The report's launch.
+
+
+def _fake_children(monkeypatch, tmp_path, scripts):
+  """Children that run `scripts[stage]` (Python) and record when they start and end."""
+  events = tmp_path / 'events'
+
+  def argv(_, stage=None):
+    code = (f'import json, time; open({str(events)!r}, "a").write(json.dumps(['
+            f'{stage!r}, "start", time.time()]) + "\\n"); {scripts.get(stage, "pass")}; '
+            f'open({str(events)!r}, "a").write(json.dumps([{stage!r}, "end", '
+            'time.time()]) + "\\n")')
+    return [sys.executable, '-c', code]
+  monkeypatch.setattr(side_by_side, 'child_argv', argv)
+
+  def read():
+    with open(events) as f:
+      return [json.loads(line) for line in f]
+  return read
+
+
+def test_stages_start_when_what_they_use_is_finished(monkeypatch, tmp_path):
+  events = _fake_children(monkeypatch, tmp_path, {'base': 'time.sleep(1)',
+                                                  'single_lora': 'time.sleep(1)',
+                                                  'hyperlora_heads': 'time.sleep(1)'})
+  side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'w'), [], processes=2)
+  times = {(stage, what): t for stage, what, t in events()}
+  # Both use the base: they start after it ends, together, and the report comes last.
+  assert times['single_lora', 'start'] > times['base', 'end']
+  assert times['hyperlora_heads', 'start'] > times['base', 'end']
+  assert abs(times['single_lora', 'start'] - times['hyperlora_heads', 'start']) < 0.9
+  assert times[None, 'start'] > max(times['single_lora', 'end'],
+                                    times['hyperlora_heads', 'end'])
+  assert os.path.exists(tmp_path / 'w' / 'logs' / 'single_lora.log')
+
+
+def test_a_failed_stage_stops_the_others_and_names_its_log(monkeypatch, tmp_path):
+  _fake_children(monkeypatch, tmp_path, {
+      'single_lora': 'print("Error: a bad batch"); raise SystemExit(3)',
+      'hyperlora_heads': 'time.sleep(60)'})
+  started = time.time()
+  with pytest.raises(side_by_side.StageFailed,
+                     match=r'(?s)Stage single_lora failed \(exit 3\).*logs/single_lora.log'
+                           r' ends:\nError: a bad batch'):
+    side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'w'), [], processes=2)
+  assert time.time() - started < 30  # The sleeping stage was stopped, not waited for.
+
+
+@pytest.mark.slow
+def test_the_smoke_quickstart_trains_side_by_side_and_reports(tmp_path):
+  workdir = tmp_path / 'qs'
+  subprocess.run([sys.executable, '-m', 'hyperlora_jax.main',
+                  '--config=configs/quickstart.py:smoke', f'--workdir={workdir}',
+                  '--side_by_side=2'], check=True, cwd=os.path.dirname(os.path.dirname(
+                      os.path.abspath(__file__))))
+  for stage in ('base', 'single_lora', 'hyperlora_heads'):
+    with open(workdir / 'logs' / f'{stage}.log') as f:
+      assert 'no report' in f.read(), stage
+  assert os.path.exists(workdir / 'report' / 'results.md')
