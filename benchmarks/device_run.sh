@@ -28,6 +28,7 @@ WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU imag
 # 19.2 img/s after them in one process, 25.8 alone on another H200 (BENCHMARKS.md).
 ALL="issue19|qs_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep
 issue19|qs_gpu|-m hyperlora_jax.main --config=configs/quickstart.py:gpu
+issue19|side_by_side|benchmarks/side_by_side.py
 issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
 issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
 issue16|hdb_gpu|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu
@@ -70,6 +71,8 @@ job() {  # the detached job: every process of the set not yet done
     case $cmd in
       *gpu_benchmark.py* | *hdb_benchmark.py*) extra=(--json="$JOB/results/$name.json"
                                  --out="$JOB/results/$name.md") ;;
+      *side_by_side.py*) extra=(--json="$JOB/results/$name.json" --out="$JOB/results/$name.md"
+                                --workdir="$JOB/work/$name") ;;
       *hyperlora_jax.main*) extra=(--workdir="$JOB/work/$name"  # kept across calls
                                    --compilation_cache="$JOB/cache") ;;
     esac

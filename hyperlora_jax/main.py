@@ -65,7 +65,8 @@ _STAGES = flags.DEFINE_list(
 _SIDE_BY_SIDE = flags.DEFINE_integer(
     'side_by_side', 0, 'A multi-stage config: train up to N stages at once, each in a '
     'process of its own that gets 0.9/N of the GPU memory (`side_by_side`: for models '
-    'that leave a large GPU idle), then report. 0: one by one, in this process.',
+    'that leave a large GPU idle), then report (with --stages: those stages, no report). '
+    '0: one by one, in this process.',
     lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -112,10 +113,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.use_compilation_cache(_CACHE.value)
   if _SIDE_BY_SIDE.value:  # A scheduler only: its children take the devices.
-    if _DISTRIBUTED.value or _STAGES.value or 'stages' not in _CONFIG.value:
+    if _DISTRIBUTED.value or 'stages' not in _CONFIG.value:
       raise app.UsageError('--side_by_side schedules the stages of a multi-stage config, '
-                           'on one host, without --stages.')
-    side_by_side.run(_CONFIG.value, _WORKDIR.value, sys.argv, _SIDE_BY_SIDE.value)
+                           'on one host.')
+    side_by_side.run(_CONFIG.value, _WORKDIR.value, sys.argv, _SIDE_BY_SIDE.value,
+                     _STAGES.value)
     return
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -8,7 +8,8 @@ multi-stage config are scheduled over up to N child processes, each
 when the stages it names ('stage:<name>', `stages.needs`) are finished, so the base
 model trains alone and the rows on it share the device. Each child gets 0.9 / N of the
 GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set) and writes its log to
-<workdir>/logs/<stage>.log; a last child, with every stage finished, writes the report.
+<workdir>/logs/<stage>.log; a last child, with every stage finished, writes the report
+(with --stages, only those stages are scheduled, and there is no report).
 
 This process schedules only: it never starts a JAX backend, which would take the
 device memory its children need. A failed stage stops the others (SIGTERM: they save
@@ -52,14 +53,20 @@ def _tail(path, lines=5):
     return ''.join(collections.deque(f, lines))
 
 
-def run(config, workdir: str, argv, processes: int) -> None:
-  """Trains `config`'s unfinished stages, up to `processes` at a time (see the module
-  docstring), then reports in one more child; `argv`: this launch's command line."""
+def run(config, workdir: str, argv, processes: int, only=()) -> None:
+  """Trains `config`'s unfinished stages (``only``: of those), up to `processes` at a
+  time (see the module docstring), then (without ``only``) reports in one more child;
+  `argv`: this launch's command line."""
   if '://' in workdir:
     raise ValueError(f'--side_by_side writes each stage\'s log under --workdir: a local '
                      f'folder, not {workdir}.')
   workdir = os.path.abspath(workdir)
-  order = config.stage_order
+  unknown = sorted(set(only) - set(config.stage_order))
+  if unknown:
+    raise ValueError(f'No stage {", ".join(unknown)} in this config; its stages: '
+                     f'{", ".join(config.stage_order)}.')
+  order = [n for n in config.stage_order if not only or n in only]
+  # What a stage uses outside `order` must be finished: its child says so if not.
   needs = {n: stages.needs(config.stages[n]) & set(order) for n in order}
   done = {n for n in order
           if stages.stage_finished(config.stages[n], os.path.join(workdir, n))}
@@ -112,7 +119,7 @@ def run(config, workdir: str, argv, processes: int) -> None:
                      len(order), eta / 60, (time.time() - started) / 60)
   finally:
     signal.signal(signal.SIGTERM, previous)
-  if 'report' in config:
+  if 'report' in config and not only:
     logging.info('Side by side: every stage is finished; reporting.')
     report = subprocess.run(child_argv(argv), check=False)  # The whole device again.
     if report.returncode:

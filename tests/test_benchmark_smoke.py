@@ -480,3 +480,22 @@ def test_merge_benchmark_tiny_prints_every_row():
   for name, cell in rows.items():
     assert _number(cell) > 0, (name, cell)
   assert any(name.startswith('merge CLI end to end') for name in rows)
+
+
+@pytest.mark.slow
+def test_side_by_side_benchmark_trains_the_rows_both_ways(tmp_path):
+  """benchmarks/side_by_side.py --tiny: the smoke quickstart's rows on one base model, in
+  one process and side by side (main --stages, --side_by_side), timed in one table."""
+  _run('--tiny', f'--workdir={tmp_path}', f'--out={tmp_path / "sbs.md"}',
+       script=os.path.join(ROOT, 'benchmarks', 'side_by_side.py'))
+  rows = {}
+  for line in (tmp_path / 'sbs.md').read_text().splitlines()[4:]:
+    how, *cells = (c.strip() for c in line.strip('|').split('|'))
+    rows[how] = cells
+  assert set(rows) == {'one after another, one process', 'side by side, 2 processes'}
+  assert all(float(wall) > 0 for wall, *_ in rows.values()), rows
+  for stage in ('single_lora', 'hyperlora_heads'):
+    for how in ('one_process', 'side_by_side'):
+      assert os.path.isdir(tmp_path / how / stage / 'checkpoints'), (how, stage)
+    assert (tmp_path / 'side_by_side' / 'logs' / f'{stage}.log').exists()
+  assert not (tmp_path / 'side_by_side' / 'report').exists()  # --stages: no report

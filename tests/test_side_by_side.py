@@ -1,9 +1,8 @@
 """main --side_by_side: stages scheduled over child processes in the order their
-'stage:' references allow, a failure stopping the others; and a real run of the smoke
-quickstart that way."""
+'stage:' references allow, a failure stopping the others (a real run side by side:
+benchmarks/side_by_side.py --tiny, tests/test_benchmark_smoke.py)."""
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -55,6 +54,16 @@ def test_stages_start_when_what_they_use_is_finished(monkeypatch, tmp_path):
   assert os.path.exists(tmp_path / 'w' / 'logs' / 'single_lora.log')
 
 
+def test_named_stages_alone_and_no_report(monkeypatch, tmp_path):
+  events = _fake_children(monkeypatch, tmp_path, {})
+  side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'w'), [], processes=2,
+                   only=('single_lora', 'hyperlora_heads'))
+  assert sorted(stage for stage, what, _ in events() if what == 'end') == [
+      'hyperlora_heads', 'single_lora']
+  with pytest.raises(ValueError, match='No stage nope in this config'):
+    side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'w'), [], 2, ('nope',))
+
+
 def test_a_failed_stage_stops_the_others_and_names_its_log(monkeypatch, tmp_path):
   _fake_children(monkeypatch, tmp_path, {
       'single_lora': 'print("Error: a bad batch"); raise SystemExit(3)',
@@ -65,16 +74,3 @@ def test_a_failed_stage_stops_the_others_and_names_its_log(monkeypatch, tmp_path
                            r' ends:\nError: a bad batch'):
     side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'w'), [], processes=2)
   assert time.time() - started < 30  # The sleeping stage was stopped, not waited for.
-
-
-@pytest.mark.slow
-def test_the_smoke_quickstart_trains_side_by_side_and_reports(tmp_path):
-  workdir = tmp_path / 'qs'
-  subprocess.run([sys.executable, '-m', 'hyperlora_jax.main',
-                  '--config=configs/quickstart.py:smoke', f'--workdir={workdir}',
-                  '--side_by_side=2'], check=True, cwd=os.path.dirname(os.path.dirname(
-                      os.path.abspath(__file__))))
-  for stage in ('base', 'single_lora', 'hyperlora_heads'):
-    with open(workdir / 'logs' / f'{stage}.log') as f:
-      assert 'no report' in f.read(), stage
-  assert os.path.exists(workdir / 'report' / 'results.md')
