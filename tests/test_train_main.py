@@ -104,7 +104,7 @@ def test_every_tool_sets_our_gpu_xla_flags_unless_the_user_sets_them():
 def test_preempted_run_exits_143_saying_it_will_resume(monkeypatch, capsys):
   from hyperlora_jax import main as main_lib, train  # pylint: disable=import-outside-toplevel
 
-  def preempted(config, workdir):
+  def preempted(config, workdir, only=()):
     raise train.Preempted(7, '/runs/x')
   monkeypatch.setattr(main_lib, 'train_and_evaluate', preempted)
   monkeypatch.setattr(main_lib.jax.config, 'update', lambda *args: None)
