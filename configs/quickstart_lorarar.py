@@ -56,7 +56,6 @@ def _stage(objective, s, steps, prompt, seed=0, **model):
   c.data.update(test_fraction=s['test_fraction'], styles=True)
   c.model.targets = TARGETS
   c.bank.param.update(kind='plain', rank=s['rank'])
-  c.eval.num_examples = 0  # The report scores every stage's use.
   return c
 
 
