@@ -61,7 +61,8 @@ SIZES = {
 
 
 # Sweeps of issue 19 (gpu_sweep_<name>): one training seed, rows side by side on one base
-# model; gpu_sweep is the one to run next. Each ran once (RESULTS.md has its table):
+# model; gpu_sweep is the one to run next (next); pool and levers ran once, and
+# RESULTS.md has their tables:
 #   pool    the heads' pooled embedding against their attention pool over the tokens
 #   levers  at 3,000 steps the heads had 78% / 41% of the color / pattern gap, 88% / 41%
 #           with the attention pool: their width, lr and a deeper encoder (a 4th stage,

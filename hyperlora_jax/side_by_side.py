@@ -61,11 +61,7 @@ def run(config, workdir: str, argv, processes: int, only=()) -> None:
     raise ValueError(f'--side_by_side writes each stage\'s log under --workdir: a local '
                      f'folder, not {workdir}.')
   workdir = os.path.abspath(workdir)
-  unknown = sorted(set(only) - set(config.stage_order))
-  if unknown:
-    raise ValueError(f'No stage {", ".join(unknown)} in this config; its stages: '
-                     f'{", ".join(config.stage_order)}.')
-  order = [n for n in config.stage_order if not only or n in only]
+  order = stages.chosen_stages(config, only)
   # What a stage uses outside `order` must be finished: its child says so if not.
   needs = {n: stages.needs(config.stages[n]) & set(order) for n in order}
   done = {n for n in order

@@ -259,6 +259,15 @@ def stage_finished(stage, stage_dir: str) -> bool:
   return _finished(stage_dir, stage.train.num_steps)
 
 
+def chosen_stages(config, only=()) -> list:
+  """The stages of `config` in stage_order, ``only`` those when given (each must be one)."""
+  unknown = sorted(set(only) - set(config.stage_order))
+  if unknown:
+    raise ValueError(f'No stage {", ".join(unknown)} in this config; its stages: '
+                     f'{", ".join(config.stage_order)}.')
+  return [n for n in config.stage_order if not only or n in only]
+
+
 def run(config, workdir: str, train_one: Callable, only=()) -> None:
   """Trains each stage with `train_one(stage_config, stage_dir)`, then reports.
   A pre-empted stage's train.Preempted stops the run before any later stage.
@@ -269,11 +278,7 @@ def run(config, workdir: str, train_one: Callable, only=()) -> None:
   ``only`` then finds them finished and reports."""
   workdir = os.path.abspath(workdir)  # Stage configs name their base by this path.
   order = config.stage_order
-  unknown = sorted(set(only) - set(order))
-  if unknown:
-    raise ValueError(f'No stage {", ".join(unknown)} in this config; its stages: '
-                     f'{", ".join(order)}.')
-  chosen = [n for n in order if not only or n in only]
+  chosen = chosen_stages(config, only)
   steps = {n: config.stages[n].train.num_steps for n in chosen}
   started, trained = time.time(), 0  # Steps trained by this launch, for the ETA.
   for i, name in enumerate(order):
