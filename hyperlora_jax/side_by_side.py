@@ -1,8 +1,9 @@
 """Several stages of one config at once, each in a process of its own (main's
 --side_by_side=N).
 
-A small model leaves most of a large GPU idle (the quickstart's 64-px rows use it at a
-few percent), and a node's GPUs are idle while one stage trains. Here the stages of a
+A small model can leave a large GPU idle for much of a stage (a 3,000-step row of the
+GPU quickstart spends ~40% of its time compiling and starting, BENCHMARKS.md), and a
+node's other GPUs idle while one stage trains. Here the stages of a
 multi-stage config are scheduled over up to N child processes, each
 ``python -m hyperlora_jax.main <the same flags> --stages=<one stage>``: a stage starts
 when the stages it names ('stage:<name>', `stages.needs`) are finished, so the base
