@@ -28,6 +28,7 @@ WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU imag
 # 19.2 img/s after them in one process, 25.8 alone on another H200 (BENCHMARKS.md).
 ALL="issue19|qs_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep
 issue19|qs_gpu|-m hyperlora_jax.main --config=configs/quickstart.py:gpu
+issue19|qs_gpu_side_by_side|-m hyperlora_jax.main --config=configs/quickstart.py:gpu --side_by_side=4
 issue19|side_by_side|benchmarks/side_by_side.py
 issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
 issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
@@ -79,10 +80,13 @@ job() {  # the detached job: every process of the set not yet done
     # shellcheck disable=SC2086  # cmd and FLAGS are word lists
     $PY $cmd $FLAGS "${extra[@]}" > "$JOB/results/$name.log" 2>&1
     rc=$?
-    # A quickstart's report comes back, not its checkpoints.
-    if [ -d "$JOB/work/$name/report" ]; then
-      rm -rf "$JOB/results/$name" && cp -r "$JOB/work/$name/report" "$JOB/results/$name"
-    fi
+    # A quickstart's report (and with --side_by_side its stages' logs) comes back, not
+    # its checkpoints.
+    for part in report logs; do
+      [ -d "$JOB/work/$name/$part" ] || continue
+      rm -rf "$JOB/results/$name/$part" && mkdir -p "$JOB/results/$name" \
+        && cp -r "$JOB/work/$name/$part" "$JOB/results/$name/$part"
+    done
     echo "$rc" > "$JOB/results/$name.rc"
     echo "$(date +%T) $name: exit $rc"
   done < "$JOB/commands"
