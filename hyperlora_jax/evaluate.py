@@ -49,11 +49,17 @@ results.json (mean, std and every pair's scores) and results.md: DINO (cosine of
 DINO ViT's CLS embeddings, e.g. facebook/dino-vits16), CLIP-I (of CLIP image
 embeddings), CLIP-T (generated image vs its prompt, from {name: prompt}), as
 DreamBooth defines them and HyperDreamBooth reports them.
+
+Merge mode, one table from reports sampled with other seeds (`merge_reports`: e.g. a
+three-seed table trained as two launches, seeds 0 and 1 and then seed 2):
+
+  python -m hyperlora_jax.evaluate --merge=REPORT_A,REPORT_B --out=DIR
 """
 import collections
 import functools
 import json
 import os
+import shutil
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from absl import app
@@ -610,7 +616,8 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
   ControlNet for pose guidance).
 
   Writes out_dir/results.json, results.md (one table row per entry, in
-  order; then each row's accuracy per item color and per pattern) and grid.png
+  order; then each row's accuracy per item color and per pattern), scores.json
+  (every example's score per row and seed, which `merge_reports` pools) and grid.png
   (first `grid_examples` examples; columns: context, ground truth, then each
   row, its first run, after its own contexts where they are other images:
   the robustness split's). Returns the results dict.
@@ -630,6 +637,7 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
                        f'{len(seeds)} seeds: give one run per seed.')
   scorer = load_clip(clip_folder) if clip_folder else None
   restored, results, columns, labels = {}, {}, [], ['context', 'ground truth']
+  every = {}  # row -> metric -> per-seed lists of every example's score (scores.json)
   truths = {}  # '' or EDIT -> the ground truth its rows are scored against
   for name, (workdirs, mode, options) in rows.items():
     pairs = (list(zip(workdirs, [(s,) for s in seeds]))
@@ -677,15 +685,91 @@ def compare(rows: Mapping[str, tuple], out_dir: str, *, split='test',
                      'mode': mode, 'objective': run.spec.name,
                      'metrics': _summary(per_seed, truth),
                      **({'options': options} if options else {})}
-  _gaps(results)
-  out = {'settings': dict(split=split, num_examples=num_examples,
-                          num_steps=num_steps, guidance=guidance,
-                          seeds=list(seeds), sampler=sampler),
-         'rows': results, 'clip_note': scorer.note if scorer else ''}
-  files.write_json(os.path.join(out_dir, 'results.json'), out)
-  files.write_text(os.path.join(out_dir, 'results.md'), markdown_table(out))
+    every[name] = {m: [s[m].tolist() for s in per_seed] for m in per_seed[0]}
+  settings = dict(split=split, num_examples=num_examples, num_steps=num_steps,
+                  guidance=guidance, seeds=list(seeds), sampler=sampler)
+  out = _write_results(out_dir, settings, results, every, truth,
+                       scorer.note if scorer else '')
   files.save_image(image_io.grid(np.stack(columns, axis=1), labels),
                    os.path.join(out_dir, 'grid.png'))
+  return out
+
+
+def _write_results(out_dir, settings, rows, scores, labels, clip_note='') -> dict:
+  """results.json, results.md and scores.json of `compare` (or `merge_reports`):
+  `rows` with their summaries, `scores` row -> metric -> per-seed lists of every
+  example's score, `labels` the examples' ground truth (or None)."""
+  _gaps(rows)
+  out = {'settings': settings, 'rows': rows, 'clip_note': clip_note}
+  files.write_json(os.path.join(out_dir, 'scores.json'), {
+      'labels': {k: np.asarray(v).tolist() for k, v in (labels or {}).items()},
+      'rows': scores})
+  files.write_json(os.path.join(out_dir, 'results.json'), out)
+  files.write_text(os.path.join(out_dir, 'results.md'), markdown_table(out))
+  return out
+
+
+def _read_report(folder: str) -> tuple:
+  """(results, scores) of a `compare` folder, with a clear error if it is not one."""
+  found = []
+  for name in ('results.json', 'scores.json'):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f'{folder} has no {name}: give report folders written by compare (a '
+          'quickstart\'s <workdir>/report, or hyperlora-evaluate --out) since scores.json '
+          'existed.')
+    with open(path) as f:
+      found.append(json.load(f))
+  return tuple(found)
+
+
+def merge_reports(folders: Sequence[str], out_dir: str) -> dict:
+  """One table from `compare` reports of the same rows on the same examples, each
+  sampled with other seeds: e.g. a table over three training seeds run as two launches
+  (seeds 0, 1 and seed 2) where one device session cannot hold it. Each row's per-seed
+  scores are pooled and summarized as if one compare had sampled them all (a row of
+  several runs: one run per training seed; its other rows, such as no-LoRA, pool their
+  sampling seeds). Writes out_dir/results.json, results.md and scores.json, and the
+  first folder's grid.png. Returns the results dict."""
+  if len(folders) < 2:
+    raise ValueError(f'merge_reports needs two report folders or more, got {list(folders)}.')
+  reports = [_read_report(f) for f in folders]
+  (first, first_scores), seeds = reports[0], []
+  same = lambda r: {k: v for k, v in r['settings'].items() if k != 'seeds'}
+  metrics = lambda scores: {n: sorted(r) for n, r in scores['rows'].items()}
+  for folder, (results, scores) in zip(folders, reports):
+    problems = [f'settings {same(results)} (the first: {same(first)})'
+                if same(results) != same(first) else '',
+                f'rows {list(results["rows"])} (the first: {list(first["rows"])})'
+                if [(n, r['mode']) for n, r in results['rows'].items()]
+                != [(n, r['mode']) for n, r in first['rows'].items()] else '',
+                'other examples (their ground truth differs)'
+                if scores['labels'] != first_scores['labels'] else '',
+                'other metrics per row' if metrics(scores) != metrics(first_scores) else '']
+    problems = [p for p in problems if p]
+    if problems:
+      raise ValueError(f'{folder} is not a report of the same table as {folders[0]}: '
+                       + '; '.join(problems) + '.')
+    seeds += results['settings']['seeds']
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f'The reports share sampling seeds ({seeds}): each must bring its '
+                     'own, or the pooled spread counts a seed twice.')
+  labels = {k: np.asarray(v) for k, v in first_scores['labels'].items()}
+  rows, scores = {}, {}
+  for name, row in first['rows'].items():
+    scores[name] = {m: sum((s['rows'][name][m] for _, s in reports), [])
+                    for m in first_scores['rows'][name]}
+    per_seed = [{m: np.asarray(v[k]) for m, v in scores[name].items()}
+                for k in range(len(next(iter(scores[name].values()))))]
+    listed = [r['rows'][name]['workdir'] for r, _ in reports]
+    rows[name] = dict(row, workdir=sum((w if isinstance(w, list) else [w] for w in listed), []),
+                      metrics=_summary(per_seed, labels or None))
+    rows[name].pop('gap_recovered', None)
+  out = _write_results(out_dir, dict(first['settings'], seeds=seeds), rows, scores,
+                       labels, first.get('clip_note', ''))
+  with files.atomic_file(os.path.join(out_dir, 'grid.png')) as tmp:
+    shutil.copyfile(os.path.join(folders[0], 'grid.png'), tmp)
   return out
 
 
@@ -849,6 +933,12 @@ def main(argv):
   f = flags.FLAGS
   if f.generated:
     return main_folders(f)
+  if f.merge:
+    if not f.out:
+      raise ValueError('--merge needs --out: the folder for the merged table.')
+    cli.check_output(f.out)
+    print(markdown_table(merge_reports(f.merge, f.out)))
+    return print(f'Wrote results.json, results.md, scores.json and grid.png to {f.out}')
   cli.check_flags(positive=('num_steps', 'batch_size'),
                   non_negative=('num_examples', 'grid_examples'))
   out = f.out or os.path.join(f.workdir, 'eval')
@@ -907,10 +997,13 @@ def _flags():
                       '(names without extension) for CLIP-T.')
   flags.DEFINE_string('dino', None, 'Folder mode: a local transformers ViTModel folder '
                       '(e.g. facebook/dino-vits16) for the DINO score.')
+  flags.DEFINE_list('merge', None, 'Merge mode, instead of --workdir: report folders '
+                    '(results.json and scores.json) of the same rows and examples, each '
+                    'sampled with its own seeds, pooled into one table in --out.')
   flags.register_multi_flags_validator(
-      ['workdir', 'generated'], lambda v: bool(v['workdir']) != bool(v['generated']),
-      'Give --workdir (a run to sample and score) or --generated (a folder of images), '
-      'one of the two.')
+      ['workdir', 'generated', 'merge'], lambda v: sum(map(bool, v.values())) == 1,
+      'Give --workdir (a run to sample and score), --generated (a folder of images) or '
+      '--merge (report folders), one of the three.')
   cli.define_compilation_cache_flag()
 
 

@@ -94,6 +94,50 @@ def test_row_of_several_runs_pairs_run_k_with_seed_k(runs, tmp_path):
     evaluate.compare({'two runs': rows['two runs']}, str(tmp_path), seeds=(0, 1, 2))
 
 
+def test_merge_reports_is_one_compare_of_every_seed(runs, tmp_path):
+  """A table over two training seeds made as two launches (one seed each) and merged
+  reads as the one compare that sampled both: every summary, the table, the gaps."""
+  two = [runs['hyper'], runs['hyper']]  # Stand-ins for the runs of two training seeds.
+  rows = {'no-LoRA': (runs['hyper'], 'no_lora'), 'HyperLoRA': (two, 'hyperlora'),
+          'oracle': (runs['hyper'], 'oracle')}
+  kw = dict(num_examples=4, num_steps=2, batch_size=4, grid_examples=2)
+  whole = evaluate.compare(rows, str(tmp_path / 'whole'), seeds=(0, 1), **kw)
+  for k in (0, 1):
+    evaluate.compare({n: (w[k] if isinstance(w, list) else w, m) for n, (w, m) in rows.items()},
+                     str(tmp_path / f'seed{k}'), seeds=(k,), **kw)
+  launches = [str(tmp_path / 'seed0'), str(tmp_path / 'seed1')]
+  merged = evaluate.merge_reports(launches, str(tmp_path / 'merged'))
+  flat = lambda d: {f'{k}/{j}': w for k, v in d.items() if isinstance(v, dict)
+                    for j, w in flat(v).items()} | {k: v for k, v in d.items()
+                                                  if not isinstance(v, dict)}
+  for name, row in whole['rows'].items():
+    # Pooled from scores.json in float64, summarized by compare in float32.
+    assert flat(merged['rows'][name]['metrics']) == pytest.approx(
+        flat(row['metrics']), rel=1e-6), name
+    assert merged['rows'][name].get('gap_recovered') == row.get('gap_recovered')
+  assert merged['rows']['HyperLoRA']['workdir'] == [str(runs['hyper'])] * 2
+  read = lambda d, f: (tmp_path / d / f).read_text()
+  assert read('merged', 'results.md') == read('whole', 'results.md')
+  assert json.loads(read('merged', 'results.json')) == merged
+  assert (tmp_path / 'merged' / 'grid.png').read_bytes() == (
+      tmp_path / 'seed0' / 'grid.png').read_bytes()
+  # Reports that are not launches of one table are refused, naming why.
+  with pytest.raises(ValueError, match=r'share sampling seeds \(\[0, 0\]\)'):
+    evaluate.merge_reports([launches[0]] * 2, str(tmp_path / 'bad'))
+  evaluate.compare({'oracle': rows['oracle']}, str(tmp_path / 'other'), seeds=(2,), **kw)
+  with pytest.raises(ValueError, match=r'other.* is not a report of the same table.*rows'):
+    evaluate.merge_reports([launches[0], str(tmp_path / 'other')], str(tmp_path / 'bad'))
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'results.json').write_text(read('seed1', 'results.json'))
+  with pytest.raises(FileNotFoundError, match='old has no scores.json'):
+    evaluate.merge_reports([launches[0], str(tmp_path / 'old')], str(tmp_path / 'bad'))
+  # The CLI's merge mode.
+  result = run_cli('evaluate', runs['dirs'], f'--merge={",".join(launches)}',
+                   f'--out={tmp_path / "cli"}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert read('cli', 'results.md') == read('whole', 'results.md')
+
+
 def test_gap_recovered():
   metrics = lambda c, p: {'color_acc': {'mean': c}, 'pattern_acc': {'mean': p}}
   rows = {'a': dict(mode='no_lora', metrics=metrics(0.1, 0.3)),
@@ -243,7 +287,7 @@ def test_cli(runs, clip_folder):
                    '--grid_examples=2', f'--clip={clip_folder[0]}')
   assert result.returncode == 0, result.stderr[-3000:]
   out = os.path.join(runs['hyper'], 'eval')
-  assert sorted(os.listdir(out)) == ['grid.png', 'results.json', 'results.md']
+  assert sorted(os.listdir(out)) == ['grid.png', 'results.json', 'results.md', 'scores.json']
   results = json.loads(open(os.path.join(out, 'results.json')).read())
   assert list(results['rows']) == ['hyperlora', 'no_lora', 'oracle']
   assert set(results['rows']['hyperlora']['metrics']) == {
