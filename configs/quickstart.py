@@ -3,6 +3,10 @@
   python -m hyperlora_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
   python -m hyperlora_jax.main --config=configs/quickstart.py:gpu --workdir=...
   python -m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep --workdir=...
+  python -m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=2 --workdir=...
+    (some of a size's training seeds: one launch of a table that another holds the
+    rest of; `python -m hyperlora_jax.evaluate --merge=A/report,B/report --out=...`
+    pools their reports)
 
 Stages run in order, each in <workdir>/<stage>, and are reused when already finished:
   base         a tiny text-to-image model trained from scratch on full prompts (it
@@ -137,8 +141,24 @@ def with_base_stage(s, make=stage):
   return c
 
 
+def size_of(sizes, arg):
+  """The entry of `sizes` that `arg` names, 'NAME' or 'NAME:seeds=A,B' (the config
+  string after the file's colon): the size with those training seeds, for a table whose
+  seeds one device session cannot hold. Its stages keep the full size's names, and
+  `hyperlora-evaluate --merge` pools the launches' reports into the table."""
+  name, _, option = arg.partition(':')
+  if name not in sizes:
+    raise ValueError(f'No size {name!r}; sizes: {", ".join(sizes)}.')
+  if not option:
+    return sizes[name]
+  key, _, value = option.partition('=')
+  if key != 'seeds' or not value:
+    raise ValueError(f'{arg!r}: give NAME or NAME:seeds=A,B (training seeds), not {option!r}.')
+  return dict(sizes[name], seeds=tuple(int(v) for v in value.split(',')))
+
+
 def get_config(size='cpu'):
-  s = SIZES[size]
+  s = size_of(SIZES, size)
   c = with_base_stage(s)
   decoders = {'heads': 'plain', 'transformer': 'plain', 'perceiver': 'basis'}
   runs, order = {}, ['base']

@@ -76,7 +76,7 @@ def _basis(size, steps, seed, stage, **basis):
 
 
 def get_config(size='cpu'):
-  s = SIZES[size]
+  s = quickstart.size_of(SIZES, size)
   c = quickstart.with_base_stage(s)
   # Three-stage chains, name -> (stage suffix, conditions, label): the default
   # conditions' and a sweep's others (stage 1 has none, so the chains share it).

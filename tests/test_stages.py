@@ -139,3 +139,19 @@ def test_quickstart_config_is_complete(size):
   if size == 'gpu':  # The published GPU results' data: the default item size.
     assert c.stages.base.data.item_frac == synthetic.ITEM_FRAC
     assert c.stages.base.data.resolution == 64
+
+
+def test_quickstart_size_with_some_of_its_seeds():
+  """'gpu:seeds=2' is one launch of the gpu table: the stages of seed 2, named as in the
+  full size (so its report merges with the other seeds'), and a report of that seed."""
+  whole, part = quickstart.get_config('gpu'), quickstart.get_config('gpu:seeds=2')
+  assert part.stage_order == ('base',) + tuple(n for n in whole.stage_order
+                                               if n.endswith('_seed2'))
+  for name in part.stage_order:
+    assert part.stages[name].to_dict() == whole.stages[name].to_dict(), name
+  assert tuple(part.report.seeds) == (2,)
+  assert part.report.runs['hyperlora_heads'] == ['hyperlora_heads_seed2']
+  for bad, message in (('gpu:steps=2', "give NAME or NAME:seeds=A,B"),
+                       ('gpu:seeds=', 'give NAME'), ('big', "No size 'big'")):
+    with pytest.raises(ValueError, match=message):
+      quickstart.get_config(bad)
