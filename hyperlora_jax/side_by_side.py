@@ -1,16 +1,19 @@
 """Several stages of one config at once, each in a process of its own (main's
 --side_by_side=N).
 
-A small model can leave a large GPU idle for much of a stage (a 3,000-step row of the
-GPU quickstart spends ~40% of its time compiling and starting, BENCHMARKS.md), and a
-node's other GPUs idle while one stage trains. Here the stages of a
-multi-stage config are scheduled over up to N child processes, each
+Stages of a multi-stage config that do not use each other (the quickstart's rows on
+one base model) can train at once, each on its own GPUs of a host. Here they are
+scheduled over up to N child processes, each
 ``python -m hyperlora_jax.main <the same flags> --stages=<one stage>``: a stage starts
 when the stages it names ('stage:<name>', `stages.needs`) are finished, so the base
-model trains alone and the rows on it share the device. Each child gets 0.9 / N of the
-GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set) and writes its log to
-<workdir>/logs/<stage>.log; a last child, with every stage finished, writes the report
-(with --stages, only those stages are scheduled, and there is no report).
+model trains alone and the rows on it train together. With at least N GPUs on the host
+(CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`) each child gets its own 1/N of them;
+with fewer, the children share them, each with 0.9 / N of the memory
+(XLA_PYTHON_CLIENT_MEM_FRACTION, unless set): on one H200, four 3,000-step quickstart
+rows so trained were only 6% faster than one after another (BENCHMARKS.md), since each
+keeps the GPU busy. Each child writes its log to <workdir>/logs/<stage>.log; a last
+child, with every stage finished, writes the report on every device (with --stages,
+only those stages are scheduled, and there is no report).
 
 This process schedules only: it never starts a JAX backend, which would take the
 device memory its children need. A failed stage stops the others (SIGTERM: they save
@@ -49,6 +52,27 @@ def child_argv(argv, stage=None):
   return out + ([f'--stages={stage}'] if stage else [])
 
 
+def host_gpus() -> list:
+  """The host's GPUs as CUDA_VISIBLE_DEVICES names them, else as `nvidia-smi -L` lists
+  them (their indices), else none; no JAX backend is started."""
+  visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None:
+    return [g for g in visible.split(',') if g.strip()]
+  try:
+    listed = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True,
+                            timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(listed.splitlines()) if line.startswith('GPU ')]
+
+
+def gpu_groups(gpus, processes: int) -> list:
+  """`processes` disjoint groups of `gpus`, one per child, when there are enough of
+  them; else [] (the children share every device)."""
+  k = len(gpus) // processes
+  return [','.join(gpus[i * k:(i + 1) * k]) for i in range(processes)] if k else []
+
+
 def _tail(path, lines=5):
   with open(path) as f:
     return ''.join(collections.deque(f, lines))
@@ -70,15 +94,19 @@ def run(config, workdir: str, argv, processes: int, only=()) -> None:
   waiting = [n for n in order if n not in done]
   logs = os.path.join(workdir, 'logs')
   os.makedirs(logs, exist_ok=True)
-  env = dict(os.environ)
-  env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / processes:.3f}')
+  free = gpu_groups(host_gpus(), processes)  # Those of no running child.
+  shared = dict(os.environ)
+  if not free:
+    shared.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / processes:.3f}')
+  logging.info('Side by side: up to %d stages at once, %s.', processes,
+               f'on GPUs {" | ".join(free)}' if free else 'sharing the devices')
   running, started, took = {}, time.time(), []
 
   def stop_all(signum=None, frame=None):
     del frame
-    for child, _, _ in running.values():
+    for child, *_ in running.values():
       child.terminate()
-    for child, _, _ in running.values():
+    for child, *_ in running.values():
       child.wait()
     if signum is not None:  # Pre-empted: the children saved; so does the next launch.
       sys.exit(cli.PREEMPTED_EXIT)
@@ -89,20 +117,24 @@ def run(config, workdir: str, argv, processes: int, only=()) -> None:
       for name in [n for n in waiting if needs[n] <= done][:processes - len(running)]:
         waiting.remove(name)
         log = os.path.join(logs, f'{name}.log')
+        gpus = free.pop(0) if free else None
+        env = dict(shared, **({'CUDA_VISIBLE_DEVICES': gpus} if gpus else {}))
         with open(log, 'w') as out:
           child = subprocess.Popen(child_argv(argv, name), stdout=out,
                                    stderr=subprocess.STDOUT, env=env)
-        running[name] = (child, time.time(), log)
+        running[name] = (child, time.time(), log, gpus)
         logging.info('Side by side: %s started (%d running, %d waiting); log: %s', name,
                      len(running), len(waiting), log)
       if not running:
         raise StageFailed(f'Stages {", ".join(waiting)} wait on each other (their '
                           "'stage:' references make a cycle).")
       time.sleep(1)
-      for name, (child, since, log) in list(running.items()):
+      for name, (child, since, log, gpus) in list(running.items()):
         if child.poll() is None:
           continue
         del running[name]
+        if gpus:
+          free.append(gpus)
         if child.returncode:
           stop_all()
           raise StageFailed(f'Stage {name} failed (exit {child.returncode}); the others '

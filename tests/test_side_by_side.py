@@ -74,3 +74,24 @@ def test_a_failed_stage_stops_the_others_and_names_its_log(monkeypatch, tmp_path
                            r' ends:\nError: a bad batch'):
     side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'w'), [], processes=2)
   assert time.time() - started < 30  # The sleeping stage was stopped, not waited for.
+
+
+def test_children_get_their_own_gpus_when_the_host_has_enough(monkeypatch, tmp_path):
+  record = ('import os; print(json.dumps([os.environ.get("CUDA_VISIBLE_DEVICES"), '
+            'os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")]))')
+  slow = f'{record}; time.sleep(1)'
+  _fake_children(monkeypatch, tmp_path, {'base': record, 'single_lora': slow,
+                                         'hyperlora_heads': slow})
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_MEM_FRACTION', raising=False)
+  seen = lambda w, stage: json.loads((tmp_path / w / 'logs' / f'{stage}.log').read_text())
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,5,7,9')
+  side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'w'), [], processes=2)
+  # Two at once on a host of four GPUs: two each, never the same two.
+  assert {seen('w', s)[0] for s in ('single_lora', 'hyperlora_heads')} == {'3,5', '7,9'}
+  assert seen('w', 'base') == ['3,5', None]  # The whole memory of its own GPUs.
+  # Fewer GPUs than stages at once: they share the one, each with part of its memory.
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0')
+  side_by_side.run(test_stages._tiny_stages(), str(tmp_path / 'v'), [], processes=2)
+  assert seen('v', 'single_lora') == ['0', '0.450']
+  assert side_by_side.gpu_groups(['0', '1', '2'], 2) == ['0', '1']
+  assert side_by_side.gpu_groups([], 2) == []
