@@ -372,7 +372,7 @@ for a in sys.argv[1:]:
       json.dump({'rows': [], 'notes': [sys.argv[1]]}, f)
   if a.startswith('--workdir='):  # a quickstart: its report and a checkpoint
     for folder in ('report', 'base'):
-      os.makedirs(os.path.join(a[len('--workdir='):], folder))
+      os.makedirs(os.path.join(a[len('--workdir='):], folder), exist_ok=True)
     with open(os.path.join(a[len('--workdir='):], 'report', 'results.md'), 'w') as f:
       f.write('| row |')
 sys.exit(3 if 'sdxl_parity' in sys.argv[1] else 0)
@@ -423,8 +423,18 @@ def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_pat
       f'--workdir={job}/work/basis_gpu --compilation_cache={job}/cache')
   assert (job / 'tree' / 'configs' / 'quickstart_basis.py').exists()
   subprocess.run(['tar', 'xzf', str(out / 'results.tgz'), '-C', str(out)], check=True)
-  assert (out / 'results' / 'basis_gpu' / 'results.md').read_text() == '| row |'
+  assert (out / 'results' / 'basis_gpu' / 'report' / 'results.md').read_text() == '| row |'
   assert not (out / 'results' / 'basis_gpu' / 'base').exists()
+  # Processes that name their workdir share it (seed 2 of a table, then a sweep on its
+  # base model); each one's report comes back under its own name.
+  assert run('start', 'qs_gpu_seed_2,qs_gpu_sweep', '60').returncode == 0
+  assert calls.read_text().splitlines()[-2:] == [
+      f'-m hyperlora_jax.main --config=configs/quickstart.py:{size} '
+      f'--workdir={job}/work/qs_gpu_base --tiny --compilation_cache={job}/cache'
+      for size in ('gpu:seeds=2', 'gpu_sweep')]
+  subprocess.run(['tar', 'xzf', str(out / 'results.tgz'), '-C', str(out)], check=True)
+  for name in ('qs_gpu_seed_2', 'qs_gpu_sweep'):
+    assert (out / 'results' / name / 'report' / 'results.md').exists(), name
   result = run('start', 'issue_twenty')
   assert result.returncode == 2 and 'sdxl_parity' in result.stderr, result
 
@@ -440,7 +450,7 @@ def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_pat
   env['BROKEN'] = 'import tensorboardX'
   result = run('start', 'basis_gpu', '60')
   assert result.returncode == 1 and 'tensorboardX: not importable' in result.stderr
-  assert len(calls.read_text().splitlines()) == 5  # the four, then basis_gpu: nothing new
+  assert len(calls.read_text().splitlines()) == 7  # the four, basis_gpu, the two: nothing new
 
 
 def test_tiny_controlnet_row(tmp_path):
