@@ -717,8 +717,8 @@ def _read_report(folder: str) -> tuple:
     if not os.path.exists(path):
       raise FileNotFoundError(
           f'{folder} has no {name}: give report folders written by compare (a '
-          'quickstart\'s <workdir>/report, or hyperlora-evaluate --out) since scores.json '
-          'existed.')
+          'quickstart\'s <workdir>/report, or hyperlora-evaluate --out); one written '
+          'before compare kept scores.json cannot be merged.')
     with open(path) as f:
       found.append(json.load(f))
   return tuple(found)
