@@ -64,9 +64,9 @@ _STAGES = flags.DEFINE_list(
     'the list then reports.')
 _SIDE_BY_SIDE = flags.DEFINE_integer(
     'side_by_side', 0, 'A multi-stage config: train up to N stages at once, each in a '
-    'process of its own that gets 0.9/N of the GPU memory (`side_by_side`: for models '
-    'that leave a large GPU idle), then report (with --stages: those stages, no report). '
-    '0: one by one, in this process.',
+    'process of its own, on its own 1/N of the host\'s GPUs when there are at least N '
+    '(else sharing them: on one H200 no faster, BENCHMARKS.md), then report (with '
+    '--stages: those stages, no report). 0: one by one, in this process.',
     lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
