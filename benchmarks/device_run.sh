@@ -27,10 +27,12 @@ WHEELS=${BENCH_WHEELS:-.whl}  # diffusers and ml_collections, which the GPU imag
 # rows run in a child process of their own (--torch_in_child): our SDXL step measured
 # 19.2 img/s after them in one process, 25.8 alone on another H200 (BENCHMARKS.md).
 # Issue 19's three-seed table (~31 min of H200) does not fit one session's device time:
-# seeds 0 and 1 in one (~23 min), seed 2 in the next, whose base model the sweep then
-# reuses (one workdir: the same base stage); `hyperlora_jax.evaluate --merge` pools the
-# two reports. A process with its own --workdir keeps it.
-ALL="issue19|qs_gpu_seeds_0_1|-m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=0,1
+# one launch per training seed, each with its report, on one base model (one workdir:
+# the same base stage), so a session cut short keeps the seeds it finished; seeds 0 and
+# 1 in one session (~23 min), seed 2 and the sweep in the next; `hyperlora_jax.evaluate
+# --merge` pools the reports. A process with its own --workdir keeps it.
+ALL="issue19|qs_gpu_seed_0|-m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=0 --workdir=$JOB/work/qs_gpu_base
+issue19|qs_gpu_seed_1|-m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=1 --workdir=$JOB/work/qs_gpu_base
 issue19|qs_gpu_seed_2|-m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=2 --workdir=$JOB/work/qs_gpu_base
 issue19|qs_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep --workdir=$JOB/work/qs_gpu_base
 issue19|qs_gpu|-m hyperlora_jax.main --config=configs/quickstart.py:gpu
@@ -88,12 +90,12 @@ job() {  # the detached job: every process of the set not yet done
     # shellcheck disable=SC2086  # cmd and FLAGS are word lists
     $PY $cmd $FLAGS "${extra[@]}" > "$JOB/results/$name.log" 2>&1
     rc=$?
-    # A quickstart's report (and with --side_by_side its stages' logs) comes back, not
-    # its checkpoints.
-    for part in report logs; do
-      [ -d "$work/$part" ] || continue
-      rm -rf "$JOB/results/$name/$part" && mkdir -p "$JOB/results/$name" \
-        && cp -r "$work/$part" "$JOB/results/$name/$part"
+    # A quickstart's reports (report, report_seeds_0, ...; with --side_by_side its
+    # stages' logs too) come back, not its checkpoints.
+    for part in "$work"/report* "$work"/logs; do
+      [ -d "$part" ] || continue
+      rm -rf "$JOB/results/$name/${part##*/}" && mkdir -p "$JOB/results/$name" \
+        && cp -r "$part" "$JOB/results/$name/${part##*/}"
     done
     echo "$rc" > "$JOB/results/$name.rc"
     echo "$(date +%T) $name: exit $rc"

@@ -3,10 +3,11 @@
   python -m hyperlora_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
   python -m hyperlora_jax.main --config=configs/quickstart.py:gpu --workdir=...
   python -m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep --workdir=...
-  python -m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=2 --workdir=...
-    (some of a size's training seeds: one launch of a table that another holds the
-    rest of; `python -m hyperlora_jax.evaluate --merge=A/report,B/report --out=...`
-    pools their reports)
+  python -m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=2 --workdir=W
+    (some of a size's training seeds: one launch of a table whose other seeds other
+    launches train, in the same workdir W or not; each reports into
+    W/report_seeds_<seeds>, and `python -m hyperlora_jax.evaluate
+    --merge=W/report_seeds_0,W/report_seeds_1,W/report_seeds_2 --out=...` pools them)
 
 Stages run in order, each in <workdir>/<stage>, and are reused when already finished:
   base         a tiny text-to-image model trained from scratch on full prompts (it
@@ -144,17 +145,21 @@ def with_base_stage(s, make=stage):
 def size_of(sizes, arg):
   """The entry of `sizes` that `arg` names, 'NAME' or 'NAME:seeds=A,B' (the config
   string after the file's colon): the size with those training seeds, for a table whose
-  seeds one device session cannot hold. Its stages keep the full size's names, and
-  `hyperlora-evaluate --merge` pools the launches' reports into the table."""
+  seeds one device session cannot hold. Its stages keep the full size's names, so
+  launches of other seeds can share one workdir (and its base model); each reports into
+  its own report_folder (<workdir>/report_seeds_A_B), and `hyperlora-evaluate --merge`
+  pools the launches' reports into the table."""
   name, _, option = arg.partition(':')
   if name not in sizes:
     raise ValueError(f'No size {name!r}; sizes: {", ".join(sizes)}.')
   if not option:
-    return sizes[name]
+    return dict(sizes[name], report_folder='report')
   key, _, value = option.partition('=')
   if key != 'seeds' or not value:
     raise ValueError(f'{arg!r}: give NAME or NAME:seeds=A,B (training seeds), not {option!r}.')
-  return dict(sizes[name], seeds=tuple(int(v) for v in value.split(',')))
+  seeds = tuple(int(v) for v in value.split(','))
+  return dict(sizes[name], seeds=seeds,
+              report_folder='report_seeds_' + '_'.join(map(str, seeds)))
 
 
 def get_config(size='cpu'):
@@ -189,5 +194,5 @@ def get_config(size='cpu'):
   # Rows of several runs report the spread over training seeds, run k sampled with
   # seeds[k]; the no-LoRA and oracle rows (one base model) over the sampling seeds.
   c.report = dict(num_examples=s['eval_examples'], num_steps=s['eval_steps'], guidance=3.0,
-                  seeds=s['seeds'], runs=runs)
+                  seeds=s['seeds'], runs=runs, folder=s['report_folder'])
   return c

@@ -135,7 +135,7 @@ def get_config(size='cpu'):
              (f'{label}, other scene, no trigger', run, 'hyperlora_edit', {'trigger': False})]
   rows.append(('oracle, other scene', 'three_stages', 'oracle_edit', {}))
   c.report = dict(num_examples=s['eval_examples'], num_steps=s['eval_steps'], guidance=3.0,
-                  seeds=s['seeds'], runs=runs, rows=tuple(rows),
+                  seeds=s['seeds'], runs=runs, rows=tuple(rows), folder=s['report_folder'],
                   slider=dict(row='three_stages', examples=(0, 1),
                               scales=(-1.0, 0.0, 0.5, 1.0, 2.0)))
   return c

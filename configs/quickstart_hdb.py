@@ -109,7 +109,7 @@ def _hyper(s, seed, rounds, beta):
 
 
 def get_config(size='cpu'):
-  s = quickstart.size_of(SIZES, size)
+  s = SIZES[size]
   c = quickstart.with_base_stage(s, _stage)
   targets = _stage('lora_bank', s, s['targets_steps'], s.get('prompt', 'static'),
                    pretrained='stage:base', prompt_dropout=0.0)

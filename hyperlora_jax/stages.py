@@ -317,6 +317,13 @@ def run(config, workdir: str, train_one: Callable, only=()) -> None:
     REPORTS[config.report.get('kind', 'compare')](config, workdir)
 
 
+def report_dir(report, workdir: str) -> str:
+  """Where a config's ``report`` goes: <workdir>/<report.folder> ('report'; a launch of
+  some of a table's seeds names its own, `quickstart.size_of`, so launches can share a
+  workdir)."""
+  return os.path.join(workdir, report.get('folder', 'report'))
+
+
 def report(config, workdir: str) -> dict:
   """Compares the stages on held-out items; writes <workdir>/report/.
 
@@ -353,7 +360,7 @@ def report(config, workdir: str) -> dict:
     rows.update({n: (row(n), 'hyperlora') for n in hyper})
     rows.update({f'{n} (robust contexts)': (row(n), 'hyperlora_robust') for n in hyper})
     rows['oracle (full prompt)'] = (first, 'oracle')
-  out_dir = os.path.join(workdir, 'report')
+  out_dir = report_dir(config.report, workdir)
   results = evaluate.compare(rows, out_dir, num_examples=r.num_examples,
                              num_steps=r.num_steps, guidance=r.guidance, seeds=seeds)
   first = runs.restore(os.path.join(workdir, stages_of(hyper[0])[0]))
@@ -456,7 +463,7 @@ def personalization_report(config, workdir: str) -> dict:
                   _asked(row['mode']))
     costs[name] = (row['steps'], float(np.mean([(p.prepare_s + p.fit_s) / n
                                                 for p in personal])))
-  out_dir = os.path.join(workdir, 'report')
+  out_dir = report_dir(config.report, workdir)
   results = evaluate.compare(rows, out_dir, num_examples=n, num_steps=r.num_steps,
                              guidance=r.guidance, seeds=seeds, batch_size=n)
   for name, (steps, seconds) in costs.items():
@@ -531,7 +538,7 @@ def grouped_report(config, workdir: str) -> dict:
   seed): a stand-in, which the table says."""
   r = config.report
   seeds = tuple(r.get('seeds', (0,)))
-  out_dir = os.path.join(workdir, 'report')
+  out_dir = report_dir(config.report, workdir)
   clip_folder = r.get('clip') or None
   if clip_folder == 'random':
     clip_folder = evaluate.random_clip(os.path.join(out_dir, 'clip_random'),
@@ -661,7 +668,7 @@ def merging_report(config, workdir: str) -> dict:
 
 
 def _write_merging(workdir, r, scores, shown, ex, style_ex, num_pairs) -> dict:
-  out_dir = os.path.join(workdir, 'report')
+  out_dir = report_dir(r, workdir)
   os.makedirs(out_dir, exist_ok=True)
   rows = {name: {k: {'mean': float(np.mean([x[k] for x in runs_])),
                      'std': float(np.std([x[k] for x in runs_]))} for k in runs_[0]}

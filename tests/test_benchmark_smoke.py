@@ -371,9 +371,11 @@ for a in sys.argv[1:]:
     with open(a[len('--json='):], 'w') as f:
       json.dump({'rows': [], 'notes': [sys.argv[1]]}, f)
   if a.startswith('--workdir='):  # a quickstart: its report and a checkpoint
-    for folder in ('report', 'base'):
+    seeds = [s.split('seeds=')[1] for s in sys.argv if ':seeds=' in s]
+    report = 'report_seeds_' + seeds[0] if seeds else 'report'
+    for folder in (report, 'base'):
       os.makedirs(os.path.join(a[len('--workdir='):], folder), exist_ok=True)
-    with open(os.path.join(a[len('--workdir='):], 'report', 'results.md'), 'w') as f:
+    with open(os.path.join(a[len('--workdir='):], report, 'results.md'), 'w') as f:
       f.write('| row |')
 sys.exit(3 if 'sdxl_parity' in sys.argv[1] else 0)
 '''
@@ -433,8 +435,8 @@ def test_device_run_runs_a_set_detached_once_and_brings_back_its_results(tmp_pat
       f'--workdir={job}/work/qs_gpu_base --tiny --compilation_cache={job}/cache'
       for size in ('gpu:seeds=2', 'gpu_sweep')]
   subprocess.run(['tar', 'xzf', str(out / 'results.tgz'), '-C', str(out)], check=True)
-  for name in ('qs_gpu_seed_2', 'qs_gpu_sweep'):
-    assert (out / 'results' / name / 'report' / 'results.md').exists(), name
+  assert (out / 'results' / 'qs_gpu_seed_2' / 'report_seeds_2' / 'results.md').exists()
+  assert (out / 'results' / 'qs_gpu_sweep' / 'report' / 'results.md').exists()
   result = run('start', 'issue_twenty')
   assert result.returncode == 2 and 'sdxl_parity' in result.stderr, result
 

@@ -151,6 +151,9 @@ def test_quickstart_size_with_some_of_its_seeds():
     assert part.stages[name].to_dict() == whole.stages[name].to_dict(), name
   assert tuple(part.report.seeds) == (2,)
   assert part.report.runs['hyperlora_heads'] == ['hyperlora_heads_seed2']
+  # Launches sharing a workdir keep their own reports.
+  assert stages.report_dir(part.report, 'w') == os.path.join('w', 'report_seeds_2')
+  assert stages.report_dir(whole.report, 'w') == os.path.join('w', 'report')
   for bad, message in (('gpu:steps=2', "give NAME or NAME:seeds=A,B"),
                        ('gpu:seeds=', 'give NAME'), ('big', "No size 'big'")):
     with pytest.raises(ValueError, match=message):
