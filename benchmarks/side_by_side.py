@@ -61,8 +61,9 @@ def _main(args, workdir, *flags):
   print('$', ' '.join(command[1:]), flush=True)
   started = time.time()
   subprocess.run(command, cwd=ROOT, check=True)
-  print(f'[{time.time() - started:.1f} s] {" ".join(flags)}', flush=True)
-  return time.time() - started
+  took = time.time() - started
+  print(f'[{took:.1f} s] {" ".join(flags)}', flush=True)
+  return took
 
 
 def main(argv=None):

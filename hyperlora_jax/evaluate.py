@@ -760,12 +760,12 @@ def merge_reports(folders: Sequence[str], out_dir: str) -> dict:
   for name, row in first['rows'].items():
     scores[name] = {m: sum((s['rows'][name][m] for _, s in reports), [])
                     for m in first_scores['rows'][name]}
-    per_seed = [{m: np.asarray(v[k]) for m, v in scores[name].items()}
-                for k in range(len(next(iter(scores[name].values()))))]
+    per_seed = [{m: np.asarray(v) for m, v in zip(scores[name], seed)}
+                for seed in zip(*scores[name].values())]
     listed = [r['rows'][name]['workdir'] for r, _ in reports]
+    # gap_recovered: recomputed by _write_results (the rows' modes are the first's).
     rows[name] = dict(row, workdir=sum((w if isinstance(w, list) else [w] for w in listed), []),
                       metrics=_summary(per_seed, labels or None))
-    rows[name].pop('gap_recovered', None)
   out = _write_results(out_dir, dict(first['settings'], seeds=seeds), rows, scores,
                        labels, first.get('clip_note', ''))
   with files.atomic_file(os.path.join(out_dir, 'grid.png')) as tmp:
