@@ -37,6 +37,7 @@ issue19|qs_gpu_seed_2|-m hyperlora_jax.main --config=configs/quickstart.py:gpu:s
 issue19|qs_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep --workdir=$JOB/work/qs_gpu_base
 issue19|qs_gpu|-m hyperlora_jax.main --config=configs/quickstart.py:gpu
 issue19|side_by_side|benchmarks/side_by_side.py
+issue19|init|benchmarks/init_benchmark.py
 issue18|basis_gpu|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu
 issue18|basis_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart_basis.py:gpu_sweep
 issue16|hdb_gpu|-m hyperlora_jax.main --config=configs/quickstart_hdb.py:gpu
@@ -80,7 +81,7 @@ job() {  # the detached job: every process of the set not yet done
     [ -n "$work" ] || { work=$JOB/work/$name; own=(--workdir="$work"); }
     extra=()
     case $cmd in
-      *gpu_benchmark.py* | *hdb_benchmark.py*) extra=(--json="$JOB/results/$name.json"
+      *gpu_benchmark.py* | *hdb_benchmark.py* | *init_benchmark.py*) extra=(--json="$JOB/results/$name.json"
                                  --out="$JOB/results/$name.md") ;;
       *side_by_side.py*) extra=(--json="$JOB/results/$name.json" --out="$JOB/results/$name.md"
                                 --workdir="$JOB/work/$name") ;;

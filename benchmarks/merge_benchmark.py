@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from hyperlora_jax import cli, defaults, diffusion, lora as lora_lib, merging  # noqa: E402
 from hyperlora_jax import objectives  # noqa: E402
 from hyperlora_jax.convert import lora_files  # noqa: E402
-from hyperlora_jax.models import clip, merger as merger_lib, unet as unet_lib  # noqa: E402
+from hyperlora_jax.models import clip, init_variables, merger as merger_lib, unet as unet_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -87,8 +87,8 @@ def main(argv=None):
   unet = unet_lib.from_config(size['unet'])
   text = clip.text_from_config(size['text'])
   rng = jax.random.key(0)
-  params = {'unet': jax.jit(unet.init)(rng, *unet.dummy_inputs())['params'],
-            'text': jax.jit(text.init)(rng, *text.dummy_inputs())['params']}
+  params = {'unet': init_variables(unet, rng, *unet.dummy_inputs())['params'],
+            'text': init_variables(text, rng, *text.dummy_inputs())['params']}
   targets = lora_lib.find_targets(params['unet'], 'cross_attn,self_attn')
   content, style = _random_lora(targets, args.rank, 0), _random_lora(targets, args.rank, 1)
   rows = []

@@ -79,7 +79,7 @@ from hyperlora_jax.data import images as image_io
 from hyperlora_jax.data import pipeline
 from hyperlora_jax.data import subjects
 from hyperlora_jax.data import synthetic
-from hyperlora_jax.models import clip, vit
+from hyperlora_jax.models import clip, init_variables, vit
 
 # mode -> (prompt, the kind of LoRA it applies: the run's `Spec.lora_kind`, or None for
 # the base model alone, or 'tokens' for none beside the image tokens of an IP-Adapter,
@@ -596,7 +596,7 @@ def random_clip(folder: str, vit: Mapping[str, Any], seed: int) -> str:
   task): random features still carry color and layout, but not CLIP's semantics."""
   if not os.path.exists(os.path.join(folder, 'config.json')):
     module = clip.vision_from_config(dict(vit))
-    params = jax.jit(module.init)(jax.random.key(seed), *module.dummy_inputs())['params']
+    params = init_variables(module, jax.random.key(seed), *module.dummy_inputs())['params']
     clip_folders.save_vision_model(params, module, folder)
   return folder
 

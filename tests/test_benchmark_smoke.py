@@ -511,3 +511,15 @@ def test_side_by_side_benchmark_trains_the_rows_both_ways(tmp_path):
       assert os.path.isdir(tmp_path / how / stage / 'checkpoints'), (how, stage)
     assert (tmp_path / 'side_by_side' / 'logs' / f'{stage}.log').exists()
   assert not (tmp_path / 'side_by_side' / 'report').exists()  # --stages: no report
+
+
+def test_init_benchmark_draws_the_same_params_each_way(tmp_path):
+  """benchmarks/init_benchmark.py --tiny: the smoke UNet's init through XLA's threefry and
+  through models.init_variables, each in its own process: one table, equal params."""
+  _run('--tiny', '--ways=xla,kernel', f'--out={tmp_path / "init.md"}',
+       f'--json={tmp_path / "init.json"}',
+       script=os.path.join(ROOT, 'benchmarks', 'init_benchmark.py'))
+  rows = json.loads((tmp_path / 'init.json').read_text())['rows']
+  assert [r['way'] for r in rows] == ['xla', 'kernel']
+  assert all(r['seconds'] > 0 and r['max_abs_diff'] == 0 for r in rows), rows
+  assert '| kernel |' in (tmp_path / 'init.md').read_text()

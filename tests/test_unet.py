@@ -200,3 +200,19 @@ def test_unsupported_config_is_refused():
     unet.from_config(dict(SD1_TINY, class_embed_type='timestep'))
   with pytest.raises(ValueError, match='Unknown UNet config keys.*bogus'):
     unet.from_config(dict(SD1_TINY, bogus=1))
+
+
+def test_init_variables_is_jit_init_and_restores_the_threefry_setting():
+  """models.init_variables draws what jit(module.init) draws (on a GPU the same threefry
+  bits through one kernel: benchmarks/init_benchmark.py) and leaves the setting as it was,
+  after a failed init too."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from hyperlora_jax.models import init_variables  # pylint: disable=g-import-not-at-top
+  module, x = nn.Dense(5), jnp.ones((2, 3))
+  ours = init_variables(module, jax.random.key(3), x)
+  plain = jax.jit(module.init)(jax.random.key(3), x)
+  jax.tree.map(np.testing.assert_array_equal, ours, plain)
+  assert not jax.config.jax_threefry_gpu_kernel_lowering
+  with pytest.raises(TypeError):
+    init_variables(module, jax.random.key(3), x, x, x)
+  assert not jax.config.jax_threefry_gpu_kernel_lowering

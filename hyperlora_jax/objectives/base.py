@@ -23,7 +23,7 @@ import numpy as np
 from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import clip_folders, pipeline
-from hyperlora_jax.models import clip, unet, vae
+from hyperlora_jax.models import clip, init_variables, unet, vae
 from hyperlora_jax.objectives.conditioning import combine, denoiser, load_addons
 
 
@@ -150,8 +150,8 @@ def load_base(config, rng):
   unet_module = unet.from_config(unet_config, dtype)
   text = clip.text_from_config(text_config, dtype)
   rng_unet, rng_text = jax.random.split(rng)
-  unet_params = jax.jit(unet_module.init)(rng_unet, *unet_module.dummy_inputs())['params']
-  text_params = jax.jit(text.init)(rng_text, *text.dummy_inputs())['params']
+  unet_params = init_variables(unet_module, rng_unet, *unet_module.dummy_inputs())['params']
+  text_params = init_variables(text, rng_text, *text.dummy_inputs())['params']
   scheduler_config = dict(diffusion.SD15_SCHEDULER_CONFIG, **config.model.scheduler)
   return pipeline.Pipeline(unet_module, unet_params, unet_config, text, text_params,
                            text_config, tokenizer,

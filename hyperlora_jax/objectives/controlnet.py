@@ -11,7 +11,7 @@ stages' (and evaluation's) ``model.controlnet.folder`` loads frozen.
 import jax
 
 from hyperlora_jax.convert import pipeline
-from hyperlora_jax.models import controlnet
+from hyperlora_jax.models import controlnet, init_variables
 from hyperlora_jax.objectives.conditioning import check_condition_size, control_residuals
 from hyperlora_jax.objectives.base import (Objective, Spec, base_models, compute_dtype,
                                           diffusion_objective, latent_factor)
@@ -28,7 +28,7 @@ def build(config, rng) -> Objective:
   if config.controlnet.from_unet:
     trainable = controlnet.params_from_unet(module, frozen['unet'], rng_net)
   else:
-    trainable = jax.jit(module.init)(rng_net, *module.dummy_inputs())['params']
+    trainable = init_variables(module, rng_net, *module.dummy_inputs())['params']
   scale = config.model.controlnet.scale
 
   def unet_inputs(trainable, frozen, inputs):

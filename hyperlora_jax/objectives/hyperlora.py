@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.convert import clip_folders, target_weights
 from hyperlora_jax.data import pipeline as data_pipeline
-from hyperlora_jax.models import hypernet
+from hyperlora_jax.models import hypernet, init_variables
 from hyperlora_jax.objectives.base import (Objective, Spec, base_models, compute_dtype,
                                           diffusion_objective)
 
@@ -49,7 +49,7 @@ def build(config, rng) -> Objective:
   models, frozen = base_models(
       config, rng_base, lambda targets: hypernet.build(config.hypernet, targets, tower_module))
   net = models.hypernet
-  init = jax.jit(net.init)(rng_net, jnp.zeros(
+  init = init_variables(net, rng_net, jnp.zeros(
       (1, config.data.resolution, config.data.resolution, 3)))
   trainable = dict(init['params'])
   frozen['hypernet'] = {k: v for k, v in init.items() if k != 'params'}

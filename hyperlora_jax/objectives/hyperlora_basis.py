@@ -39,7 +39,7 @@ from hyperlora_jax import defaults
 from hyperlora_jax import diffusion
 from hyperlora_jax import sharding
 from hyperlora_jax.data import subjects
-from hyperlora_jax.models import id_base
+from hyperlora_jax.models import id_base, init_variables
 from hyperlora_jax.objectives.base import (Objective, Spec, base_models, encode_prompts,
                                           frozen_base, latents, time_ids, tokenize)
 from hyperlora_jax.objectives.hyperlora import clip_tower
@@ -170,7 +170,7 @@ def build(config, rng) -> Objective:
                                lambda targets: id_base.build(config, targets, tower_module))
   net, word = models.hypernet, trigger(config)
   _check_trigger(models, word)
-  init = jax.jit(net.init)(rng_net, _dummy_inputs(config))
+  init = init_variables(net, rng_net, _dummy_inputs(config))
   params = traverse_util.flatten_dict(dict(init['params']), sep='/')
   if tower is not None:
     for name in ('encoder', 'base_encoder')[:2 if basis.encoders == 'separate' else 1]:

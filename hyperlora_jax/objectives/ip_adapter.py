@@ -16,7 +16,7 @@ import os
 import jax
 
 from hyperlora_jax.convert import clip_folders, ip_adapter_files
-from hyperlora_jax.models import clip, ip_adapter
+from hyperlora_jax.models import clip, init_variables, ip_adapter
 from hyperlora_jax.objectives.conditioning import image_features, image_tokens
 from hyperlora_jax.objectives.base import (Objective, Spec, base_models, compute_dtype,
                                           diffusion_objective)
@@ -33,7 +33,7 @@ def _image_encoder(config, rng):
     module, params, _ = clip_folders.load_vision_model(cfg.image_encoder, dtype)
     return module, params
   module = clip.vision_from_config(cfg.vit.to_dict(), dtype)
-  return module, jax.jit(module.init)(rng, *module.dummy_inputs())['params']
+  return module, init_variables(module, rng, *module.dummy_inputs())['params']
 
 
 def _projection(config, encoder, cross_attention_dim: int):
@@ -61,7 +61,7 @@ def build(config, rng) -> Objective:
       encoder, p, projection, x), frozen['image_encoder'], jax.ShapeDtypeStruct(
           (1, config.data.resolution, config.data.resolution, 3), 'float32'))
   trainable = {
-      'projection': jax.jit(projection.init)(rng_projection, jax.numpy.zeros(
+      'projection': init_variables(projection, rng_projection, jax.numpy.zeros(
           features.shape))['params'],
       'unet': ip_adapter_files.ip_params_from_unet(frozen['unet'])}
   scale = config.model.ip_adapter.scale

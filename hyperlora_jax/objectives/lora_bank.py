@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.models import hypernet, vae
+from hyperlora_jax.models import hypernet, init_variables, vae
 from hyperlora_jax.objectives.base import (Models, Objective, Spec, base_models,
                                           diffusion_objective, tokenize)
 
@@ -70,7 +70,7 @@ def bank(config, models: Models, frozen: dict, rng, num_subjects: int, fixed=Non
   module = raw_lora(config.bank.param, models.targets)
   trainable = init_raw(rng, module, num_subjects)
   shapes = [jnp.zeros((1,) + v.shape[1:]) for v in groups(trainable)]
-  frozen = dict(frozen, bank=dict(jax.jit(module.init)(rng, shapes)))
+  frozen = dict(frozen, bank=dict(init_variables(module, rng, shapes)))
   if fixed is not None:
     frozen['fixed'] = {p: lora_lib.to_plain(f) for p, f in fixed.items()}
 

@@ -24,7 +24,7 @@ from hyperlora_jax import diffusion
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import merging
 from hyperlora_jax.convert import target_weights
-from hyperlora_jax.models import merger as merger_lib
+from hyperlora_jax.models import init_variables, merger as merger_lib
 from hyperlora_jax.objectives.lora_bank import raw_lora
 from hyperlora_jax.objectives.base import (Objective, Spec, base_models, latents,
                                           frozen_base, predictor, tokenize)
@@ -47,13 +47,13 @@ def build(config, rng) -> Objective:
     frozen[side] = [jnp.asarray(g) for g in target_weights.load(
         folder, zoo_keys(folder), fields, models.targets)]
   shapes = [jnp.zeros((1,) + np.shape(g)[1:]) for g in frozen['content']]
-  frozen['bank'] = dict(jax.jit(raw.init)(rng, shapes))
+  frozen['bank'] = dict(init_variables(raw, rng, shapes))
   paths = merging.merger_paths({t.path: t for t in models.targets},
                                {t.path: t for t in models.targets}, config.merger.layers)
   dims = {t.path: (t.d_in, t.d_out) for t in models.targets}
   net = merger_lib.Merger(paths, tuple(dims[p] for p in paths), config.merger.hidden)
   columns = [jnp.zeros((1, dims[p][0], 2 * dims[p][1])) for p in paths]
-  trainable = jax.jit(net.init)(jax.random.fold_in(rng, 1), columns)['params']
+  trainable = init_variables(net, jax.random.fold_in(rng, 1), columns)['params']
   models = models._replace(hypernet=net)
   predict = predictor(models, config.data.resolution)
   uncond_ids = [jnp.asarray(i[0]) for i in tokenize(models, [''])]
