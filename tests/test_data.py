@@ -227,7 +227,9 @@ def test_resume_mid_epoch(synthetic_data):
   assert not np.array_equal(fresh['index'], expected[0]['index'])
 
 
-def test_worker_processes_give_the_same_batches_and_resume(synthetic_data):
+def test_worker_processes_give_the_same_batches_and_resume(synthetic_data, capfd):
+  """... and stay as quiet as the main process (each worker's TFDS builder logged its
+  "custom data configuration" before the workers hid the libraries' routine lines)."""
   data = synthetic_data.copy_and_resolve_references()
   data.num_workers = 2
   threads = pipeline.create_dataset(synthetic_data, 'train', process_index=0,
@@ -240,6 +242,7 @@ def test_worker_processes_give_the_same_batches_and_resume(synthetic_data):
   resumed.set_state(state)
   got += [next(resumed)['index'] for _ in range(7)]
   np.testing.assert_array_equal(np.stack(got), np.stack(want))
+  assert 'custom data configuration' not in capfd.readouterr().err
 
 
 def test_examples_carry_their_subject_and_the_target_can_be_the_context(synthetic_data):

@@ -275,8 +275,14 @@ def create_dataset(data, split, *, process_index=None, process_count=None,
           'hyperlora_jax.main does, or call absl.flags.FLAGS.mark_as_parsed()), or '
           'set data.num_workers=0.')
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=2))
+        num_workers=workers, per_worker_buffer_size=2), worker_init_fn=_quiet_worker)
   return iter(ds)
+
+
+def _quiet_worker(index, count):  # pylint: disable=unused-argument
+  """In each grain worker: the libraries' routine lines hidden, as in the main process
+  (each worker's TFDS builder otherwise logs its "custom data configuration")."""
+  cli.quiet_libraries()
 
 
 def for_training(config, split, process_index, process_count):
