@@ -4,8 +4,8 @@ r"""A from-scratch UNet's init, each way in a fresh process with no compilation 
   python benchmarks/init_benchmark.py --tiny --out=/tmp/init.md  # CPU smoke run (tests)
 
 A launch that trains a base model from scratch first draws its params: on one H200 the
-GPU quickstart spent 78 s there (its 4,000 training steps took 200 s), nearly all of it
-compiling jit(unet.init)'s random draws. Each way's params are compared with the first
+GPU quickstart spent 78 s building its objective (its 4,000 training steps took 200 s),
+54 s of it compiling jit(unet.init)'s random draws. Each way's params are compared with the first
 way's (the same threefry bits give the same params):
 
   xla     jit(unet.init): threefry lowered to XLA ops, its rounds unrolled for every draw
