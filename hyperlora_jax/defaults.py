@@ -223,6 +223,8 @@ config.mesh       data (-1), fsdp (1): mesh axis sizes, -1 = the remaining devic
 config.eval       the training loop's own check (`evaluate.evaluate_fn`, synthetic data):
                   num_examples (8; 0 = off), num_steps (8), guidance (3.0)
 """
+import difflib
+
 import ml_collections
 
 from hyperlora_jax.data import synthetic
@@ -325,6 +327,30 @@ def get_config(objective: str = 'hyperlora') -> ml_collections.ConfigDict:
 # Keys that moved, old -> new: a run saved before the move restores with its value there.
 RENAMED = {'model.init_from': 'train.init_from', 'model.init_step': 'train.init_step'}
 
+# Sections that hold a model's own config (diffusers / transformers fields): any keys.
+_FREE_FORM = ('unet', 'text', 'vit')
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming every key of `config` that `get_config` of its objective
+  does not have (with the nearest known key), e.g. a sweep row's misspelled update:
+  ConfigDict.update adds such a key silently, and training would ignore it."""
+  unknown = []
+
+  def walk(target, known, prefix):
+    for key in target.keys():
+      if key not in known:
+        near = difflib.get_close_matches(key, list(known.keys()), n=1)
+        unknown.append(f'{prefix}{key}' + (f' (did you mean {prefix}{near[0]}?)' if near else ''))
+      elif isinstance(target[key], ml_collections.ConfigDict) and isinstance(
+          known[key], ml_collections.ConfigDict) and key not in _FREE_FORM:
+        walk(target[key], known[key], f'{prefix}{key}.')
+
+  walk(config, get_config(config.get('objective', 'hyperlora')), '')
+  if unknown:
+    raise ValueError(f'Unknown config keys for objective {config.get("objective")!r}: '
+                     + ', '.join(unknown) + ' (hyperlora_jax/defaults.py lists every key).')
+
 
 def fill(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds every key of `get_config` that `config` lacks, at any depth; returns config.
@@ -348,7 +374,7 @@ def fill(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         # overrides of ema_decay parse as float).
         target[key] = defaults.get_ref(key)
       elif isinstance(defaults[key], ml_collections.ConfigDict) and isinstance(
-          target[key], ml_collections.ConfigDict) and key not in ('unet', 'text', 'vit'):
+          target[key], ml_collections.ConfigDict) and key not in _FREE_FORM:
         merge(target[key], defaults[key])
 
   with config.unlocked():

@@ -89,6 +89,7 @@ def train_one(config, workdir: str):
   """One training run with the project's objectives, data pipeline and eval hook (a
   per-subject objective's: `preoptimize.run`). Raises train.Preempted after a preemption
   save."""
+  defaults.check_keys(config)  # Before filling: the config as the user wrote it.
   config = defaults.fill(config)
   if objectives.spec(config.objective).per_subject:
     return preoptimize.run(config, workdir)

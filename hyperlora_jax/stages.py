@@ -41,6 +41,7 @@ from absl import logging
 from PIL import Image
 
 from hyperlora_jax import checkpoint
+from hyperlora_jax import defaults
 from hyperlora_jax import diffusion
 from hyperlora_jax import evaluate
 from hyperlora_jax import export
@@ -279,6 +280,11 @@ def run(config, workdir: str, train_one: Callable, only=()) -> None:
   workdir = os.path.abspath(workdir)  # Stage configs name their base by this path.
   order = config.stage_order
   chosen = chosen_stages(config, only)
+  for name in chosen:  # A typo in the last stage fails now, not after the others trained.
+    try:
+      defaults.check_keys(config.stages[name])
+    except ValueError as e:
+      raise ValueError(f'Stage {name}: {e}') from None
   steps = {n: config.stages[n].train.num_steps for n in chosen}
   started, trained = time.time(), 0  # Steps trained by this launch, for the ETA.
   for i, name in enumerate(order):

@@ -1,5 +1,6 @@
 """The quickstart's path at the smallest size: base model -> pipeline folder -> single
 LoRA and hypernetwork on it -> report with table, grid and an exported LoRA."""
+import importlib
 import json
 import logging
 import os
@@ -124,6 +125,38 @@ def test_stages_train_only_the_named_ones_without_a_report(tmp_path):
   assert sorted(os.listdir(run)) == ['base', 'hyperlora_heads']
   assert os.path.getmtime(os.path.join(run, 'base', 'pipeline_export.json')) == mtime
   assert stages._finished(os.path.join(run, 'hyperlora_heads'), 2)
+
+
+def test_a_misspelled_key_fails_before_any_stage_trains(tmp_path):
+  """ConfigDict.update adds an unknown key silently (a sweep row's typo would train the
+  row unchanged): stages.run refuses it, naming the key, before the first stage."""
+  c = _tiny_stages()
+  c.stages.hyperlora_heads.update(dict(hypernet=dict(decoder=dict(pol='attention'))))
+  with pytest.raises(ValueError, match=r'Stage hyperlora_heads: Unknown config keys .*'
+                     r'hypernet\.decoder\.pol \(did you mean hypernet\.decoder\.pool\?\)'):
+    main.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  single = tiny_test.get_config('unet_lora')
+  single.train.update(dict(num_stepz=3))
+  with pytest.raises(ValueError, match=r'train\.num_stepz \(did you mean train\.num_steps\?\)'):
+    main.train_one(single, str(tmp_path / 'one'))
+
+
+def _config_args():
+  """(config module, get_config argument) for every size or part the configs name."""
+  sized = ('quickstart', 'quickstart_basis', 'quickstart_hdb', 'quickstart_lorarar', 'table1')
+  return ([(m, size) for m in sized for size in importlib.import_module(f'configs.{m}').SIZES]
+          + [('sd15_basis', 'stages'), ('sdxl_basis', 'stages'), ('sd15_recontext', 'heads'),
+             ('sd15_recontext', 'transformer'), ('sd15_hyperdreambooth', 'hypernet'),
+             ('sd15_hyperdreambooth', 'targets'), ('sdxl_lorarar', 'merger'),
+             ('sdxl_lorarar', 'content')])
+
+
+@pytest.mark.parametrize('module,arg', _config_args())
+def test_every_config_names_only_known_keys(module, arg):
+  c = importlib.import_module(f'configs.{module}').get_config(arg)
+  for stage in (c.stages.values() if 'stages' in c else [c]):
+    defaults.check_keys(stage)
 
 
 @pytest.mark.parametrize('size', ['cpu', 'gpu'])
