@@ -99,6 +99,11 @@ _SWEEPS = {
 for _name, _rows in _SWEEPS.items():
   SIZES[f'gpu_sweep_{_name}'] = dict(SIZES['gpu'], seeds=(0,), single_lora=False, rows=_rows)
 SIZES['gpu_sweep'] = SIZES['gpu_sweep_pattern']
+# On CPU, one seed: every training context augmented against half of them (the cpu
+# quickstart's robustness split keeps 16% of the color gap against the plain split's 39%).
+# Ran once (RESULTS.md): every context augmented lost on both splits (23% / 10%).
+SIZES['cpu_sweep_augment'] = dict(SIZES['cpu'], single_lora=False, rows={
+    'heads': ('heads', {}), 'heads_augment_all': ('heads', dict(data=dict(augment=dict(p=1.0))))})
 
 
 def stage(objective, size, steps, prompt, seed=0, **model):
