@@ -97,6 +97,20 @@ LORA_KINDS = ('predicted', 'shared')
 # Per attribute value, the accuracy of the metric that reads it.
 BREAKDOWNS = {'color': ('color_acc', synthetic.COLORS),
               'pattern': ('pattern_acc', synthetic.PATTERNS)}
+# The robustness split's framing of an example (`synthetic.robust_factors`), for its rows'
+# accuracy by how far a context is from the training contexts: the item's side against
+# theirs (synthetic.CONTEXT_SIDE), the backdrop, the JPEG quality in thirds.
+# attr -> (factor, bin edges or None for a category id, a name per bin).
+_LO, _HI = synthetic.ROBUST_JPEG_QUALITY
+_JPEG_EDGES = tuple(_LO + (_HI + 1 - _LO) * k // 3 for k in (1, 2))
+ROBUST_BREAKDOWNS = {
+    'robust_side': ('item_side', synthetic.CONTEXT_SIDE,
+                    ('item smaller than in training', 'as in training', 'larger')),
+    'robust_backdrop': ('backdrop', None, synthetic.ROBUST_BACKDROPS),
+    'robust_jpeg': ('jpeg_quality', _JPEG_EDGES,
+                    tuple(f'JPEG {a}-{b - 1}' for a, b in zip(
+                        (_LO,) + _JPEG_EDGES, _JPEG_EDGES + (_HI + 1,)))),
+}
 # Each mode's edit twin (editability): the same subject (context image, LoRA) asked
 # for another scene than its example's, scored against the asked scene (`edit_batch`).
 EDIT = '_edit'
@@ -340,17 +354,24 @@ def _summary(per_seed: Sequence[Mapping[str, np.ndarray]],
                  'se': float(per_example.std() / np.sqrt(len(per_example)))}
     if len(a) > 1:
       out[name]['seed_std'] = float(a.mean(1).std())
-  for attr, (metric, names) in BREAKDOWNS.items():
-    if labels is None or attr not in labels or metric not in per_seed[0]:
-      continue
+  def groups(metric, label, names):
     per_example = np.stack([s[metric] for s in per_seed]).mean(0)
-    groups = {}
+    found = {}
     for value, name in enumerate(names):
-      x = per_example[labels[attr] == value]
+      x = per_example[label == value]
       if len(x):
-        groups[name] = {'mean': float(x.mean()), 'se': float(x.std() / np.sqrt(len(x))),
-                        'n': int(len(x))}
-    out[f'by_{attr}'] = groups
+        found[name] = {'mean': float(x.mean()), 'se': float(x.std() / np.sqrt(len(x))),
+                       'n': int(len(x))}
+    return found
+
+  labels = labels or {}
+  for attr, (metric, names) in BREAKDOWNS.items():
+    if attr in labels and metric in per_seed[0]:
+      out[f'by_{attr}'] = groups(metric, labels[attr], names)
+  for attr, (_, _, names) in ROBUST_BREAKDOWNS.items():
+    if attr in labels:
+      out[f'by_{attr}'] = {m: groups(m, labels[attr], names)
+                           for m in SYNTHETIC if m in per_seed[0]}
   return out
 
 
@@ -438,6 +459,8 @@ def score_mode(run: runs.Run, mode: str, *, split='test',
       if i == 0 and 'color' in batch:
         for attr in BREAKDOWNS:
           labels[attr].append(np.asarray(batch[attr])[:n])
+        for attr, values in robust_labels(batch['index'][:n], run.config.data).items():
+          labels[attr].append(values)
       room = keep - sum(len(x) for x in kept['generated'])
       if i == 0 and room > 0:
         for name, x in (('context', _first_context(batch['context'])),
@@ -456,6 +479,17 @@ def robust_contexts(batch, data) -> np.ndarray:
   return image_io.normalize(np.stack([synthetic.robust_context(
       int(i), *(int(batch[k][j]) for k in ('shape', 'color', 'pattern', 'color2')),
       resolution=data.resolution, seed=data.seed) for j, i in enumerate(batch['index'])]))
+
+
+def robust_labels(indices, data) -> dict:
+  """{attr: [B] int} of `ROBUST_BREAKDOWNS` for examples `indices` of a synthetic split:
+  the bin of each one's robustness-split framing (every row's examples have one)."""
+  factors = [synthetic.robust_factors(int(i), resolution=data.resolution, seed=data.seed)
+             for i in indices]
+  return {attr: np.array([getattr(f, key) if edges is None else np.digitize(getattr(f, key),
+                                                                             edges)
+                          for f in factors], np.int32)
+          for attr, (key, edges, _) in ROBUST_BREAKDOWNS.items()}
 
 
 # ---------------------------------------------------------------- compare
@@ -502,6 +536,28 @@ def _breakdown_tables(rows: dict) -> list:
   return lines
 
 
+def _robust_table(rows: dict) -> list:
+  """Markdown lines: the robustness split's rows, color / pattern accuracy by how their
+  contexts were framed (`ROBUST_BREAKDOWNS`)."""
+  robust = {n: r['metrics'] for n, r in rows.items()
+            if MODES[r['mode']][2] == 'robust' and 'by_robust_side' in r['metrics']}
+  if not robust:
+    return []
+  columns = [(attr, name) for attr, (_, _, names) in ROBUST_BREAKDOWNS.items()
+             for name in names]
+  first = next(iter(robust.values()))
+  count = lambda attr, name: next(iter(first[f'by_{attr}'].values())).get(name, {}).get('n', 0)
+  head = ['Row'] + [f'{name} (n={count(attr, name)})' for attr, name in columns]
+  lines = ['', 'Robust contexts by their framing (color / pattern acc, %): the item\'s side '
+           'against the training contexts\' (synthetic.CONTEXT_SIDE), the backdrop, the JPEG '
+           'quality:', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name, m in robust.items():
+    cells = [' / '.join(f'{100 * g[value]["mean"]:.0f}' if value in g else '-'
+                        for g in m[f'by_{attr}'].values()) for attr, value in columns]
+    lines.append('| ' + ' | '.join([name] + cells) + ' |')
+  return lines
+
+
 def markdown_table(results: dict) -> str:
   rows = results['rows']
   first = next(iter(rows.values()))['metrics']
@@ -527,7 +583,7 @@ def markdown_table(results: dict) -> str:
     cells += [f'{100 * m[k]["mean"]:.1f} ± {100 * spread(m[k]):.1f}' for k in scene]
     cells += [f'{m[k]["mean"]:.3f} ± {m[k]["std"]:.3f}' for k in clip_cols]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  lines += _breakdown_tables(rows)
+  lines += _breakdown_tables(rows) + _robust_table(rows)
   s = results['settings']
   notes = [f'{first["num_examples"]} {s["split"]} examples, {s["num_steps"]} '
            f'{s["sampler"]} steps, guidance {s["guidance"]}, sampling seeds '
@@ -738,6 +794,9 @@ def merge_reports(folders: Sequence[str], out_dir: str) -> dict:
   (first, first_scores), seeds = reports[0], []
   same = lambda r: {k: v for k, v in r['settings'].items() if k != 'seeds'}
   metrics = lambda scores: {n: sorted(r) for n, r in scores['rows'].items()}
+  # Labels that one report has and another lacks (written before they existed) are of
+  # the same examples: compared where both have them, pooled from whichever has them.
+  shared = lambda a, b: {k: v for k, v in a['labels'].items() if k in b['labels']}
   for folder, (results, scores) in zip(folders, reports):
     problems = [f'settings {same(results)} (the first: {same(first)})'
                 if same(results) != same(first) else '',
@@ -745,7 +804,7 @@ def merge_reports(folders: Sequence[str], out_dir: str) -> dict:
                 if [(n, r['mode']) for n, r in results['rows'].items()]
                 != [(n, r['mode']) for n, r in first['rows'].items()] else '',
                 'other examples (their ground truth differs)'
-                if scores['labels'] != first_scores['labels'] else '',
+                if shared(scores, first_scores) != shared(first_scores, scores) else '',
                 'other metrics per row' if metrics(scores) != metrics(first_scores) else '']
     problems = [p for p in problems if p]
     if problems:
@@ -755,7 +814,10 @@ def merge_reports(folders: Sequence[str], out_dir: str) -> dict:
   if len(set(seeds)) != len(seeds):
     raise ValueError(f'The reports share sampling seeds ({seeds}): each must bring its '
                      'own, or the pooled spread counts a seed twice.')
-  labels = {k: np.asarray(v) for k, v in first_scores['labels'].items()}
+  labels = {}
+  for _, report_scores in reports:
+    for k, v in report_scores['labels'].items():
+      labels.setdefault(k, np.asarray(v))
   rows, scores = {}, {}
   for name, row in first['rows'].items():
     scores[name] = {m: sum((s['rows'][name][m] for _, s in reports), [])

@@ -140,6 +140,37 @@ def test_robust_contexts_are_other_drawings_of_the_item():
   assert np.mean(shares) > 0.1
 
 
+def test_robust_factors_say_how_the_context_was_drawn():
+  """The item's side, backdrop and JPEG quality robust_factors reports are what the image
+  shows, measured from the pixels of a solid square on flat and noise backdrops (a noise
+  backdrop draws between the backdrop and the item: the draws after it must still line
+  up)."""
+  square = synthetic.SHAPES.index('square')
+  draw = lambda i, color: synthetic.robust_context(i, square, color, 0, -1, resolution=64,
+                                                   seed=1).astype(int)
+  sides, qualities, kinds = [], [], []
+  for i in range(200):
+    f = synthetic.robust_factors(i, resolution=64, seed=1)
+    assert 0.3 <= f.item_side <= 0.85
+    assert synthetic.ROBUST_JPEG_QUALITY[0] <= f.jpeg_quality <= synthetic.ROBUST_JPEG_QUALITY[1]
+    qualities.append(f.jpeg_quality)
+    kinds.append(f.backdrop)
+    first = draw(i, 0)
+    border = np.concatenate([first[0], first[-1], first[:, 0], first[:, -1]])
+    backdrop = np.median(border, 0)
+    if f.backdrop == 1:
+      continue  # A gradient has no one backdrop color to measure the item against.
+    color = int(np.argmax(np.abs(synthetic.COLOR_RGB - backdrop).max(-1)))  # the far one
+    contrast = np.abs(synthetic.COLOR_RGB[color] - backdrop).max()
+    # Item pixels: past half the item's contrast (ringing and noise stay under).
+    item = np.abs(draw(i, color) - backdrop).max(-1) > contrast / 2
+    sides.append((np.sqrt(item.sum()) / 64, f.item_side))  # The square's area.
+  sides = np.array(sides)
+  assert len(sides) > 100 and set(kinds) == {0, 1, 2}
+  np.testing.assert_allclose(sides[:, 0], sides[:, 1], atol=1.5 / 64)
+  assert min(qualities) < 50 and max(qualities) > 80
+
+
 # The sizes the configs use: the CPU quickstart, the tiny test, the GPU quickstart.
 @pytest.mark.parametrize('resolution,item_frac', [
     (16, 0.7), (32, synthetic.ITEM_FRAC), (64, synthetic.ITEM_FRAC)])

@@ -3,6 +3,7 @@ CLIP metrics against transformers' CLIPModel, and the CLI."""
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -127,6 +128,16 @@ def test_merge_reports_is_one_compare_of_every_seed(runs, tmp_path):
   evaluate.compare({'oracle': rows['oracle']}, str(tmp_path / 'other'), seeds=(2,), **kw)
   with pytest.raises(ValueError, match=r'other.* is not a report of the same table.*rows'):
     evaluate.merge_reports([launches[0], str(tmp_path / 'other')], str(tmp_path / 'bad'))
+  # A report written before the robust labels existed pools with one that has them.
+  scores = json.loads(read('seed1', 'scores.json'))
+  scores['labels'] = {k: v for k, v in scores['labels'].items() if not k.startswith('robust')}
+  (tmp_path / 'older').mkdir()
+  for f in ('results.json', 'grid.png'):
+    (tmp_path / 'older' / f).write_bytes((tmp_path / 'seed1' / f).read_bytes())
+  (tmp_path / 'older' / 'scores.json').write_text(json.dumps(scores))
+  older = evaluate.merge_reports([str(tmp_path / 'older'), launches[0]], str(tmp_path / 'm2'))
+  assert flat(older['rows']['HyperLoRA']['metrics']['by_robust_side']) == pytest.approx(
+      flat(merged['rows']['HyperLoRA']['metrics']['by_robust_side']))
   (tmp_path / 'old').mkdir()
   (tmp_path / 'old' / 'results.json').write_text(read('seed1', 'results.json'))
   with pytest.raises(FileNotFoundError, match='old has no scores.json'):
@@ -292,7 +303,8 @@ def test_cli(runs, clip_folder):
   assert list(results['rows']) == ['hyperlora', 'no_lora', 'oracle']
   assert set(results['rows']['hyperlora']['metrics']) == {
       'color_acc', 'pattern_acc', 'background_acc', 'position_acc', 'C2G', 'T2G', 'T2Gdiff',
-      'CLIP-T', 'num_examples', 'by_color', 'by_pattern'}
+      'CLIP-T', 'num_examples', 'by_color', 'by_pattern', 'by_robust_side',
+      'by_robust_backdrop', 'by_robust_jpeg'}
   assert '| hyperlora | hyperlora |' in open(os.path.join(out, 'results.md')).read()
 
 
@@ -331,6 +343,37 @@ def test_accuracy_per_color_and_pattern():
   assert '| a | 50 ± 24 | 25 ± 18 | 100 ± 0 | -25 |' in table
 
 
+def test_robust_rows_by_their_contexts_framing():
+  """Robust rows' accuracy per bin of the robustness split's framing (item side against
+  the training contexts', backdrop, JPEG quality): the bins are robust_factors', the
+  table shows robust rows only."""
+  data = ml_collections.ConfigDict(dict(resolution=64, seed=0))
+  labels = evaluate.robust_labels(np.arange(40), data)
+  factors = [synthetic.robust_factors(i, resolution=64, seed=0) for i in range(40)]
+  lo, hi = synthetic.CONTEXT_SIDE
+  np.testing.assert_array_equal(labels['robust_side'], [
+      0 if f.item_side < lo else 1 if f.item_side < hi else 2 for f in factors])
+  np.testing.assert_array_equal(labels['robust_backdrop'], [f.backdrop for f in factors])
+  assert evaluate.ROBUST_BREAKDOWNS['robust_jpeg'][2] == ('JPEG 40-56', 'JPEG 57-73',
+                                                           'JPEG 74-90')
+  correct = np.array([f.item_side < lo for f in factors], np.float32)  # small ones right
+  per_seed = [{'color_acc': correct, 'pattern_acc': 1 - correct}]
+  m = evaluate._summary(per_seed, labels)
+  small, same = (m['by_robust_side']['color_acc'][k] for k in
+                 evaluate.ROBUST_BREAKDOWNS['robust_side'][2][:2])
+  assert small['mean'] == 1.0 and same['mean'] == 0.0
+  assert small['n'] + same['n'] + m['by_robust_side']['color_acc']['larger']['n'] == 40
+  assert m['by_robust_side']['pattern_acc'][evaluate.ROBUST_BREAKDOWNS['robust_side'][2][0]][
+      'mean'] == 0.0
+  results = {'rows': {'plain': {'mode': 'hyperlora', 'metrics': m},
+                      'robust': {'mode': 'hyperlora_robust', 'metrics': m}},
+             'settings': dict(split='test', num_examples=40, num_steps=2, guidance=3.0,
+                              seeds=[0], sampler='ddim')}
+  table = evaluate.markdown_table(results).split('Robust contexts by their framing')[1]
+  assert f'| item smaller than in training (n={small["n"]}) |' in table
+  assert '| robust | 100 / 0 | 0 / 100 |' in table and '| plain |' not in table
+
+
 def test_robust_contexts_row(runs, tmp_path):
   """The robustness split: the same held-out items and targets, other context images."""
   rows = {'HyperLoRA': (runs['hyper'], 'hyperlora'),
@@ -340,6 +383,8 @@ def test_robust_contexts_row(runs, tmp_path):
   plain, robust = (results['rows'][n]['metrics'] for n in rows)
   assert plain['num_examples'] == robust['num_examples'] == 4
   assert set(robust['by_color']) == set(plain['by_color'])  # the same items
+  table = (tmp_path / 'results.md').read_text().split('Robust contexts by their framing')[1]
+  assert '| robust |' in table and '| HyperLoRA |' not in table
   # Grid: context, ground truth, HyperLoRA, then the robust row's own contexts and images.
   grid = np.asarray(Image.open(tmp_path / 'grid.png'))
   assert grid.shape[1] == 5 * (96 + 2) + 2

@@ -50,6 +50,7 @@ scikit-image) and the scorer's exact-palette guarantee would be lost.
 
 import functools
 import itertools
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -79,6 +80,7 @@ STATIC_PROMPT = f'a figure wearing {TOKEN}'
 SPLITS = ('train', 'test')
 
 ITEM_FRAC = 0.34  # Default item side in the target, fraction of the resolution.
+CONTEXT_SIDE = (0.6, 0.75)  # The item's side in a context (`example`), its range.
 _BORDER = 0.25  # Border width in item units (the item spans [-1, 1]).
 _CELLS = 5  # Stripes / checks cells across the item.
 # Dot centers per shape, placed so that whole dots fit inside the border and
@@ -320,7 +322,7 @@ def example(index, split='train', *, resolution=32, seed=0, holdout_seed=0,
   background = int(rng.integers(len(BACKGROUNDS)))
   position = int(rng.integers(len(POSITIONS)))
 
-  size_c = int(round(rng.uniform(0.6, 0.75) * r))
+  size_c = int(round(rng.uniform(*CONTEXT_SIDE) * r))
   jitter = np.round(rng.uniform(-0.05, 0.05, 2) * r).astype(int)
   cx0, cy0 = np.clip((r - size_c) // 2 + jitter, 0, r - size_c)
   context = np.broadcast_to(BACKGROUND_RGB[CONTEXT_BACKGROUND],
@@ -411,6 +413,47 @@ def _draw_item(draw, shape, cx, cy, half, fill):
     draw.polygon(polygon, fill=fill)
 
 
+ROBUST_BACKDROPS = ('flat', 'gradient', 'noise')  # robust_context's backdrop kinds
+ROBUST_JPEG_QUALITY = (40, 90)  # robust_context's JPEG qualities, both ends drawn
+
+
+class _RobustLayout(NamedTuple):
+  """What `robust_context` drew for one example, at 4x the resolution (`big` pixels)."""
+  backdrop: int  # into ROBUST_BACKDROPS
+  colors: np.ndarray  # [2, 3]: the flat color, or the gradient's two ends
+  noise: Optional[np.ndarray]  # [big, big, 3] (noise backdrops)
+  half: float  # the item's half side, pixels
+  center: np.ndarray  # [2] (x, y), pixels
+  jpeg_quality: int
+
+
+def _robust_layout(index, big, seed) -> _RobustLayout:
+  rng = np.random.default_rng([seed, 7919, index])
+  backdrop = int(rng.integers(3))
+  colors = rng.integers(0, 256, (2, 3))
+  noise = rng.normal(0, 25, (big, big, 3)) if backdrop == 2 else None
+  half = rng.uniform(0.15, 0.425) * big
+  center = rng.uniform(half, big - half, 2)
+  quality = int(rng.integers(ROBUST_JPEG_QUALITY[0], ROBUST_JPEG_QUALITY[1] + 1))
+  return _RobustLayout(backdrop, colors, noise, half, center, quality)
+
+
+class RobustFactors(NamedTuple):
+  """How `robust_context` framed one example."""
+  item_side: float  # the item's side, fraction of the image's (0.3-0.85)
+  backdrop: int  # into ROBUST_BACKDROPS
+  jpeg_quality: int  # in ROBUST_JPEG_QUALITY
+
+
+@functools.lru_cache(maxsize=4096)  # A report asks once per row for the same examples.
+def robust_factors(index, *, resolution=32, seed=0) -> RobustFactors:
+  """How `robust_context` framed example `index`, so a report can say which framing a
+  hypernetwork loses on."""
+  big = resolution * 4
+  layout = _robust_layout(index, big, seed)
+  return RobustFactors(2 * layout.half / big, layout.backdrop, layout.jpeg_quality)
+
+
 def robust_context(index, shape, color, pattern, color2, *, resolution=32, seed=0):
   """A context image of the item drawn as a user's photo might show it: the robustness
   split's contexts (`evaluate`), by drawing code of their own.
@@ -418,27 +461,26 @@ def robust_context(index, shape, color, pattern, color2, *, resolution=32, seed=
   Unlike `example`'s contexts (hard-edged masks, large, centered, on white), the item
   is drawn with PIL's vector primitives at 4x and downsampled (soft edges), at 30-85% of
   the side anywhere in the frame, on a random flat, gradient or noise backdrop, and
-  JPEG-compressed at quality 40-90. A pure function of (seed, index, the item).
+  JPEG-compressed at quality 40-90 (`robust_factors` says which). A pure function of
+  (seed, index, the item).
   """
   # Imported here: PIL is the one dependency of this module beyond numpy, and only
   # this drawer needs it.
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng([seed, 7919, index])
-  k, r = 4, resolution
-  big = r * k
-  kind = rng.integers(3)
-  a, b = rng.integers(0, 256, (2, 3))
-  if kind == 0:
+  r = resolution
+  big = r * 4
+  layout = _robust_layout(index, big, seed)
+  a, b = layout.colors
+  if layout.backdrop == 0:
     backdrop = np.broadcast_to(a, (big, big, 3))
-  elif kind == 1:
+  elif layout.backdrop == 1:
     backdrop = np.broadcast_to(a + (b - a) * np.linspace(0, 1, big)[:, None, None],
                                (big, big, 3))
   else:
-    backdrop = a + rng.normal(0, 25, (big, big, 3))
+    backdrop = a + layout.noise
   canvas = Image.fromarray(np.clip(backdrop, 0, 255).astype(np.uint8))
-  half = rng.uniform(0.15, 0.425) * big
-  cx, cy = rng.uniform(half, big - half, 2)
+  half, (cx, cy) = layout.half, layout.center
   item = Image.new('RGB', (big, big))
   draw = ImageDraw.Draw(item)
   _draw_item(draw, shape, cx, cy, half, tuple(int(c) for c in COLOR_RGB[color]))
@@ -465,7 +507,7 @@ def robust_context(index, shape, color, pattern, color2, *, resolution=32, seed=
   canvas.paste(item, mask=outline)
   small = canvas.resize((r, r), Image.LANCZOS)
   buffer = io.BytesIO()
-  small.save(buffer, 'JPEG', quality=int(rng.integers(40, 91)))
+  small.save(buffer, 'JPEG', quality=layout.jpeg_quality)
   return np.asarray(Image.open(buffer).convert('RGB'))
 
 
