@@ -35,6 +35,7 @@ ALL="issue19|qs_gpu_seed_0|-m hyperlora_jax.main --config=configs/quickstart.py:
 issue19|qs_gpu_seed_1|-m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=1 --workdir=$JOB/work/qs_gpu_base
 issue19|qs_gpu_seed_2|-m hyperlora_jax.main --config=configs/quickstart.py:gpu:seeds=2 --workdir=$JOB/work/qs_gpu_base
 issue19|qs_gpu_sweep|-m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep --workdir=$JOB/work/qs_gpu_base
+issue19|qs_gpu_sweep_robust|-m hyperlora_jax.main --config=configs/quickstart.py:gpu_sweep_robust --workdir=$JOB/work/qs_gpu_base
 issue19|qs_gpu|-m hyperlora_jax.main --config=configs/quickstart.py:gpu
 issue19|side_by_side|benchmarks/side_by_side.py
 issue19|init|benchmarks/init_benchmark.py

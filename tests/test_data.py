@@ -377,6 +377,23 @@ def test_augment_draws():
   assert sum(np.abs(o[0, 0].astype(int) - 248).max() > 30 for o in outs) >= 5
 
 
+def test_augment_zooms_in_above_scale_one():
+  """scale > 1 enlarges a random window to the whole image: the item covers more of it
+  than in any original context (whose item is at most 0.75 of the side)."""
+  config = defaults.get_config().data.augment
+  config.update(p=1.0, scale=(1.3, 1.3), background=0.0, jpeg=0.0, lowres=0.0)
+  ex = synthetic.example(3, 'train', resolution=32)
+  item = lambda im: np.mean(np.abs(im.astype(int) - 248).max(-1) > 40)  # not backdrop
+  zoomed = [augment.context(ex['context'], np.random.default_rng(i), config)
+            for i in range(10)]
+  assert all(z.shape == (32, 32, 3) and z.dtype == np.uint8 for z in zoomed)
+  assert min(item(z) for z in zoomed) > 1.3 * item(ex['context'])
+  assert len({z.tobytes() for z in zoomed}) > 1  # Windows at random positions.
+  config.scale = (1.0, 1.0)  # Neither shrunk nor zoomed: the context as it was.
+  np.testing.assert_array_equal(
+      augment.context(ex['context'], np.random.default_rng(0), config), ex['context'])
+
+
 def _odd_images(folder):
   """Files whose pixels differ from a naive decode: EXIF-rotated, transparent, 16-bit."""
   folder.mkdir(parents=True, exist_ok=True)

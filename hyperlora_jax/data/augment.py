@@ -9,8 +9,11 @@ resumed run sees the same augmented images.
 
 config.data.augment (`hyperlora_jax.defaults`):
   p           probability that a context is augmented at all (0: off)
-  scale       (lo, hi) side of the shrunken image, fraction of the original; it is
-              pasted at a uniformly random position on the (new) background
+  scale       (lo, hi) side of the image after scaling, fraction of the original: under
+              1 it is shrunk and pasted at a uniformly random position on the (new)
+              background; over 1, a random window of 1/scale of the side is enlarged
+              to the whole image (zoomed in: the subject larger, its edges may leave
+              the frame)
   background  probability of a new background: the pixels near the border's color
               (a product photo's backdrop) become a random flat color, gradient or noise
   jpeg        probability of JPEG compression at a quality in jpeg_quality (lo, hi)
@@ -66,6 +69,10 @@ def context(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
     x0, y0 = rng.integers(0, r - side + 1, 2)
     canvas[y0:y0 + side, x0:x0 + side] = _resize(image, side)
     image = canvas
+  elif side > r:
+    window = max(1, int(round(r * r / side)))
+    x0, y0 = rng.integers(0, r - window + 1, 2)
+    image = _resize(np.ascontiguousarray(image[y0:y0 + window, x0:x0 + window]), r)
   if rng.random() < config.lowres:
     image = _resize(_resize(image, max(2, int(round(rng.uniform(*config.lowres_scale) * r)))),
                     r)
