@@ -295,11 +295,7 @@ def main(argv=None):
            f'{size["resolution"]} px, LiDB rank 1 a={size["a"]} b={size["b"]} over '
            f'{TARGETS}, remat {args.remat}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}.']
   table = format_table(rows, notes)
-  print(table)
-  if args.out:
-    files.write_text(args.out, table)
-  if args.json:
-    files.write_json(args.json, {'rows': rows, 'notes': notes})
+  files.print_and_write(table, args.out, args.json, {'rows': rows, 'notes': notes})
 
 
 if __name__ == '__main__':

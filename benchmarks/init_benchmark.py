@@ -109,11 +109,7 @@ def main(argv=None):
     lines.append(f"| {r['way']} | {r['seconds']:.1f} | {rows[0]['seconds'] / r['seconds']:.2f}x"
                  f" | {r['max_abs_diff']:.3g} |")
   table = '\n'.join(lines) + '\n'
-  print(table)
-  if args.out:
-    files.write_text(args.out, table)
-  if args.json:
-    files.write_json(args.json, dict(size=args.size, rows=rows))
+  files.print_and_write(table, args.out, args.json, dict(size=args.size, rows=rows))
 
 
 if __name__ == '__main__':

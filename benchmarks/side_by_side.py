@@ -87,12 +87,8 @@ def main(argv=None):
     lines.append(f'| {r["how"]} | {r["seconds"]:.1f} | {r["seconds"] / len(rows):.1f} | '
                  f'{one_s / r["seconds"]:.2f}x |')
   table = '\n'.join(lines) + '\n'
-  print(table)
-  if args.out:
-    files.write_text(args.out, table)
-  if args.json:
-    files.write_json(args.json, dict(rows=rows, steps=args.steps, base_seconds=base_s,
-                                     results=results))
+  files.print_and_write(table, args.out, args.json, dict(
+      rows=rows, steps=args.steps, base_seconds=base_s, results=results))
 
 
 if __name__ == '__main__':

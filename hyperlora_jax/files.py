@@ -132,6 +132,16 @@ def write_json(path: str, value, **kwargs) -> None:
   write_text(path, json.dumps(value, **{'indent': 2, **kwargs}))
 
 
+def print_and_write(table: str, out: str = '', json_path: str = '', value=None) -> None:
+  """A benchmark's markdown `table` printed, and written to `out` and `value` as JSON to
+  `json_path`, each where given (its --out and --json)."""
+  print(table)
+  if out:
+    write_text(out, table)
+  if json_path:
+    write_json(json_path, value)
+
+
 def save_image(image, path: str, format: str = 'PNG') -> None:  # pylint: disable=redefined-builtin
   """A PIL image to `path` (the temporary name hides the extension: give the format)."""
   with atomic_file(path) as tmp:
